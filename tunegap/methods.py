@@ -36,9 +36,9 @@ class Method:
     """Base for every method: `prepare` returns the model to train, `trainable` describes it for costs."""
 
     name = "base"
-    # False for methods that change the input sequence (prompt/prefix tuning): the loop then takes logits
-    # from PEFT's own forward instead of projecting only the loss-bearing hidden states.
-    selective_logits = True
+    # True for methods that lengthen the input (prompt/prefix tuning): the loop then neither packs rows
+    # nor projects only loss-bearing hidden states, and takes logits from PEFT's own forward instead.
+    changes_sequence = False
     saves_adapter = False
 
     def prepare(self, model, shape: ModelShape):
@@ -161,7 +161,7 @@ class PromptTuning(Method):
 
     name = "prompt"
     saves_adapter = True
-    selective_logits = False
+    changes_sequence = True
     virtual_tokens: int = 16
 
     def check(self, shape):
@@ -184,7 +184,7 @@ class PrefixTuning(Method):
 
     name = "prefix"
     saves_adapter = True
-    selective_logits = False
+    changes_sequence = True
     virtual_tokens: int = 16
 
     def check(self, shape):

@@ -1,0 +1,163 @@
+"""The one typed configuration of a training run; the CLI flags are generated from its fields.
+
+A field's `help` metadata is its documentation and its `--flag` help text at once, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, reported before any work starts."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = _f("smollm2-135m", "model: smollm2-135m (embedded default), a tiny preset, or a local HF folder")
+    init: str = _f("pretrained", "pretrained weights, or 'scratch' for fresh random weights (pretraining)",
+                   choices=("pretrained", "scratch"))
+    method: str = _f("lora", "full | lora | freeze | ia3 | prompt | prefix | adapter")
+    rank: int = _f(8, "LoRA rank r")
+    alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha/r)")
+    dropout: float = _f(0.0, "LoRA dropout")
+    targets: str = _f("q,k,v,o,gate,up,down", "LoRA target matrices, comma-separated")
+    freeze_layers: int = _f(2, "freeze: number of top blocks that train")
+    virtual_tokens: int = _f(16, "prompt/prefix tuning: number of virtual tokens")
+    adapter_dim: int = _f(16, "bottleneck adapter width")
+    # data
+    data: str = _f("support", "SFT JSONL, a text corpus (pretraining), or 'support' (the shipped task)")
+    eval_data: str = _f("", "held-out SFT JSONL ('' = the shipped support eval set when data is 'support')")
+    seq_len: int = _f(128, "maximum tokens per example (longer ones are truncated, or dropped with --drop-long)")
+    drop_long: bool = _f(False, "drop examples longer than seq_len instead of truncating them")
+    train_examples: int = _f(0, "use only the first N training examples (0 = all)")
+    # optimisation
+    batch_size: int = _f(8, "examples (or corpus blocks) per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    max_steps: int = _f(0, "optimizer steps (0 = derive from --epochs or --budget-tokens)")
+    epochs: float = _f(1.0, "passes over the training data, used when --max-steps is 0")
+    budget_tokens: int = _f(0, "stop after this many training tokens (0 = no token budget)")
+    lr: float = _f(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(0, "linear warm-up steps (0 = 5% of steps)")
+    schedule: str = _f("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
+    clip: float = _f(1.0, "gradient-norm clipping (0 = off)")
+    seed: int = _f(0, "seed for weights, data order and dropout")
+    precision: str = _f("auto", "auto picks bf16 autocast only where this CPU's measured bf16 matmul is faster",
+                        choices=("auto", "fp32", "bf16"))
+    pack: bool = _f(True, "pack several examples per row (no FLOP spent on padding)")
+    threads: int = _f(0, "torch threads (0 = all cores)")
+    activation_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~1/3 more time")
+    # evaluation and outputs
+    eval_every: int = _f(0, "evaluate held-out loss every N steps (0 = only at the end)")
+    eval_examples: int = _f(64, "held-out examples for the loss")
+    generate_examples: int = _f(32, "held-out examples generated and scored for task metrics (0 = skip)")
+    checkpoint_every: int = _f(0, "write a checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted)")
+    count_flops_every: int = _f(0, "count FLOPs with FlopCounterMode every N steps (0 = first and last step)")
+    gpu_price: float = _f(2.5, "GPU price in $/hour for the dollar estimate")
+    gpu: str = _f("H100-SXM", "GPU the dollar estimate assumes (catalogue name)")
+    runs_dir: str = _f("runs", "folder holding every run")
+    name: str = _f("", "run name (default: <method>-<model>-<time>)")
+    resume: bool = _f(False, "continue the newest checkpoint of run --name")
+    trust_remote_code: bool = _f(False, "allow a model folder's own Python code to run (off: it is code from a stranger)")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self):
+        positive = ("rank", "freeze_layers", "virtual_tokens", "adapter_dim", "seq_len", "batch_size",
+                    "grad_accum", "eval_examples")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "budget_tokens", "warmup_steps", "eval_every", "checkpoint_every",
+                     "train_examples", "generate_examples", "threads", "count_flops_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr: must be positive, got {self.lr}")
+        if not self.epochs > 0:
+            raise ConfigError(f"--epochs: must be positive, got {self.epochs}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout: must be in [0, 1), got {self.dropout}")
+        if self.gpu_price < 0:
+            raise ConfigError(f"--gpu-price: must be >= 0, got {self.gpu_price}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"--keep-checkpoints: must be at least 1, got {self.keep_checkpoints}")
+        if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.name):
+            raise ConfigError(f"--name: {self.name!r} must be letters, digits, '.', '_' or '-' "
+                              "(no path separators: a run stays inside the runs folder)")
+
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+    def method_options(self) -> dict:
+        return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.target_list,
+                    layers=self.freeze_layers, virtual_tokens=self.virtual_tokens, dim=self.adapter_dim)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        """YAML or JSON holding only the fields that differ from the defaults."""
+        import yaml
+
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read: {err}") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = mark.line + 1 if mark else 0
+            raise ConfigError(f"{path}:{line}: not valid YAML/JSON: {getattr(err, 'problem', err)}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}:1: expected a mapping of field: value")
+        return cls.from_dict(values, source=str(path))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, **defaults) -> None:
+    """One `--flag` per dataclass field, typed and documented from the field itself."""
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())
+        kind = type(default)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+
+
+def config_from_args(args: argparse.Namespace, cls=TrainConfig) -> "TrainConfig":
+    values = {f.name: getattr(args, f.name) for f in fields(cls)}
+    if getattr(args, "config", None):
+        file_values = asdict(cls.from_file(args.config))
+        # explicit flags win over the file; the file wins over the defaults
+        defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cls)}
+        values = {k: (v if v != defaults[k] else file_values[k]) for k, v in values.items()}
+    return cls(**values)
+
+
+def dumps(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2)

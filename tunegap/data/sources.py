@@ -1,0 +1,81 @@
+"""From `--data` to tokenised examples: the shipped support task, a user's SFT JSONL, or a text corpus."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .loaders import DataError, load_corpus, load_sft
+from .render import Example, tokenize_corpus, tokenize_sft
+from .support import generate_support
+
+SUPPORT = "support"
+CORPUS_SUFFIXES = (".txt", ".md")
+
+
+@dataclass
+class Prepared:
+    kind: str  # "sft" or "corpus"
+    train: list[Example]
+    eval: list[Example]
+    eval_records: list[dict]  # untokenised held-out conversations, for generation and task metrics
+    stats: dict = field(default_factory=dict)
+
+
+def data_kind(path: str) -> str:
+    """'sft' or 'corpus', from the extension or, for JSONL, from the first record's fields."""
+    if path == SUPPORT:
+        return "sft"
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if p.is_dir() or p.suffix in CORPUS_SUFFIXES:
+        return "corpus"
+    with open(p, "rb") as f:
+        for raw in f:
+            try:
+                first = json.loads(raw)
+            except ValueError:
+                return "sft"  # let the SFT loader report the exact line and problem
+            if isinstance(first, dict):
+                return "corpus" if "text" in first and "messages" not in first and "prompt" not in first else "sft"
+            return "sft"
+    return "sft"
+
+
+def prepare(config, tokenizer) -> Prepared:
+    """Tokenise training and held-out data as the run's config says; counts of what was cut are kept."""
+    kind = data_kind(config.data)
+    overflow = "drop" if config.drop_long else "truncate"
+    if kind == "corpus":
+        texts = load_corpus(config.data)
+        blocks, stats = tokenize_corpus(tokenizer, texts, config.seq_len, return_stats=True)
+        held = max(1, len(blocks) // 20)  # last 5% of blocks: held-out loss for pretraining
+        if len(blocks) < 2:
+            raise DataError(f"{config.data}: corpus yields {len(blocks)} block(s) of {config.seq_len} tokens; "
+                            "need at least 2 (one to train, one to hold out)")
+        train, held_out = blocks[:-held], blocks[-held:]
+        return Prepared("corpus", _first(train, config.train_examples), held_out[:config.eval_examples], [],
+                        {"train": asdict(stats), "source": config.data})
+
+    if config.data == SUPPORT:
+        train_records, eval_records = generate_support()
+        if config.eval_data:
+            eval_records = load_sft(config.eval_data)
+    else:
+        train_records = load_sft(config.data)
+        eval_records = load_sft(config.eval_data) if config.eval_data else []
+    train_records = _first(train_records, config.train_examples)
+    train, train_stats = tokenize_sft(tokenizer, train_records, config.seq_len, overflow=overflow)
+    if not train:
+        raise DataError(f"{config.data}: no training example left after fitting them to --seq-len "
+                        f"{config.seq_len} ({train_stats.n_dropped} dropped)")
+    held_out, eval_stats = tokenize_sft(tokenizer, eval_records[:config.eval_examples], config.seq_len,
+                                        overflow=overflow)
+    return Prepared("sft", train, held_out, eval_records,
+                    {"train": asdict(train_stats), "eval": asdict(eval_stats), "source": config.data})
+
+
+def _first(items: list, n: int) -> list:
+    return items[:n] if n else items

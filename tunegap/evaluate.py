@@ -1,0 +1,61 @@
+"""Generation and task metrics: what a base model or a finished run can actually do on the task.
+
+Also the in-context-learning arm: frozen weights with k solved examples in the prompt, whose cost is a
+longer prompt on every query instead of a one-time training run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from .data.render import tokenize_prompt
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 96, batch_size: int = 16,
+             autocast=contextlib.nullcontext) -> tuple[list[str], list[int]]:
+    """Greedy replies to each conversation (its trailing assistant turn, if any, is ignored).
+
+    Returns the texts and each prompt's length in tokens (for inference FLOPs). Prompts are left-padded
+    so a batch decodes together.
+    """
+    import torch
+
+    prompts = [tokenize_prompt(tokenizer, conv) for conv in conversations]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts: list[str] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast():
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            for row in out[:, width:]:
+                texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return texts, [len(p) for p in prompts]
+
+
+def few_shot(conversation: list[dict], shots: list[dict]) -> list[dict]:
+    """Prepend k solved tickets as earlier turns of the same chat: the in-context-learning prompt."""
+    turns: list[dict] = []
+    for shot in shots:
+        turns += [m for m in shot["messages"] if m["role"] != "system"]
+    return turns + [m for m in conversation if m["role"] != "assistant"]
+
+
+def support_metrics(model, tokenizer, records: list[dict], *, shots: list[dict] = (), max_new_tokens: int = 96,
+                    autocast=contextlib.nullcontext) -> dict:
+    """Style adherence, product-name accuracy and refusal precision/recall on generated replies (measured)."""
+    from .data.support import aggregate_scores
+
+    conversations = [few_shot(r["messages"], list(shots)) for r in records]
+    texts, prompt_lens = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, autocast=autocast)
+    scores = aggregate_scores([r["meta"] for r in records], texts)
+    scores["mean_prompt_tokens"] = sum(prompt_lens) / max(len(prompt_lens), 1)
+    scores["samples"] = [{"prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "", "reply": t}
+                         for r, t in list(zip(records, texts))[:3]]
+    return scores

@@ -1,0 +1,104 @@
+"""The runs folder: one sub-folder per run, and a SQLite index that `tunegap runs` lists.
+
+SQLite in WAL mode with a busy timeout lets several runs finish into the same folder at once;
+every query is parameterised.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+INDEX = "index.sqlite"
+
+_COLUMNS = ("name", "status", "method", "model", "tokens", "steps", "params_trainable", "params_total",
+            "flops_total", "wall_time_s", "eval_loss", "ledger_path", "updated_at")
+
+
+class RunPathError(ValueError):
+    pass
+
+
+def run_folder(runs_dir: str | Path, name: str) -> Path:
+    """The folder of run `name`, refusing any name that would land outside `runs_dir` (.., /, symlinks)."""
+    root = Path(runs_dir).resolve()
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise RunPathError(f"run name {name!r}: must be a plain folder name inside {root}")
+    folder = root / name
+    if folder.is_symlink():
+        raise RunPathError(f"{folder}: is a symbolic link; refusing to write through it")
+    if folder.resolve().parent != root:
+        raise RunPathError(f"run name {name!r}: resolves outside {root}")
+    return folder
+
+
+def _connect(runs_dir: Path) -> sqlite3.Connection:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(runs_dir / INDEX, timeout=30.0)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA busy_timeout=30000")
+    con.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(c + (' PRIMARY KEY' if c == 'name' else '') for c in _COLUMNS)})")
+    return con
+
+
+def index_run(runs_dir: str | Path, ledger: dict, ledger_path: Path) -> None:
+    costs = ledger["costs"]
+    row = {
+        "name": ledger["run"], "status": ledger["status"], "method": ledger["method"]["name"],
+        "model": ledger["config"]["model"], "tokens": costs["tokens"]["value"],
+        "steps": costs["optimizer_steps"]["value"], "params_trainable": costs["params_trainable"]["value"],
+        "params_total": costs["params_total"]["value"], "flops_total": costs["flops_total"]["value"],
+        "wall_time_s": costs["wall_time_s"]["value"], "eval_loss": ledger.get("metrics", {}).get("eval_loss"),
+        "ledger_path": str(ledger_path), "updated_at": time.time(),
+    }
+    for attempt in range(10):
+        try:
+            with _connect(Path(runs_dir)) as con:
+                con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                            [row[c] for c in _COLUMNS])
+            return
+        except sqlite3.OperationalError:
+            if attempt == 9:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def list_runs(runs_dir: str | Path) -> list[dict]:
+    path = Path(runs_dir) / INDEX
+    if not path.is_file():
+        return []
+    with _connect(Path(runs_dir)) as con:
+        cur = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs ORDER BY updated_at")
+        return [dict(zip(_COLUMNS, r)) for r in cur.fetchall()]
+
+
+def load_ledger(run: str | Path, runs_dir: str | Path = "runs") -> dict:
+    """A run by folder path or by name in `runs_dir`."""
+    folder = Path(run)
+    if not (folder / "ledger.json").is_file():
+        folder = run_folder(runs_dir, str(run))
+    path = folder / "ledger.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ledger (is this a tunegap run folder?)")
+    return json.loads(path.read_text())
+
+
+def format_runs_table(rows: list[dict]) -> str:
+    def human(v, unit=""):
+        if v is None:
+            return "-"
+        for scale, p in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(v) >= scale:
+                return f"{v / scale:.3g}{p}{unit}"
+        return f"{v:.3g}{unit}" if isinstance(v, float) else f"{v}{unit}"
+
+    header = ["run", "status", "method", "model", "tokens", "steps", "trainable", "FLOPs(formula)",
+              "wall(measured)", "eval loss"]
+    body = [[r["name"], r["status"], r["method"], Path(str(r["model"])).name, human(r["tokens"]), str(r["steps"]),
+             human(r["params_trainable"]), human(r["flops_total"]), f"{r['wall_time_s']:.1f} s" if r["wall_time_s"] else "-",
+             f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in body)])

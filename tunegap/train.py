@@ -1,0 +1,400 @@
+"""The one training loop: pretraining, full SFT, LoRA, freezing and the other PEFT methods all run here.
+
+A method only decides what the model looks like and which parameters train (`methods.py`); everything
+else (data order, packing, loss, schedule, checkpoints, the cost ledger) is the same code for all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .costs.flops import ZERO, Flops, train_step_flops
+from .costs.shape import ModelShape
+from .data.packing import IGNORE, Batch, make_batch
+from .io import append_line, atomic_write_json
+from .ledger import (Totals, build_ledger, environment, format_ledger, optimizer_state_bytes, peak_rss_bytes,
+                     reset_peak_rss, write_ledger)
+from .methods import make_method
+from .runs import index_run, run_folder
+
+# Dollar figures assume this GPU unless the catalogue (costs/catalog.py) knows the one asked for.
+FALLBACK_GPU_FLOPS = {"H100-SXM": 989e12}
+
+
+class TrainingError(RuntimeError):
+    """The run stopped for a reason the user must act on (non-finite loss, changed config on resume...)."""
+
+
+@dataclass
+class Context:
+    """What the loop needs about the model besides the model itself."""
+
+    model: object  # what the optimizer trains (a PeftModel for PEFT methods)
+    base: object  # the underlying transformers causal LM
+    method: object
+    pad_id: int
+    autocast: object  # a context-manager factory
+
+
+def base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def sum_loss(ctx: Context, batch: Batch):
+    """Summed next-token cross-entropy over loss-bearing tokens, in fp32.
+
+    The vocabulary projection runs only on hidden states whose next token carries loss: prompt tokens
+    need no logits, which saves FLOPs and the [tokens x vocab] logits memory. Methods that lengthen the
+    sequence (prompt/prefix tuning) go through PEFT's forward instead.
+    """
+    import torch.nn.functional as F
+
+    mask = batch.targets != IGNORE
+    with ctx.autocast():
+        if ctx.method.changes_sequence:
+            logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               use_cache=False).logits[:, -batch.width:]
+            logits = logits[mask]
+        else:
+            hidden = ctx.base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                            attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+            logits = ctx.base.get_output_embeddings()(hidden[mask])
+    return F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum")
+
+
+def step_flops(shape: ModelShape, trainable, ctx: Context, batch: Batch, checkpointing: bool) -> Flops:
+    logit_tokens = None if ctx.method.changes_sequence else batch.n_loss_tokens
+    flops = train_step_flops(shape, trainable, sequences=batch.rows, seq_len=batch.width, logit_tokens=logit_tokens)
+    if checkpointing:  # every block's forward runs again during backward (Chen et al. 2016)
+        flops = flops + Flops(0.0, 0.0, 0.0, flops.forward)
+    return flops
+
+
+def heldout_loss(ctx: Context, examples, batch_size: int, seq_len: int) -> float | None:
+    """Mean cross-entropy per loss-bearing token on held-out examples (nats/token)."""
+    import torch
+
+    if not examples:
+        return None
+    was_training = ctx.model.training
+    ctx.model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = make_batch(examples[i:i + batch_size], capacity=seq_len, pad_id=ctx.pad_id,
+                               pack=not ctx.method.changes_sequence)
+            total += float(sum_loss(ctx, batch))
+            count += batch.n_loss_tokens
+    ctx.model.train(was_training)
+    return total / max(count, 1)
+
+
+class DataOrder:
+    """Which examples micro-batch i holds: a fresh seeded permutation per epoch, reproducible after resume."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed, self._perms = n, batch_size, seed, {}
+
+    def _perm(self, epoch: int):
+        import torch
+
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def micro_batch(self, index: int) -> list[int]:
+        start = index * self.batch_size
+        return [self._perm(k // self.n)[k % self.n] for k in range(start, start + self.batch_size)]
+
+    def epochs_done(self, micro_batches: int) -> float:
+        return micro_batches * self.batch_size / self.n
+
+
+def lr_lambda(config: TrainConfig, total_steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant" or total_steps <= warmup:
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine to zero (Loshchilov & Hutter 2017)
+
+    return factor
+
+
+def total_steps(config: TrainConfig, n_examples: int, mean_tokens: float) -> int:
+    per_step = config.batch_size * config.grad_accum
+    if config.max_steps:
+        steps = config.max_steps
+    elif config.budget_tokens:
+        steps = math.ceil(config.budget_tokens / (mean_tokens * per_step))
+    else:
+        steps = math.ceil(config.epochs * n_examples / per_step)
+    if steps <= 0:
+        raise ConfigError("the settings give zero optimizer steps; raise --epochs, --max-steps or --budget-tokens")
+    return steps
+
+
+def choose_precision(config: TrainConfig, peaks) -> str:
+    return peaks.best_precision if config.precision == "auto" else config.precision
+
+
+def autocast_factory(precision: str, device: str = "cpu"):
+    import torch
+
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def gpu_flops_per_s(gpu: str) -> float:
+    try:
+        from .costs.catalog import gpu_peak_flops  # the shipped GPU catalogue, when present
+
+        return gpu_peak_flops(gpu, "bf16")
+    except (ImportError, KeyError, ValueError):
+        return FALLBACK_GPU_FLOPS.get(gpu, FALLBACK_GPU_FLOPS["H100-SXM"])
+
+
+def train(config: TrainConfig, *, on_step=None) -> dict:
+    """Run (or resume) one training run and return its ledger; everything lands in runs/<name>/."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .costs.hardware import measure_peaks
+    from .data.sources import prepare
+    from .models import count_parameters, load_model
+
+    started = time.perf_counter()
+    name = config.name or f"{config.method}-{Path(config.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = run_folder(config.runs_dir, name)
+    config_dict = {**config.to_dict(), "name": name}
+    checkpoints = folder / "checkpoints"
+    if config.resume:
+        saved = folder / "config.json"
+        if saved.is_file():
+            import json
+
+            old = json.loads(saved.read_text())
+            if ckpt.config_hash(old) != ckpt.config_hash(config_dict):
+                changed = sorted(k for k in config_dict if k in old and old[k] != config_dict[k]
+                                 and k not in ("resume", "progress", "threads"))
+                raise TrainingError(f"{saved}: --resume with changed settings {changed}; use the original ones "
+                                    "or a new --name")
+    elif (folder / "ledger.json").exists() or ckpt.list_checkpoints(checkpoints):
+        raise TrainingError(f"{folder}: run exists; pass --resume to continue it or choose another --name")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "config.json", config_dict)
+
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    torch.manual_seed(config.seed)
+    peaks = measure_peaks()
+    precision = choose_precision(config, peaks)
+
+    model, tokenizer = load_model(config.model, init=config.init, seed=config.seed,
+                                  trust_remote_code=config.trust_remote_code)
+    shape = ModelShape.from_hf_config(model.config)
+    method = make_method(config.method, **config.method_options())
+    method.check(shape)
+    data = prepare(config, tokenizer)
+    if method.changes_sequence and config.seq_len + getattr(method, "virtual_tokens", 0) > (
+            shape.max_position_embeddings or 1 << 30):
+        raise ConfigError("--seq-len plus the virtual tokens exceeds the model's context")
+
+    model = method.prepare(model, shape)
+    base = base_model(model)
+    if config.activation_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable = method.trainable(shape)
+    params_total, params_trainable = count_parameters(model)
+    ctx = Context(model, base, method, tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                  else tokenizer.eos_token_id, autocast_factory(precision))
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.999), foreach=True)
+    mean_tokens = sum(len(e) for e in data.train) / len(data.train)
+    steps = total_steps(config, len(data.train), mean_tokens)
+    warmup = config.warmup_steps or max(1, round(0.05 * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps, warmup))
+    order = DataOrder(len(data.train), config.batch_size, config.seed)
+
+    totals = Totals()
+    ckpt.clean_staging(checkpoints)
+    existing = ckpt.list_checkpoints(checkpoints) if config.resume else []
+    if existing:
+        progress = ckpt.load_checkpoint(existing[-1], model=model, optimizer=optimizer, scheduler=scheduler)
+        totals = Totals.from_dict(progress["totals"])
+        totals.events.append({"event": "resumed", "from_step": totals.steps, "at": time.time()})
+    elif config.resume:
+        (folder / "metrics.jsonl").unlink(missing_ok=True)
+    metrics_path = folder / "metrics.jsonl"
+    if existing:  # drop log lines of steps after the checkpoint: they will be redone
+        from .io import atomic_write_text, read_jsonl
+
+        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= totals.steps]
+        import json
+
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    print(f"tunegap: {name}: {config.method} on {config.model} ({params_total:,} parameters, "
+          f"{params_trainable:,} trainable = {100 * params_trainable / params_total:.3g}%, measured); "
+          f"{len(data.train):,} examples, {steps} steps planned; precision {precision} "
+          f"(measured peaks: fp32 {peaks.fp32_flops_per_s / 1e9:.0f}, bf16 {peaks.bf16_flops_per_s / 1e9:.0f} GFLOP/s)",
+          flush=True)
+
+    def ledger_now(status: str, metrics: dict) -> dict:
+        return build_ledger(
+            run_name=name, status=status, config=config_dict, method=method.to_dict(), shape=shape.to_dict(),
+            peaks=peaks.to_dict(), precision=precision, params_total=params_total,
+            params_trainable=params_trainable,
+            weights_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+            gradient_bytes=sum(p.numel() * p.element_size() for p in trained),
+            optimizer_bytes=optimizer_state_bytes(optimizer), totals=totals,
+            data_stats={**data.stats, "epochs": order.epochs_done(totals.steps * config.grad_accum),
+                        "train_examples": len(data.train), "kind": data.kind},
+            peak_memory=peak_rss_bytes(), peak_memory_how="measured",
+            wall_seconds=time.perf_counter() - started + sum(e.get("wall_s", 0) for e in totals.events),
+            gpu=config.gpu, gpu_price=config.gpu_price, gpu_flops_per_s=gpu_flops_per_s(config.gpu),
+            metrics=metrics, environment_info=environment())
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(checkpoints, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                             progress={"step": step, "totals": totals.to_dict(),
+                                       "config_hash": ckpt.config_hash(config_dict)},
+                             keep=config.keep_checkpoints)
+
+    reset_peak_rss()
+    bar = tqdm(total=steps, initial=totals.steps, desc=name, unit="step", disable=not config.progress,
+               dynamic_ncols=True)
+    eval_loss = None
+    sample_every = config.count_flops_every
+    while totals.steps < steps:
+        if config.budget_tokens and totals.tokens >= config.budget_tokens:
+            break
+        step = totals.steps + 1
+        t0 = time.perf_counter()
+        batches = [make_batch([data.train[i] for i in order.micro_batch((step - 1) * config.grad_accum + m)],
+                              capacity=config.seq_len, pad_id=ctx.pad_id, pack=config.pack and not method.changes_sequence)
+                   for m in range(config.grad_accum)]
+        n_loss = sum(b.n_loss_tokens for b in batches)
+        count = step == 1 or step == steps or (sample_every and step % sample_every == 0)
+        counter_cm = _flop_counter() if count else contextlib.nullcontext(None)
+        loss_sum = 0.0
+        with counter_cm as counter:
+            for batch in batches:
+                loss = sum_loss(ctx, batch)
+                (loss / max(n_loss, 1)).backward()  # mean over the step's loss tokens (torchtune's scaling)
+                loss_sum += float(loss.detach())
+        step_loss = loss_sum / max(n_loss, 1)
+        if not math.isfinite(step_loss):
+            totals.events.append({"event": "non-finite loss", "step": step, "loss": str(step_loss), "at": time.time()})
+            write_ledger(folder / "ledger.json", ledger_now("failed: non-finite loss", {}))
+            bar.close()
+            raise TrainingError(f"{name}: loss became {step_loss} at step {step}; stopped. The last good checkpoint "
+                                f"in {checkpoints} is intact; lower --lr or check the data")
+        grad_norm = (torch.nn.utils.clip_grad_norm_(trained, config.clip) if config.clip
+                     else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in trained if p.grad is not None)))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+
+        flops = sum((step_flops(shape, trainable, ctx, b, config.activation_checkpointing) for b in batches), ZERO)
+        totals.steps = step
+        totals.examples += sum(b.n_examples for b in batches)
+        totals.tokens += sum(b.n_tokens for b in batches)
+        totals.loss_tokens += n_loss
+        totals.padding_tokens += sum(b.rows * b.width - b.n_tokens for b in batches)
+        totals.train_seconds += seconds
+        totals.flops = totals.flops + flops
+        totals.step_seconds.append(seconds)
+        if counter is not None:
+            totals.counted_flops += counter.get_total_flops()
+            totals.formula_flops_on_counted_steps += flops.hardware
+            totals.counted_steps.append(step)
+        row = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+               "tokens": totals.tokens, "loss_tokens": totals.loss_tokens, "flops": totals.flops.total,
+               "seconds": seconds, "tokens_per_s": sum(b.n_tokens for b in batches) / seconds}
+        if config.eval_every and step % config.eval_every == 0 and step < steps:
+            eval_loss = heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
+            row["eval_loss"] = eval_loss
+        append_line(metrics_path, _json(row))
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < steps:
+            save(step)
+            write_ledger(folder / "ledger.json", ledger_now("running", {"train_loss": step_loss}))
+        if on_step:
+            on_step(step)
+    bar.close()
+    train_peak = peak_rss_bytes()
+
+    save(totals.steps)
+    metrics = {"train_loss": _last_loss(metrics_path)}
+    eval_loss = heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
+    metrics["eval_loss"] = eval_loss
+    _append_final_eval(metrics_path, totals.steps, eval_loss)
+    if data.eval_records and config.generate_examples and config.data == "support":
+        from .evaluate import support_metrics
+
+        metrics.update(support_metrics(model, tokenizer, data.eval_records[:config.generate_examples],
+                                       autocast=ctx.autocast))
+    save_outputs(folder, model, base, tokenizer, method)
+    ledger = ledger_now("completed", metrics)
+    ledger["costs"]["peak_memory_bytes"]["value"] = train_peak  # training peak, not the later evaluation
+    write_ledger(folder / "ledger.json", ledger)
+    index_run(config.runs_dir, ledger, folder / "ledger.json")
+    return ledger
+
+
+def _flop_counter():
+    from .costs.counted import count_flops
+
+    return count_flops()
+
+
+def _json(row: dict) -> str:
+    import json
+
+    return json.dumps(row)
+
+
+def _last_loss(metrics_path: Path):
+    from .io import read_jsonl
+
+    rows = [r for r in read_jsonl(metrics_path) if "loss" in r]
+    return rows[-1]["loss"] if rows else None
+
+
+def _append_final_eval(metrics_path: Path, step: int, eval_loss) -> None:
+    if eval_loss is not None:
+        append_line(metrics_path, _json({"step": step, "eval_loss": eval_loss, "final": True}))
+
+
+def save_outputs(folder: Path, model, base, tokenizer, method) -> None:
+    """A PEFT adapter for PEFT methods (plain `PeftModel.from_pretrained` loads it), else safetensors weights."""
+    from safetensors.torch import save_file
+
+    if method.saves_adapter:
+        model.save_pretrained(folder / "adapter")  # adapter_config.json + adapter_model.safetensors
+    elif method.name == "adapter":
+        save_file(ckpt.trainable_state(model), str(folder / "bottleneck_adapter.safetensors"))
+    else:
+        base.save_pretrained(folder / "model", safe_serialization=True)
+        tokenizer.save_pretrained(folder / "model")
+
+
+def print_summary(ledger: dict) -> None:
+    print(format_ledger(ledger), flush=True)
