@@ -22,9 +22,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # model's exact architecture with random weights: GPU speed runs use it, the weights being too big to travel.
 TINY_PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
     "tiny-untied": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
+                        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False),
     "small": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
 }

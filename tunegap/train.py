@@ -207,9 +207,10 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
     method = make_method(config.method, **config.method_options())
     method.check(shape)
     data = prepare(config, tokenizer)
-    if method.changes_sequence and config.seq_len + getattr(method, "virtual_tokens", 0) > (
-            shape.max_position_embeddings or 1 << 30):
-        raise ConfigError("--seq-len plus the virtual tokens exceeds the model's context")
+    context = shape.max_position_embeddings or 1 << 30
+    if config.seq_len + (getattr(method, "virtual_tokens", 0) if method.changes_sequence else 0) > context:
+        raise ConfigError(f"--seq-len {config.seq_len} (plus any virtual tokens) exceeds the model's context of "
+                          f"{context} tokens")
 
     model = method.prepare(model, shape)
     base = base_model(model)

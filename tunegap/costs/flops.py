@@ -74,13 +74,17 @@ def _lora(fan_in: int, fan_out: int, rank: int, tokens: float, *, input_grad: bo
 
 
 def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int, seq_len: int,
-                     logit_tokens: float | None = None, causal: bool = False) -> Flops:
+                     logit_tokens: float | None = None, causal: bool = False,
+                     checkpointing: bool = False) -> Flops:
     """FLOPs of one forward+backward over `sequences` rows of `seq_len` tokens.
 
     `logit_tokens`: positions where the vocabulary projection runs (tunegap computes logits only where
     the loss needs them; None = every position, as a plain Hugging Face forward does).
     Gradient flow is tracked through the residual stream layer by layer, so frozen bottoms, LoRA,
     IA3, prefixes and adapters each get exactly the backward work autograd will do.
+    `checkpointing`: full activation checkpointing per block (Chen et al. 2016; Korthikanti et al. 2022,
+    Sec. 5): every block whose backward runs repeats its forward once, added to `recompute` (HFU, not MFU).
+    The head and blocks below the lowest trained one are not recomputed.
     """
     prompt = trainable.prompt_tokens
     s_q = seq_len + prompt
@@ -100,7 +104,9 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
         out_grad = input_grad or trains or (layer, m) in lora or (layer, m) in trainable.scales
         return flops, out_grad
 
+    recomputed = 0.0
     for layer in range(shape.num_layers):
+        block_start = total.forward
         attn_in = stream_grad or layer in trainable.norms
         qkv_grad = False
         for m in ("q", "k", "v"):
@@ -132,7 +138,10 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
             total = total + _matmul(shape.hidden_size, a, tokens, input_grad=stream_grad, weight_grad=True)
             total = total + _matmul(a, shape.hidden_size, tokens, input_grad=True, weight_grad=True)
             stream_grad = True
+        if checkpointing and stream_grad:  # backward reaches this block, so its forward runs again
+            recomputed += total.forward - block_start
 
+    total = total + Flops(0.0, 0.0, 0.0, recomputed)
     head_in = stream_grad or trainable.final_norm
     total = total + _matmul(shape.hidden_size, shape.vocab_size, logit_tokens, input_grad=head_in,
                             weight_grad=trainable.trains_head_weight(shape))

