@@ -99,7 +99,7 @@ def cmd_generate(args) -> int:
     from .evaluate import generate
 
     model, tokenizer, _ = _load_for_eval(args)
-    texts, _ = generate(model, tokenizer, [[{"role": "user", "content": args.prompt}]],
+    texts, _, _ = generate(model, tokenizer, [[{"role": "user", "content": args.prompt}]],
                         max_new_tokens=args.max_new_tokens)
     print(texts[0])
     return 0
@@ -141,12 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=int, default=96)
         p.set_defaults(func=func)
 
-    try:
-        from . import estimate
+    from . import estimate, experiments
 
-        estimate.add_parser(sub)
-    except ImportError:
-        pass
+    estimate.add_parser(sub)
+    experiments.add_parser(sub)
     return parser
 
 

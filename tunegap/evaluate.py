@@ -12,17 +12,18 @@ from .data.render import tokenize_prompt
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 96, batch_size: int = 16,
-             autocast=contextlib.nullcontext) -> tuple[list[str], list[int]]:
+             autocast=contextlib.nullcontext) -> tuple[list[str], list[int], list[int]]:
     """Greedy replies to each conversation (its trailing assistant turn, if any, is ignored).
 
-    Returns the texts and each prompt's length in tokens (for inference FLOPs). Prompts are left-padded
-    so a batch decodes together.
+    Returns the texts, each prompt's length and each reply's length in tokens (for inference FLOPs).
+    Prompts are left-padded so a batch decodes together.
     """
     import torch
 
     prompts = [tokenize_prompt(tokenizer, conv) for conv in conversations]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = []
+    new_lens: list[int] = []
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast():
@@ -34,9 +35,11 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
             for row in out[:, width:]:
+                ended = (row == tokenizer.eos_token_id).nonzero()
+                new_lens.append(int(ended[0]) + 1 if len(ended) else len(row))
                 texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)
-    return texts, [len(p) for p in prompts]
+    return texts, [len(p) for p in prompts], new_lens
 
 
 def few_shot(conversation: list[dict], shots: list[dict]) -> list[dict]:
@@ -52,10 +55,16 @@ def support_metrics(model, tokenizer, records: list[dict], *, shots: list[dict] 
     """Style adherence, product-name accuracy and refusal precision/recall on generated replies (measured)."""
     from .data.support import aggregate_scores
 
+    import time
+
     conversations = [few_shot(r["messages"], list(shots)) for r in records]
-    texts, prompt_lens = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, autocast=autocast)
+    started = time.perf_counter()
+    texts, prompt_lens, new_lens = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
+                                            autocast=autocast)
     scores = aggregate_scores([r["meta"] for r in records], texts)
+    scores["generation_seconds"] = time.perf_counter() - started
     scores["mean_prompt_tokens"] = sum(prompt_lens) / max(len(prompt_lens), 1)
+    scores["mean_new_tokens"] = sum(new_lens) / max(len(new_lens), 1)
     scores["samples"] = [{"prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "", "reply": t}
                          for r, t in list(zip(records, texts))[:3]]
     return scores

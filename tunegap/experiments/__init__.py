@@ -1,0 +1,57 @@
+"""Experiments: several arms run through the one training loop, compared in one report."""
+
+from __future__ import annotations
+
+
+def _ints(text: str) -> tuple:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise ValueError(f"expected comma-separated non-negative integers, got {text!r}")
+    return values
+
+
+def cmd_gap(args) -> int:
+    from ..config import ConfigError
+    from .gap import GapConfig, run_gap_experiment
+
+    try:
+        ranks = _ints(args.ranks) if args.ranks else None
+        k_shots = _ints(args.k_shots) if args.k_shots else None
+    except ValueError as err:
+        raise ConfigError(f"--ranks/--k-shots: {err}") from None
+    if ranks and min(ranks) <= 0:
+        raise ConfigError("--ranks: every LoRA rank must be positive")
+    if args.budget_tokens is not None and args.budget_tokens <= 0:
+        raise ConfigError("--budget-tokens: must be positive")
+    overrides = {k: v for k, v in dict(model=args.model, out=args.out, budget_tokens=args.budget_tokens,
+                                       ranks=ranks, k_shots=k_shots, gpu=args.gpu, gpu_price=args.gpu_price,
+                                       pretrain_tokens=args.pretrain_tokens, progress=args.progress).items()
+                 if v is not None}
+    config = GapConfig.quick_config(**overrides) if args.quick else GapConfig(**overrides)
+    results = run_gap_experiment(config)
+    print(f"\ntunegap: gap experiment finished in {results['wall_seconds'] / 60:.1f} min (measured)")
+    for v in results["verdicts"]:
+        label = {True: "supported", False: "NOT supported", None: "it depends"}[v["supported"]]
+        print(f"  [{label}] {v['claim']}: {v['measured']}")
+    print(f"\nreport: {config.folder() / 'report.html'} (also report.md, results.json, *.png)")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    experiment = subparsers.add_parser("experiment", help="run a multi-arm experiment and write its report")
+    sub = experiment.add_subparsers(dest="experiment", required=True)
+    gap = sub.add_parser("gap", help="measure the pretraining/fine-tuning gap on a real model (the main job)")
+    gap.add_argument("--model", default=None, help="default smollm2-135m (tiny with --quick)")
+    gap.add_argument("--out", default=None, help="output folder (default runs/gap-<model>)")
+    gap.add_argument("--budget-tokens", type=int, default=None, help="training tokens per trained arm (default 16000)")
+    gap.add_argument("--ranks", default="", help="LoRA ranks, comma-separated (default 8; the first is the LoRA arm)")
+    gap.add_argument("--k-shots", default="", help="in-context examples per prompt, comma-separated (default 0,2,8)")
+    gap.add_argument("--gpu", default=None, help="GPU the dollar figures assume (default H100-SXM)")
+    gap.add_argument("--gpu-price", type=float, default=None, help="$/hour override for that GPU")
+    gap.add_argument("--pretrain-tokens", type=float, default=None, help="override the published token count")
+    gap.add_argument("--quick", action="store_true", help="smoke version on a tiny model (under 2 minutes)")
+    gap.add_argument("--progress", action=__import__("argparse").BooleanOptionalAction, default=None)
+    gap.set_defaults(func=cmd_gap)

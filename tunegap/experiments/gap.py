@@ -1,0 +1,260 @@
+"""`tunegap experiment gap`: the pretraining/fine-tuning gap, measured on a real model.
+
+Arms, all on the shipped support task and judged by the same task metrics:
+  icl-k    the frozen base model with k solved tickets in the prompt (no training; every query pays)
+  lora-rN  LoRA fine-tune for a fixed token budget
+  full     full fine-tune for the same budget
+  scratch  the same architecture from random weights, same data and budget (what the data alone builds)
+  pretrain the base model's pretraining: not run, estimated from its published token count with the
+           same formulas, on this machine's measured throughput and on a named GPU.
+Every arm that trains is an ordinary run of `tunegap.train`, kept under <out>/arms/, and reused when
+its config has not changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..io import atomic_write_json, read_jsonl
+
+YEAR_S = 365.25 * 24 * 3600
+
+
+@dataclass
+class GapConfig:
+    model: str = "smollm2-135m"
+    out: str = ""  # default: runs/gap-<model>
+    budget_tokens: int = 16_000
+    ranks: tuple = (8,)
+    k_shots: tuple = (0, 2, 8)
+    seq_len: int = 128
+    batch_size: int = 8
+    lr_lora: float = 2e-3
+    lr_full: float = 1e-4
+    lr_scratch: float = 2e-3
+    eval_examples: int = 64
+    generate_examples: int = 24
+    max_new_tokens: int = 80
+    gpu: str = "H100-SXM"
+    gpu_price: float | None = None
+    pretrain_tokens: float | None = None
+    seed: int = 0
+    quick: bool = False
+    progress: bool = True
+
+    @classmethod
+    def quick_config(cls, **overrides) -> "GapConfig":
+        """The smoke version the tests run: tiny model, tiny budget, same code path."""
+        values = dict(model="tiny", budget_tokens=4_000, ranks=(8,), k_shots=(0, 1), seq_len=512, batch_size=4,
+                      lr_lora=1e-2, lr_full=3e-3, lr_scratch=3e-3, eval_examples=8, generate_examples=4,
+                      max_new_tokens=16, pretrain_tokens=2e12, quick=True, progress=False)
+        values.update(overrides)
+        return cls(**values)
+
+    def folder(self) -> Path:
+        return Path(self.out or f"runs/gap-{Path(self.model).name}")
+
+
+def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
+    from ..config import TrainConfig
+
+    values = dict(model=config.model, data="support", seq_len=config.seq_len, batch_size=config.batch_size,
+                  budget_tokens=config.budget_tokens, epochs=1.0, eval_examples=config.eval_examples,
+                  generate_examples=config.generate_examples, runs_dir=str(arms_dir), name=name, seed=config.seed,
+                  progress=config.progress, gpu=config.gpu, warmup_steps=2, eval_every=0)
+    if config.gpu_price is not None:
+        values["gpu_price"] = config.gpu_price
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run_arm(train_config) -> dict:
+    """Train one arm, or reuse its finished ledger when the config is unchanged."""
+    from ..checkpoint import config_hash
+    from ..train import train
+
+    folder = Path(train_config.runs_dir) / train_config.name
+    ledger_path = folder / "ledger.json"
+    wanted = config_hash({**train_config.to_dict(), "name": train_config.name})
+    if ledger_path.is_file():
+        ledger = json.loads(ledger_path.read_text())
+        if ledger.get("status") == "completed" and config_hash(ledger["config"]) == wanted:
+            print(f"tunegap: reusing arm {train_config.name} (same config, already run)", flush=True)
+            return ledger
+    if folder.exists():
+        shutil.rmtree(folder)  # the experiment owns its arms: a changed or unfinished arm is redone
+    return train(train_config)
+
+
+def icl_arms(config: GapConfig, shape) -> dict:
+    """The base model, frozen, with k solved tickets in the prompt: quality and per-query inference cost."""
+    from ..costs.flops import generation_flops
+    from ..costs.hardware import measure_peaks
+    from ..data.sources import prepare
+    from ..data.support import generate_support
+    from ..evaluate import support_metrics
+    from ..models import load_model
+    from ..train import Context, autocast_factory, base_model, heldout_loss
+    from ..methods import Full
+
+    model, tokenizer = load_model(config.model, seed=config.seed)
+    precision = measure_peaks().best_precision
+    autocast = autocast_factory(precision)
+    train_records, eval_records = generate_support()
+    records = eval_records[:config.generate_examples]
+    held = prepare(_train_config(config, Path("."), "icl"), tokenizer).eval
+    ctx = Context(model, base_model(model), Full(), tokenizer.pad_token_id, autocast)
+    zero_shot_loss = heldout_loss(ctx, held, config.batch_size, config.seq_len)
+    arms = {}
+    for k in config.k_shots:
+        metrics = support_metrics(model, tokenizer, records, shots=train_records[:k], autocast=autocast,
+                                  max_new_tokens=config.max_new_tokens)
+        per_query = generation_flops(shape, round(metrics["mean_prompt_tokens"]), max(1, round(metrics["mean_new_tokens"])))
+        arms[f"icl-{k}"] = {
+            "k": k, "metrics": {key: v for key, v in metrics.items() if key != "samples"},
+            "samples": metrics["samples"],
+            "eval_loss": zero_shot_loss if k == 0 else None,
+            "inference_flops_per_query": per_query,
+            "seconds_per_query": metrics["generation_seconds"] / max(len(records), 1),
+            "precision": precision,
+        }
+    return arms
+
+
+def _loss_curve(ledger_path: Path) -> list[dict]:
+    rows = read_jsonl(Path(ledger_path).parent / "metrics.jsonl")
+    return [{"step": r["step"], "loss": r["loss"], "flops": r["flops"], "tokens": r["tokens"]} for r in rows if "loss" in r]
+
+
+def _value(ledger: dict, key: str):
+    return ledger["costs"][key]["value"]
+
+
+def measured_gap(pretrain: dict, ledger: dict) -> dict:
+    """Pretraining (estimate) over one measured fine-tune, axis by axis.
+
+    FLOPs ratio = tokens ratio x FLOPs-per-token ratio exactly; steps, trainable parameters and
+    optimizer-state bytes are separate axes (they shape memory and wall-clock, not the FLOP count).
+    """
+    pc, fc = pretrain["costs"], ledger["costs"]
+    tokens = pc["tokens"]["value"] / fc["tokens"]["value"]
+    flops = pc["flops_total"]["value"] / fc["flops_total"]["value"]
+    per_token = (pc["flops_total"]["value"] / pc["tokens"]["value"]) / (fc["flops_total"]["value"] / fc["tokens"]["value"])
+    return {
+        "flops": flops,
+        "cost_multipliers": {"tokens": tokens, "flops_per_token": per_token},
+        "product_check": tokens * per_token / flops,
+        "other_axes": {
+            "optimizer_steps": pc["optimizer_steps"]["value"] / max(fc["optimizer_steps"]["value"], 1),
+            "params_trainable": pc["params_trainable"]["value"] / max(fc["params_trainable"]["value"], 1),
+            "optimizer_state_bytes": pc["optimizer_state_bytes"]["value"] / max(fc["optimizer_state_bytes"]["value"], 1),
+        },
+    }
+
+
+def pretraining_estimate(config: GapConfig, shape, measured_flops_per_s: float) -> dict:
+    """The base model's pretraining, priced by the estimator on this machine and on a named GPU."""
+    from ..costs.catalog import EstimateError, cpu_device, resolve_device, resolve_model
+    from ..costs.memory import TrainSetup
+    from ..estimate import estimate_run
+    from ..methods import Full
+
+    tokens = config.pretrain_tokens
+    source = "given (--pretrain-tokens)"
+    preset = None
+    if tokens is None:
+        try:
+            _, preset = resolve_model(Path(config.model).name)
+        except EstimateError:
+            preset = None
+        if preset is None or not preset.pretrain_tokens:
+            raise EstimateError(f"{config.model}: no published pretraining token count; pass --pretrain-tokens")
+        tokens, source = preset.pretrain_tokens, preset.source
+    seq_len = (preset.pretrain_seq_len if preset and preset.pretrain_seq_len else 2048)
+    batch_tokens = (preset.pretrain_batch_tokens if preset and preset.pretrain_batch_tokens else 4e6)
+    rows = max(1, math.ceil(tokens / seq_len))
+    steps = max(1, math.ceil(tokens / batch_tokens))
+    gpu = resolve_device(config.gpu, price=config.gpu_price)
+    on_gpu = estimate_run(shape, Full(), tokens=tokens, sequences=rows, seq_len=seq_len, steps=steps,
+                          setup=TrainSetup(precision="bf16-mixed", micro_batch=8), hardware=gpu, label="pretrain")
+    seconds_here = on_gpu["costs"]["flops_total"]["value"] / measured_flops_per_s
+    return {"tokens": tokens, "source": source, "seq_len": seq_len, "batch_tokens": batch_tokens,
+            "on_gpu": on_gpu, "here_seconds": seconds_here, "here_years": seconds_here / YEAR_S,
+            "here_how": "estimate: pretraining FLOPs (formula) / this machine's achieved FLOP/s in the full "
+                        "fine-tune arm (measured)",
+            "cpu_device": cpu_device().name}
+
+
+def break_even(train_flops: float, icl_extra_flops_per_query: float) -> float | None:
+    """Queries after which a one-time fine-tune costs fewer FLOPs than longer few-shot prompts (None: never)."""
+    if icl_extra_flops_per_query <= 0:
+        return None
+    return train_flops / icl_extra_flops_per_query
+
+
+def run_gap_experiment(config: GapConfig) -> dict:
+    from ..costs.shape import ModelShape
+    from ..models import load_model
+
+    out = config.folder()
+    arms_dir = out / "arms"
+    arms_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    shape = ModelShape.from_hf_config(load_model(config.model, seed=config.seed)[0].config)
+
+    print("tunegap: arm 1/5 in-context learning (frozen base model, k solved examples in the prompt)", flush=True)
+    icl = icl_arms(config, shape)
+    trained = {}
+    for r in config.ranks:
+        print(f"tunegap: arm 2/5 LoRA rank {r}", flush=True)
+        trained[f"lora-r{r}"] = run_arm(_train_config(config, arms_dir, f"lora-r{r}", method="lora", rank=r,
+                                                      alpha=2.0 * r, lr=config.lr_lora))
+    print("tunegap: arm 3/5 full fine-tune", flush=True)
+    trained["full"] = run_arm(_train_config(config, arms_dir, "full", method="full", lr=config.lr_full))
+    print("tunegap: arm 4/5 same architecture from random weights (scratch)", flush=True)
+    trained["scratch"] = run_arm(_train_config(config, arms_dir, "scratch", method="full", init="scratch",
+                                               lr=config.lr_scratch))
+    print("tunegap: arm 5/5 pretraining of the base model (estimated, not run)", flush=True)
+    full = trained["full"]
+    achieved = _value(full, "achieved_flops_per_s")
+    pretrain = pretraining_estimate(config, shape, achieved)
+
+    lora_name = f"lora-r{config.ranks[0]}"
+    zero = icl[f"icl-{min(config.k_shots)}"]
+    best_k = max(config.k_shots)
+    extra_per_query = icl[f"icl-{best_k}"]["inference_flops_per_query"] - zero["inference_flops_per_query"]
+    results = {
+        "schema": 1,
+        "experiment": "gap",
+        "config": {**asdict(config), "folder": str(out)},
+        "model": {"name": config.model, "shape": shape.to_dict()},
+        "icl": icl,
+        "trained": {name: {"ledger_path": str(arms_dir / name / "ledger.json"), "costs": ledger["costs"],
+                           "metrics": {k: v for k, v in ledger["metrics"].items() if k != "samples"},
+                           "samples": ledger["metrics"].get("samples", []), "precision": ledger["precision"],
+                           "loss_curve": _loss_curve(arms_dir / name / "ledger.json")}
+                    for name, ledger in trained.items()},
+        "pretrain": {k: v for k, v in pretrain.items() if k != "on_gpu"} | {"costs": pretrain["on_gpu"]["costs"],
+                                                                            "assumptions": pretrain["on_gpu"]["assumptions"],
+                                                                            "hardware": pretrain["on_gpu"]["hardware"]},
+        "gap": {name: measured_gap(pretrain["on_gpu"], ledger) for name, ledger in trained.items()
+                if name != "scratch"},
+        "break_even": {
+            "k": best_k, "arm": lora_name,
+            "train_flops": _value(trained[lora_name], "flops_total"),
+            "icl_extra_flops_per_query": extra_per_query,
+            "queries": break_even(_value(trained[lora_name], "flops_total"), extra_per_query),
+        },
+        "wall_seconds": time.perf_counter() - started,
+    }
+    from .gap_report import verdicts, write_gap_report
+
+    results["verdicts"] = verdicts(results)
+    atomic_write_json(out / "results.json", results)
+    write_gap_report(out, results)
+    return results

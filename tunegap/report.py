@@ -1,0 +1,160 @@
+"""Reports: sections (verdicts, Markdown text, PNG charts) rendered as one self-contained HTML page and Markdown.
+
+A pure function from results to files: every experiment and analysis writes a `section.json`, and
+`tunegap report DIR` gathers them. The HTML embeds its images as base64 so it opens offline anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .io import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class Verdict:
+    claim: str
+    measured: str
+    supported: bool | None  # None: a trade-off or not decidable from this measurement
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return {True: "supported", False: "not supported", None: "it depends"}[self.supported]
+
+
+@dataclass
+class Section:
+    title: str
+    verdicts: list = field(default_factory=list)
+    body_markdown: str = ""
+    images: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"title": self.title, "verdicts": [asdict(v) for v in self.verdicts],
+                "body_markdown": self.body_markdown, "images": [str(Path(p).name) for p in self.images]}
+
+    @classmethod
+    def from_dict(cls, data: dict, folder: Path) -> "Section":
+        return cls(title=data["title"], verdicts=[Verdict(**v) for v in data.get("verdicts", [])],
+                   body_markdown=data.get("body_markdown", ""), images=[folder / p for p in data.get("images", [])])
+
+
+def _inline(text: str) -> str:
+    """Escape, then the few inline Markdown forms our sections use: **bold**, `code`."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+
+
+def markdown_to_html(markdown: str) -> str:
+    """Paragraphs, pipe tables, block quotes and fenced code: the subset the sections are written in.
+
+    Hand-written because these few forms are all we emit, and a Markdown dependency would add little.
+    """
+    out, lines, i = [], markdown.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("```"):
+                j += 1
+            out.append("<pre>" + html.escape("\n".join(lines[i + 1:j])) + "</pre>")
+            i = j + 1
+        elif line.startswith("|"):
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in lines[i:j]]
+            body = [r for r in rows[1:] if not all(set(c) <= set("-: ") for c in r)]
+            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</tbody></table>")
+            i = j
+        elif line.startswith("> "):
+            out.append(f"<blockquote>{_inline(line[2:])}</blockquote>")
+            i += 1
+        elif line.strip():
+            j = i
+            while j < len(lines) and lines[j].strip() and not lines[j].startswith(("|", "```", "> ")):
+                j += 1
+            out.append("<p>" + _inline(" ".join(lines[i:j])) + "</p>")
+            i = j
+        else:
+            i += 1
+    return "\n".join(out)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f4f4f4}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
+pre{background:#f6f8fa;padding:.8em;overflow-x:auto;white-space:pre-wrap}
+blockquote{border-left:4px solid #ccc;margin:0;padding-left:1em;color:#555}
+.v-supported{color:#116611;font-weight:bold}.v-not{color:#aa1111;font-weight:bold}.v-depends{color:#aa6600;font-weight:bold}
+"""
+
+
+def _verdict_table(verdicts: list[Verdict]) -> str:
+    if not verdicts:
+        return ""
+    css = {True: "v-supported", False: "v-not", None: "v-depends"}
+    rows = "".join(
+        f"<tr><td>{html.escape(v.claim)}</td><td>{_inline(v.measured)}</td>"
+        f"<td class='{css[v.supported]}'>{v.label}</td><td>{html.escape(v.note)}</td></tr>" for v in verdicts)
+    return ("<table class='verdicts'><thead><tr><th>claim (essay)</th><th>measured</th><th>verdict</th>"
+            f"<th>note</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def render_html(sections: list[Section], title: str) -> str:
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        parts.append(f"<section><h2>{html.escape(s.title)}</h2>")
+        parts.append(_verdict_table(s.verdicts))
+        parts.append(markdown_to_html(s.body_markdown))
+        for image in s.images:
+            data = base64.b64encode(Path(image).read_bytes()).decode()
+            parts.append(f"<figure><img alt='{html.escape(Path(image).stem)}' src='data:image/png;base64,{data}'>"
+                         f"</figure>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(sections: list[Section], title: str) -> str:
+    parts = [f"# {title}", ""]
+    for s in sections:
+        parts += [f"## {s.title}", ""]
+        if s.verdicts:
+            parts += ["| claim (essay) | measured | verdict | note |", "|---|---|---|---|"]
+            parts += [f"| {v.claim} | {v.measured} | **{v.label}** | {v.note} |" for v in s.verdicts]
+            parts.append("")
+        parts += [s.body_markdown, ""]
+        parts += [f"![{Path(p).stem}]({Path(p).name})" for p in s.images]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def write_report(folder: str | Path, sections: list[Section], title: str = "tunegap report") -> Path:
+    """report.html + report.md (+ section.json when there is one section) in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(sections) == 1:
+        atomic_write_json(folder / "section.json", sections[0].to_dict())
+    atomic_write_text(folder / "report.md", render_markdown(sections, title))
+    atomic_write_text(folder / "report.html", render_html(sections, title))
+    return folder / "report.html"
+
+
+def gather_sections(root: str | Path) -> list[Section]:
+    """Every section.json under `root` (experiments and analyses), in path order."""
+    root = Path(root)
+    return [Section.from_dict(json.loads(p.read_text()), p.parent) for p in sorted(root.rglob("section.json"))]
