@@ -72,19 +72,22 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
     logit_tokens = None if method.changes_sequence else loss_tokens
     flops = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logit_tokens,
                              checkpointing=setup.checkpointing)
-    plain = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logit_tokens)
+    plain = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len,
+                             logit_tokens=logit_tokens) if setup.checkpointing else flops
     recompute = flops.recompute - plain.recompute  # checkpointing's extra forward (HFU, not MFU)
 
     # memory of one device for one micro-batch
     per_micro = None if method.changes_sequence else loss_tokens / sequences * setup.micro_batch
-    mem = memory_per_device(shape, trainable, setup, seq_len=seq_len, loss_positions=per_micro,
-                            runtime_bytes=hardware.runtime_bytes)
-    needed, why = devices_needed(shape, trainable, setup, seq_len=seq_len, capacity_bytes=hardware.memory_bytes,
-                                 loss_positions=per_micro, runtime_bytes=hardware.runtime_bytes)
+    p = precision(setup.precision)
+    # CUDA's flash kernel takes no fp32: SDPA then runs its math kernel, which keeps the s x s probabilities
+    math_attention = hardware.kind == "gpu" and p.activation == 4
+    memory_args = dict(seq_len=seq_len, loss_positions=per_micro, runtime_bytes=hardware.runtime_bytes,
+                       math_attention=math_attention, allocator_retention=hardware.allocator_retention)
+    mem = memory_per_device(shape, trainable, setup, **memory_args)
+    needed, why = devices_needed(shape, trainable, setup, capacity_bytes=hardware.memory_bytes, **memory_args)
     fits = mem.peak <= hardware.memory_bytes
 
     # time: model FLOPs (plus checkpointing's recompute) at MFU x peak on every device
-    p = precision(setup.precision)
     peak, peak_note = hardware.peak(p.peak)
     compute_s = (flops.total + recompute) / (setup.gpus * peak * setup.mfu)
     dequant_s, dequant_note = 0.0, ""
@@ -145,10 +148,14 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
         "communication and input pipeline are inside that figure",
         f"precision {setup.precision}: {p.source}",
         f"optimizer {setup.optimizer}: {opt.source}",
-        "activations: tensors saved by a Hugging Face Llama-style block with SDPA attention (no s^2 term), "
-        "adapted from Korthikanti et al. 2022, Sec. 4.1; loss in fp32 over loss positions x vocabulary",
+        "activations: tensors saved by a Hugging Face Llama-style block with SDPA attention, adapted from "
+        "Korthikanti et al. 2022, Sec. 4.1: " + ("math kernel on GPU in fp32, s^2 probabilities kept" if math_attention
+                                                 else "flash-style kernel, no s^2 term")
+        + "; PEFT adapters in fp32; loss in fp32 over loss positions x vocabulary",
         f"memory per device at the busiest moment ({mem.phase}); runtime overhead {mem.runtime / 2**30:.2f} GiB "
-        + ("(measured process baseline)" if hardware.kind == "cpu" else "(CUDA context, assumed)"),
+        + ("(measured process baseline)" if hardware.kind == "cpu" else "(CUDA context and allocator reserve, "
+                                                                          "0.75 GiB measured on an H200 + margin)"),
+        *hardware.notes,
         "pure data parallelism (ZeRO/FSDP only; no tensor or pipeline parallelism)",
     ]
     if hardware.price_per_hour is None:
@@ -355,6 +362,8 @@ def format_estimate(result: dict) -> str:
     lines.append(f"  {'  without checkpointing':<28}{mem['activations_no_checkpointing'] / gib:.2f} GiB (estimate)")
     lines.append(f"  {'  with checkpointing':<28}{mem['activations_checkpointing'] / gib:.2f} GiB (estimate)")
     lines.append(f"  {'runtime overhead':<28}{mem['runtime'] / gib:.2f} GiB (estimate)")
+    if mem["allocator"]:
+        lines.append(f"  {'allocator retention':<28}{mem['allocator'] / gib:.2f} GiB (estimate)")
     row("peak", "peak_memory_bytes")
     lines.append(f"  {'capacity':<28}{mem['capacity_bytes'] / gib:.2f} GiB -> "
                  + ("fits" if mem["fits"] else "DOES NOT FIT") + f"; {mem['fit_message']}")
@@ -434,12 +443,12 @@ def format_against(report: dict) -> str:
     from .ledger import format_quantity
 
     lines = [f"tunegap estimate --against {report['run']}: predicted (estimate) vs measured",
-             f"  {'':<24}{'predicted':>26}{'measured':>30}{'pred/meas':>11}"]
+             f"  {'':<24}{'predicted':>34}{'measured':>34}{'pred/meas':>11}"]
     for r in report["comparison"]:
         pred = format_quantity({"value": r["predicted"], "unit": r["unit"], "how": "estimate"})
         meas = format_quantity({"value": r["measured"], "unit": r["unit"], "how": r["measured_how"]})
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "n/a"
-        lines.append(f"  {r['key']:<24}{pred:>26}{meas:>30}{ratio:>11}")
+        lines.append(f"  {r['key']:<24}{pred:>34}{meas:>34}{ratio:>11}")
     lines.append(f"  note: {report['note']}")
     return "\n".join(lines)
 
@@ -519,7 +528,7 @@ def add_parser(subparsers) -> None:
     gp.add_argument("--pretrain-batch-tokens", type=parse_count,
                     help="tokens per pretraining optimizer step (default: the preset's, else 4M)")
     gp.add_argument("--png", help="write the decomposition chart here")
-    gp.set_defaults(func=cmd_gap, examples_default=10000)
+    gp.set_defaults(func=cmd_gap, examples_default=10000, zero=3)  # ZeRO-3: the memory floor of each arm
 
 
 def main(argv: list[str] | None = None) -> int:

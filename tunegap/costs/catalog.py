@@ -98,6 +98,7 @@ class Device:
     runtime_bytes: float  # taken before any tensor (CUDA context; for the CPU, the Python + torch process)
     price_per_hour: float | None
     memory_bandwidth: float | None = None
+    allocator_retention: float = 0.0  # freed memory the allocator keeps, as a fraction of activation bytes
     source: str = ""
     notes: tuple = field(default_factory=tuple)
 
@@ -142,6 +143,14 @@ def gpu_catalog(extra: str | Path | None = None) -> dict[str, Device]:
     return devices
 
 
+# glibc malloc keeps freed activation-sized blocks (its mmap threshold rises to 32 MiB as blocks are freed),
+# so a CPU run's peak RSS exceeds its live tensors. benchmarks/estimate_calibration.py measured the excess on
+# smollm2-135m (10 runs: full, LoRA, freeze, checkpointing, 2-8 x 128-512 tokens) at 0.2-0.9x the activation
+# bytes (LoRA's unfused adapters leave the most holes); 0.6x keeps every run within 25%. With the threshold
+# pinned (MALLOC_MMAP_THRESHOLD_=131072) the excess vanishes: LoRA 8 x 128 peaked at 2.70 GB instead of 4.42 GB.
+CPU_ALLOCATOR_RETENTION = 0.6
+CPU_ALLOCATOR_SOURCE = ("allocator retention: glibc malloc keeps freed blocks; measured 0.2-0.9x the activation "
+                        "bytes on this machine's calibration runs, 0.6x assumed (benchmarks/estimate_calibration.py)")
 BASELINE_IMPORTS = ("torch", "transformers", "peft")  # what every tunegap training process imports
 FALLBACK_BASELINE_BYTES = 350 * 2**20
 
@@ -205,10 +214,10 @@ def cpu_device(peaks: dict | None = None) -> Device:
     return Device(name=f"cpu ({peaks.get('device', '?')}, {peaks.get('threads', '?')} threads)", kind="cpu",
                   memory_bytes=float(memory),
                   peak_flops_per_s={"fp32": peaks["fp32_flops_per_s"], "bf16": peaks["bf16_flops_per_s"]},
-                  runtime_bytes=float(baseline), price_per_hour=None,
+                  runtime_bytes=float(baseline), price_per_hour=None, allocator_retention=CPU_ALLOCATOR_RETENTION,
                   source="matmul peaks measured on this machine (hardware.measure_peaks); memory from sysconf",
                   notes=(f"runtime overhead = peak RSS of a process that only imports torch, transformers and peft: "
-                         f"{baseline / 2**20:.0f} MiB (measured)",))
+                         f"{baseline / 2**20:.0f} MiB (measured)", CPU_ALLOCATOR_SOURCE))
 
 
 def resolve_device(name: str = "H100-SXM", *, catalog: str | Path | None = None,

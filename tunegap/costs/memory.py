@@ -31,7 +31,7 @@ simpler upper bound most calculators report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 from .catalog import EstimateError
@@ -238,8 +238,6 @@ class TrainSetup:
             raise EstimateError(f"--mfu: must be in (0, 1], got {self.mfu}")
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -273,13 +271,23 @@ class Activations:
 
 
 def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequences: int, seq_len: int,
-                     loss_positions: float) -> Activations:
+                     loss_positions: float, math_attention: bool = False) -> Activations:
     """What autograd keeps for one micro-batch of `sequences` rows of `seq_len` tokens.
 
     Walks the blocks as `flops.train_step_flops` does, tracking whether the residual stream requires a
     gradient yet: a tensor is kept only where some parameter at or below it trains.
+
+    `math_attention`: SDPA falls back to its math kernel (on CUDA for fp32, which the flash kernel does not
+    take): it keeps the softmax output, Korthikanti's a·s²·b term, and K, V repeated to every query head.
+
+    Dtypes follow Hugging Face + PEFT: autocast casts a matmul's fp32 input to a bf16 copy per matmul;
+    PEFT keeps LoRA adapters in fp32 (autocast_adapter_dtype) and casts a bf16 input to an fp32 copy per
+    adapted matrix (`LoraLayer._cast_input_dtype`); IA3 likewise upcasts down's input to its fp32 vector.
     """
     e, f32 = p.activation, 4
+    autocast = p.cast_copy > 0
+    lora_in = 2 if autocast else f32  # bytes of the input copy a LoRA A keeps (fp32 adapters)
+    lora_copies = autocast or p.weight < 4  # does each adapted matrix keep its own copy?
     h, hq = shape.hidden_size, shape.num_heads * shape.head_dim
     hkv, inter = shape.num_kv_heads * shape.head_dim, shape.intermediate_size
     s_q = seq_len + tr.prompt_tokens
@@ -296,21 +304,35 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
         def trains(m):
             return (layer, m) in tr.dense
 
-        def keeps_input(m):  # a trained weight needs its input for its gradient; so does LoRA's A
-            return trains(m) or (layer, m) in lora
+        def adapted(m):
+            return (layer, m) in lora
 
         def grad_out(m, grad_in):
-            return grad_in or trains(m) or (layer, m) in lora or (layer, m) in tr.scales
+            return grad_in or trains(m) or adapted(m) or (layer, m) in tr.scales
+
+        def lora_b(ms):  # each LoRA B keeps A's output (rank r), in the adapter's compute dtype
+            return lora_in * sum(lora.get((layer, m), 0) for m in ms)
 
         def norm_output(ms, width):
-            """A norm's output read by the matmuls `ms`: kept once, or once per matmul under autocast (each
-            casts the fp32 tensor to bf16 for itself); plus each LoRA B's input (rank r)."""
-            keepers = [m for m in ms if keeps_input(m)]
-            copies = len(keepers) if p.separate_casts else min(1, len(keepers))
-            return e * (copies * width + sum(lora.get((layer, m), 0) for m in keepers))
+            """A norm's output read by the matmuls `ms`, kept for the weight gradients of trained ones and for
+            LoRA's A: once (fp32; bf16 model, trained weights), or once per matmul (autocast's bf16 casts,
+            PEFT's fp32 casts)."""
+            dense = [m for m in ms if trains(m)]
+            adapters = [m for m in ms if adapted(m)]
+            if autocast:
+                return e * width * len(dense + adapters) + lora_b(adapters)
+            kept = e * width if dense or (adapters and not lora_copies) else 0
+            return kept + (lora_in * width * len(adapters) if lora_copies else 0) + lora_b(adapters)
 
-        def lora_b(m):
-            return e * lora.get((layer, m), 0)
+        def matmul_input(m, width, shared):
+            """A single matmul's input (o: SDPA's output; down: the gated product). `shared`: that tensor is
+            already kept by someone else (SDPA keeps its output)."""
+            kept = 0
+            if trains(m) or (adapted(m) and not lora_copies):
+                kept += 0 if shared else e * width
+            if adapted(m) and lora_copies:
+                kept += lora_in * width
+            return kept + lora_b((m,))
 
         norm_trains = layer in tr.norms
 
@@ -323,9 +345,11 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
         kept += n * e * hkv * sum((layer, m) in tr.scales for m in ("k", "v"))  # IA3 keeps the output it scales
         attn_grad = any(grad_out(m, y_grad) for m in ("q", "k", "v")) or tr.prefix_tokens > 0
         if attn_grad:  # SDPA keeps Q, K, V, its output (o's input too: same storage) and an fp32 logsumexp
-            kept += e * (2 * n * hq + 2 * n_kv * hkv) + f32 * n * shape.num_heads
-        if keeps_input("o"):
-            kept += n * ((0 if attn_grad else e * hq) + lora_b("o"))
+            kv_width = hq if math_attention else hkv
+            kept += e * (2 * n * hq + 2 * n_kv * kv_width) + f32 * n * shape.num_heads
+            if math_attention:  # softmax probabilities, heads x s_q x s_k per sequence
+                kept += f32 * sequences * shape.num_heads * s_q * (s_q + tr.prefix_tokens)
+        kept += n * matmul_input("o", hq, shared=attn_grad)
         stream = stream or grad_out("o", attn_grad)
 
         kept += n * norm(stream)
@@ -335,9 +359,10 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
         hidden_grad = any(grad_out(m, y2_grad) for m in mlp)
         if hidden_grad:  # gated: gate output (SiLU input), SiLU output, up output; plain: the GELU input
             kept += n * k_exp * e * inter * (3 if shape.gated_mlp else 1)
-        scaled_down = (layer, "down") in tr.scales  # IA3 multiplies down's input and keeps it
-        if keeps_input("down") or scaled_down:
-            kept += n * k_exp * (e * inter + lora_b("down"))
+        scaled_down = (layer, "down") in tr.scales
+        kept += n * k_exp * matmul_input("down", inter, shared=False)
+        if scaled_down and not (trains("down") or adapted("down")):
+            kept += n * k_exp * f32 * inter  # IA3: down's input upcast to the fp32 vector it is multiplied by
         stream = stream or grad_out("down", hidden_grad or scaled_down)
         if layer in tr.adapters:  # Houlsby adapter keeps the MLP output and the bottleneck before/after GELU
             kept += n * e * (h + 2 * tr.adapter_dim)
@@ -346,7 +371,7 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
             blocks.append(0.0)
             checkpoints.append(0.0)
             continue
-        if p.cast_copy:  # autocast's bf16 copy of a weight is kept wherever that matmul's input needs a gradient
+        if autocast:  # autocast's bf16 copy of a weight is kept wherever that matmul's input needs a gradient
             needs = {"q": y_grad, "k": y_grad, "v": y_grad, "o": attn_grad, "gate": y2_grad, "up": y2_grad,
                      "down": hidden_grad or scaled_down}
             kept += p.cast_copy * sum(matrix_params[m] for m in shape.layer_matrices() if needs[m])
@@ -357,7 +382,7 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
     head = n * ((f32 * h if stream else 0) + (p.weight * h if tr.final_norm else 0))
     if tr.trains_head_weight(shape):
         head += e * loss_positions * h  # the gathered hidden states the head's weight gradient needs
-    if head_in and p.cast_copy:
+    if head_in and autocast:
         head += p.cast_copy * shape.vocab_size * h
     head += f32 * loss_positions * shape.vocab_size  # log-softmax output, fp32
     transient = 2 * f32 * loss_positions * shape.vocab_size  # d(log-probs) and d(logits), fp32
@@ -378,6 +403,7 @@ class Memory:
     activations_checkpointing: float
     step_temporaries: float
     runtime: float  # CUDA context, or the Python + torch process itself on the CPU
+    allocator: float  # freed memory the CPU allocator keeps (glibc), on top of live tensors
     peak: float
     phase: str  # which moment sets the peak: "backward" or "optimizer step"
     detail: dict = field(default_factory=dict)
@@ -386,12 +412,15 @@ class Memory:
     def sum_of_parts(self) -> float:
         """Every component at once: the upper bound most calculators report."""
         return (self.weights + self.gradients + self.optimizer_state + self.activations + self.step_temporaries
-                + self.runtime)
+                + self.runtime + self.allocator)
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return {**asdict(self), "sum_of_parts": self.sum_of_parts}
+
+
+def _adapter_precision(p: Precision) -> Precision:
+    """PEFT keeps the parameters a method adds in fp32 whatever the base's dtype (autocast_adapter_dtype)."""
+    return p if p.weight >= 4 else PRECISIONS["fp32"]
 
 
 def _optimizer_state(t: TensorShape, p: Precision, o: Optimizer) -> float:
@@ -405,11 +434,17 @@ def _optimizer_state(t: TensorShape, p: Precision, o: Optimizer) -> float:
 
 def memory_per_device(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, seq_len: int,
                       loss_positions: float | None = None, runtime_bytes: float = 0.0,
-                      gpus: int | None = None) -> Memory:
+                      gpus: int | None = None, math_attention: bool = False,
+                      allocator_retention: float = 0.0) -> Memory:
     """Memory of one device for one micro-batch of `setup.micro_batch` sequences of `seq_len` tokens.
 
     `loss_positions`: positions per micro-batch where logits are computed (default every position).
     `gpus`: the data-parallel degree (default `setup.gpus`); ZeRO divides by it (Rajbhandari et al. 2020, Fig. 1).
+    `math_attention`: SDPA runs its math kernel (see `activation_bytes`).
+    `allocator_retention`: freed bytes the allocator keeps, as a fraction of the activation peak. On Linux
+    CPUs glibc malloc raises its mmap threshold (up to 32 MiB) as blocks are freed, so activation-sized
+    blocks come from heaps that rarely shrink: forward temporaries interleaved with kept tensors leave holes.
+    `tunegap.costs.catalog` states the measured figure for the CPU; GPUs keep theirs in the runtime overhead.
     """
     p, o = precision(setup.precision), optimizer(setup.optimizer)
     g = setup.gpus if gpus is None else gpus
@@ -426,19 +461,23 @@ def memory_per_device(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, se
         quantized = shape.num_layers * sum(
             shape.matrix_dims(m)[0] * shape.matrix_dims(m)[1] * shape.matrix_copies(m)[0]
             for m in shape.layer_matrices())
-    weights = quantized * nf4_bytes_per_param(setup.double_quant) + (base - quantized + added) * p.weight
+    adapter = _adapter_precision(p)
+    weights = (quantized * nf4_bytes_per_param(setup.double_quant) + (base - quantized) * p.weight
+               + added * adapter.weight)
 
     grads_by_layer = [0.0] * shape.num_layers
     grads_top = 0.0
     opt_state = 0.0
+    step_temp = 0.0
     for t in tensors:
+        tp = adapter if t.added else p
         if t.layer is None:
-            grads_top += t.numel * p.grad
+            grads_top += t.numel * tp.grad
         else:
-            grads_by_layer[t.layer] += t.numel * p.grad
-        opt_state += _optimizer_state(t, p, o)
+            grads_by_layer[t.layer] += t.numel * tp.grad
+        opt_state += _optimizer_state(t, tp, o)
+        step_temp += o.step_temporary * (tp.state_scale if o.follows_precision else 1.0) * t.numel
     trainable = sum(t.numel for t in tensors)
-    step_temp = o.step_temporary * (p.state_scale if o.follows_precision else 1.0) * trainable
 
     # ZeRO: stage 1 shards optimizer state (and the step that updates it), 2 also gradients, 3 also weights
     if setup.zero >= 1:
@@ -455,23 +494,23 @@ def memory_per_device(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, se
     grads = sum(grads_by_layer) + grads_top
 
     acts = activation_bytes(shape, tr, p, sequences=setup.micro_batch, seq_len=seq_len,
-                            loss_positions=loss_positions)
+                            loss_positions=loss_positions, math_attention=math_attention)
+    held = acts.checkpoints if setup.checkpointing else acts.blocks
+    activation = acts.peak_checkpointed if setup.checkpointing else acts.peak
     if setup.grad_accum > 1:  # gradients persist across micro-batches: all of them are there at every moment
-        backward = (acts.peak_checkpointed if setup.checkpointing else acts.peak) + grads
+        backward = activation + grads
     else:  # walk down the blocks: activations below still held, gradients above already written
-        backward = (sum(acts.checkpoints if setup.checkpointing else acts.blocks) + acts.head + acts.transient
-                    + grads_top)
-        below = sum(acts.checkpoints if setup.checkpointing else acts.blocks)
-        above = grads_top
+        below, above = sum(held), grads_top
+        backward = below + acts.head + acts.transient + above  # the loss head's backward
         for layer in reversed(range(shape.num_layers)):
-            held = acts.checkpoints[layer] if setup.checkpointing else acts.blocks[layer]
-            below -= held
+            below -= held[layer]
             above += grads_by_layer[layer]
             backward = max(backward, below + acts.blocks[layer] + above)
+    allocator = allocator_retention * activation
+    backward += allocator
     step = grads + step_temp
     phase = "backward" if backward >= step else "optimizer step"
     peak = runtime_bytes + weights + opt_state + max(backward, step)
-    activation = acts.peak_checkpointed if setup.checkpointing else acts.peak
     detail = {
         "loss_head_bytes": acts.head + acts.transient,
         "blocks_bytes": sum(acts.blocks),
@@ -482,21 +521,24 @@ def memory_per_device(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, se
     }
     return Memory(weights=weights, gradients=grads, optimizer_state=opt_state, activations=activation,
                   activations_no_checkpointing=acts.peak, activations_checkpointing=acts.peak_checkpointed,
-                  step_temporaries=step_temp, runtime=runtime_bytes, peak=peak, phase=phase, detail=detail)
+                  step_temporaries=step_temp, runtime=runtime_bytes, allocator=allocator, peak=peak, phase=phase,
+                  detail=detail)
 
 
 MAX_DEVICES = 1 << 20
 
 
 def devices_needed(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, seq_len: int, capacity_bytes: float,
-                   loss_positions: float | None = None, runtime_bytes: float = 0.0) -> tuple[int | None, str]:
+                   loss_positions: float | None = None, runtime_bytes: float = 0.0,
+                   math_attention: bool = False, allocator_retention: float = 0.0) -> tuple[int | None, str]:
     """Smallest data-parallel degree at which the peak fits `capacity_bytes`, or (None, why not).
 
     Memory per device never grows with the degree (ZeRO only divides), so a binary search is exact.
     """
     def peak(g):
         return memory_per_device(shape, tr, setup, seq_len=seq_len, loss_positions=loss_positions,
-                                 runtime_bytes=runtime_bytes, gpus=g).peak
+                                 runtime_bytes=runtime_bytes, gpus=g, math_attention=math_attention,
+                                 allocator_retention=allocator_retention).peak
 
     if peak(1) <= capacity_bytes:
         return 1, "fits on one device"
