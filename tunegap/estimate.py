@@ -132,11 +132,11 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
     }
     full_flops = train_step_flops(shape, METHODS["full"]().trainable(shape), sequences=sequences, seq_len=seq_len,
                                   logit_tokens=logit_tokens).total
-    notes = [
-        f"{label}: {flops.total / full_flops:.0%} of a full fine-tune's FLOPs for the same tokens "
-        "(frozen weights skip their weight-gradient matmuls but not the forward or the input gradients: "
-        "LoRA costs about 2/3 of full fine-tuning per token, not 1%; its saving is memory)",
-    ] if label not in ("full", "pretrain") else []
+    notes = [] if label in ("full", "pretrain") else [
+        f"{label}: {flops.total / full_flops:.0%} of a full fine-tune's FLOPs for the same tokens (frozen weights "
+        "skip their weight-gradient matmuls, but not the forward or the input gradients)"
+        + ("; LoRA costs about 2/3 of full fine-tuning per token, not 1%: its saving is memory"
+           if method.name == "lora" else "")]
     notes += [n for n in (peak_note, dequant_note) if n]
     if hardware.kind == "gpu" and p.peak == "fp32":
         notes.append("fp32 matmuls use the non-tensor-core fp32 peak; enabling TF32 would be faster")

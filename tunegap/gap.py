@@ -115,19 +115,14 @@ def decompose(pre: dict, arm: dict) -> dict:
 
 def gap_from_args(args) -> dict:
     """`tunegap gap` arguments -> `gap(...)`."""
-    from .estimate import _data_counts, resolve_work
+    from .estimate import _data_counts, _setup_from_args, resolve_work
 
     shape, preset = resolve_model(args.model)
     device = resolve_device(args.gpu, catalog=args.catalog, price=args.price)
     pretrain_tokens = args.pretrain_tokens or (preset.pretrain_tokens if preset else None)
     if not pretrain_tokens:
         raise EstimateError(f"{args.model}: no published pretraining token count; pass --pretrain-tokens")
-    prec = args.precision if args.precision != "auto" else (
-        "bf16-mixed" if device.kind == "gpu" and device.peak_flops_per_s.get("bf16") else
-        "fp16-mixed" if device.kind == "gpu" else "fp32")
-    setup = TrainSetup(optimizer=args.optimizer, precision=prec, micro_batch=args.micro_batch,
-                       grad_accum=args.grad_accum, gpus=args.gpus, zero=args.zero, checkpointing=args.checkpointing,
-                       mfu=args.mfu)
+    setup = _setup_from_args(args, device, "full")  # the arms set their own method and base format
     examples = args.examples
     if args.tokens is None and examples is None and not args.data:
         examples = args.examples_default
