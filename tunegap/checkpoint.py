@@ -20,13 +20,16 @@ from pathlib import Path
 from .io import fsync_dir
 
 PREFIX = "step-"
+FILES = ("trainable.safetensors", "state.pt", "progress.json")  # a step-* folder holds all three or is ignored
+ASIDE = ".old"
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def config_hash(config: dict, ignore=("resume", "progress", "name", "runs_dir", "threads")) -> str:
+def config_hash(config: dict, ignore=("resume", "progress", "name", "runs_dir", "threads", "allow_pickle")
+                ) -> str:
     """Settings that change the result; a resume under different ones is refused."""
     stable = {k: v for k, v in sorted(config.items()) if k not in ignore}
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
@@ -52,40 +55,83 @@ def save_checkpoint(folder: Path, step: int, *, model, optimizer, scheduler, pro
         for f in staging.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        fsync_dir(staging)
+        aside = folder / f".{final.name}{ASIDE}"
+        if final.exists():  # re-saving a step (a resumed run that had finished): move the old copy aside
+            shutil.rmtree(aside, ignore_errors=True)  # atomically, so a kill leaves one of the two in place
+            os.replace(final, aside)
         os.replace(staging, final)
         fsync_dir(folder)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Rename to a hidden name first: a kill mid-delete leaves a folder `clean_staging` removes, not a
+    half-deleted step-* that looks like a checkpoint."""
+    hidden = path.parent / f".{path.name}.deleting"
+    try:
+        os.replace(path, hidden)
+    except OSError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and (p / "progress.json").is_file()]
+    found = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(PREFIX)
+             and all((p / f).is_file() for f in FILES)]
     return sorted(found, key=lambda p: p.name)
 
 
 def clean_staging(folder: Path) -> None:
-    """Remove temporary folders left by a checkpoint write that a kill interrupted."""
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(f".{PREFIX}"):
-                shutil.rmtree(p, ignore_errors=True)
+    """Remove temporary folders left by a checkpoint write or delete that a kill interrupted.
+
+    One exception: a step moved aside to be re-saved (`.step-N.old`) whose new copy never landed is
+    complete, so it is put back rather than lost.
+    """
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if not p.name.startswith(f".{PREFIX}"):
+            continue
+        final = folder / p.name[1:-len(ASIDE)] if p.name.endswith(ASIDE) else None
+        if final is not None and not final.exists() and all((p / f).is_file() for f in FILES):
+            os.replace(p, final)
+            fsync_dir(folder)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore trained tensors, optimizer, scheduler and RNG; return progress.json."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, expect_config_hash: str | None = None) -> dict:
+    """Restore trained tensors, optimizer, scheduler and RNG; return progress.json.
+
+    Every way a checkpoint folder can be wrong (truncated, tampered with, from another run) is a one-line
+    `CheckpointError` naming the file, never a traceback from deep inside safetensors or torch.
+    """
     import torch
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / "trainable.safetensors"))
+    try:
+        progress = json.loads((path / "progress.json").read_text(encoding="utf-8"))
+        if not isinstance(progress, dict) or not isinstance(progress.get("totals"), dict):
+            raise ValueError("no 'totals' object")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / 'progress.json'}: unreadable ({err}); delete {path} to resume from "
+                              "the checkpoint before it") from None
+    if expect_config_hash is not None and progress.get("config_hash") != expect_config_hash:
+        raise CheckpointError(f"{path}: written under different settings (config hash {progress.get('config_hash')}, "
+                              f"this run {expect_config_hash}); refusing to mix runs")
+    try:
+        tensors = load_file(str(path / "trainable.safetensors"))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: a damaged file
+        raise CheckpointError(f"{path / 'trainable.safetensors'}: unreadable: {str(err).splitlines()[0]}") from None
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
@@ -99,8 +145,12 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError and friends
         raise CheckpointError(f"{path / 'state.pt'}: refused to load (only tensors and plain data are allowed): "
                               f"{str(err).splitlines()[0]}") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    return json.loads((path / "progress.json").read_text())
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path / 'state.pt'}: not a tunegap optimizer state: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return progress
 

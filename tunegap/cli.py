@@ -13,16 +13,28 @@ class UserError(Exception):
     """Anything the user can fix; printed as one line, never a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one `tunegap: error:` line (exit 2) like every other user error."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("tunegap").strip()
+        print(f"tunegap: error: {command + ': ' if command else ''}{' '.join(message.split())} (see {self.prog} --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .data.loaders import DataError
     from .methods import MethodError
     from .models import ModelError
     from .runs import RunPathError
+    from .safety import UnsafeFileError
     from .train import TrainingError
 
+    # OSError: a full disk, a permission, a missing path; each is the user's to fix and says which file
     errors = [ConfigError, DataError, MethodError, ModelError, RunPathError, TrainingError, CheckpointError,
-              UserError, FileNotFoundError]
+              UserError, UnsafeFileError, OSError]
     try:
         from .estimate import EstimateError
 
@@ -66,13 +78,16 @@ def _load_for_eval(args):
         if (folder / "adapter").is_dir():
             from peft import PeftModel
 
+            from .safety import weights_format
+
+            weights_format(folder / "adapter", allow_pickle=args.allow_pickle, what="adapter weights")
             model, tokenizer = load_model(config["model"], init=config["init"], seed=config["seed"])
             return PeftModel.from_pretrained(model, folder / "adapter"), tokenizer, config
         if (folder / "model").is_dir():
-            model, tokenizer = load_model(str(folder / "model"))
+            model, tokenizer = load_model(str(folder / "model"), allow_pickle=args.allow_pickle)
             return model, tokenizer, config
         raise UserError(f"{folder}: no saved adapter or model to evaluate")
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     return model, tokenizer, {"model": args.model}
 
 
@@ -106,7 +121,7 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunegap", description=__doc__.split(":")[0] if __doc__ else None)
+    parser = _Parser(prog="tunegap", description=__doc__.split(":")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     finetune = sub.add_parser("finetune", help="fine-tune a model (full, lora, freeze, ia3, prompt, prefix, adapter)")
@@ -131,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run", default="", help="a run name in --runs-dir, or a run folder")
         p.add_argument("--runs-dir", default="runs")
         p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="accept pickled *.bin weights (tensors only, torch.load(weights_only=True))")
         if name == "eval":
             p.add_argument("--data", default="support", help="held-out SFT JSONL with meta, or 'support'")
             p.add_argument("--examples", type=int, default=32)
@@ -150,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or a bad command line (2, already reported on one line)
+        return done.code if isinstance(done.code, int) else 2
     try:
         return args.func(args)
     except _user_errors() as err:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -72,9 +73,12 @@ class TrainConfig:
     name: str = _f("", "run name (default: <method>-<model>-<time>)")
     resume: bool = _f(False, "continue the newest checkpoint of run --name")
     trust_remote_code: bool = _f(False, "allow a model folder's own Python code to run (off: it is code from a stranger)")
+    allow_pickle: bool = _f(False, "accept a model folder whose weights are pickled *.bin/*.pt (read as tensors only, "
+                                   "torch.load(weights_only=True)); off: safetensors only")
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self):
+        self._check_types()
         positive = ("rank", "freeze_layers", "virtual_tokens", "adapter_dim", "seq_len", "batch_size",
                     "grad_accum", "eval_examples")
         for name in positive:
@@ -90,6 +94,13 @@ class TrainConfig:
             raise ConfigError(f"--epochs: must be positive, got {self.epochs}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout: must be in [0, 1), got {self.dropout}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')}: must be a finite number, got {value}")
+        for name in ("weight_decay", "clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         if self.gpu_price < 0:
             raise ConfigError(f"--gpu-price: must be >= 0, got {self.gpu_price}")
         if self.keep_checkpoints < 1:
@@ -97,6 +108,25 @@ class TrainConfig:
         if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.name):
             raise ConfigError(f"--name: {self.name!r} must be letters, digits, '.', '_' or '-' "
                               "(no path separators: a run stays inside the runs folder)")
+
+    def _check_types(self) -> None:
+        """A config file can hold any YAML value: each field must have its default's type (an int may stand
+        for a float), else a one-line error rather than a TypeError from deep inside the checks below."""
+        for f in fields(self):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            value = getattr(self, f.name)
+            kind = type(default)
+            if kind is float and type(value) is int:
+                setattr(self, f.name, float(value))
+            elif type(value) is not kind:
+                names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+                raise ConfigError(f"--{f.name.replace('_', '-')}: must be {names.get(kind, kind.__name__)}, "
+                                  f"got {type(value).__name__} {str(value)[:40]!r}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:  # argparse checks flags; a config file needs the same check
+                raise ConfigError(f"--{f.name.replace('_', '-')}: must be one of {', '.join(choices)}, got {value!r}")
+            if kind is str and "\x00" in value:  # no path or name may carry one
+                raise ConfigError(f"--{f.name.replace('_', '-')}: contains a NUL character")
 
     @property
     def target_list(self) -> tuple[str, ...]:
@@ -112,7 +142,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict, *, source: str = "config") -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(str(k) for k in values if k not in known)  # YAML keys need not be strings
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
         return cls(**values)
@@ -124,16 +154,30 @@ class TrainConfig:
 
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+            values = yaml.safe_load(text) or {}
+            top = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only, for line numbers
         except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read: {err}") from None
-        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}:0: file: cannot read: {err}") from None
+        except (yaml.YAMLError, RecursionError, ValueError) as err:
             mark = getattr(err, "problem_mark", None)
             line = mark.line + 1 if mark else 0
-            raise ConfigError(f"{path}:{line}: not valid YAML/JSON: {getattr(err, 'problem', err)}") from None
+            problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+            raise ConfigError(f"{path}:{line}: file: not valid YAML/JSON: {problem}") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}:1: expected a mapping of field: value")
-        return cls.from_dict(values, source=str(path))
+            raise ConfigError(f"{path}:1: file: expected a mapping of field: value, got {type(values).__name__}")
+        lines = {str(k.value): k.start_mark.line + 1 for k, _ in getattr(top, "value", ()) if hasattr(k, "value")}
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"{path}:{lines.get(str(key), 0)}: {str(key)[:40]}: unknown field")
+        try:
+            return cls(**values)
+        except ConfigError as err:  # name the line of the offending field
+            flag = re.match(r"--([a-z0-9-]+): ", str(err))
+            key = flag.group(1).replace("-", "_") if flag else ""
+            problem = str(err)[flag.end():] if flag else str(err)
+            raise ConfigError(f"{path}:{lines.get(key, 0)}: {key or 'file'}: {problem}") from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, **defaults) -> None:
@@ -142,10 +186,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, **def
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())
         kind = type(default)
+        helptext = f.metadata["help"].replace("%", "%%")  # argparse %-formats help ("5% of steps" broke --help)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
         else:
-            parser.add_argument(flag, type=kind, default=default, help=f.metadata["help"],
+            parser.add_argument(flag, type=kind, default=default, help=helptext,
                                 choices=f.metadata.get("choices"))
 
 

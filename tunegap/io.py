@@ -6,8 +6,10 @@ then fsync the folder so the rename itself survives a crash.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,6 +47,35 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a hidden staging folder beside `path`; on success it replaces `path` whole.
+
+    The old folder is renamed aside first and deleted last, so a kill leaves the old folder or the new
+    one (and hidden leftovers, which the next call removes), never a mix of their files.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+        for f in staging.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        aside = path.parent / f".{path.name}.old"
+        if path.exists():
+            os.replace(path, aside)
+        os.replace(staging, path)
+        fsync_dir(path.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def append_line(path: str | Path, line: str) -> None:

@@ -154,7 +154,9 @@ def build_ledger(*, run_name: str, status: str, config: dict, method: dict, shap
         "tokens_per_s": q(totals.tokens / train_s, "token/s", "measured"),
         "loss_tokens_per_s": q(totals.loss_tokens / train_s, "token/s", "measured"),
         "achieved_flops_per_s": q(achieved, "FLOP/s", "measured"),
-        "mfu": q(achieved / best_peak if best_peak else None, "fraction", "measured"),
+        # against peaks given by environment (hardware.given_peaks) an MFU is no longer a measurement
+        "mfu": q(achieved / best_peak if best_peak else None, "fraction",
+                 "measured" if peaks.get("how", "measured") == "measured" else "estimate"),
         "gpu_hours": q(gpu_hours, "GPU-hour", "estimate"),
         "dollars": q(gpu_hours * gpu_price if gpu_hours is not None else None, "USD", "estimate"),
     }

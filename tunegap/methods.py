@@ -117,6 +117,8 @@ class LoRA(Method):
     targets: tuple = ALL_LINEAR
 
     def check(self, shape):
+        if not self.targets:
+            raise MethodError(f"lora: --targets is empty; choose some of {','.join(ALL_LINEAR)}")
         unknown = set(self.targets) - set(ALL_LINEAR)
         if unknown:
             raise MethodError(f"lora: unknown target matrices {sorted(unknown)}; choose from {ALL_LINEAR}")

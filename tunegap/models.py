@@ -120,11 +120,13 @@ def _llama_from_preset(preset: dict, vocab_size: int, tokenizer, seed: int):
 
 
 def load_model(name: str = DEFAULT_MODEL, *, init: str = "pretrained", seed: int = 0,
-               trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+               trust_remote_code: bool = False, attn_implementation: str = "sdpa", allow_pickle: bool = False):
     """Return `(model, tokenizer)` in fp32 on the CPU.
 
     `name` is "smollm2-135m", a tiny preset, "smollm2-135m-arch", or a local Hugging Face folder.
     `init="scratch"` keeps the architecture and draws fresh random weights: pretraining's starting point.
+    A folder's weights must be safetensors unless `allow_pickle` (see safety.py); its code runs only with
+    `trust_remote_code`.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -145,20 +147,29 @@ def load_model(name: str = DEFAULT_MODEL, *, init: str = "pretrained", seed: int
     if not (folder / "config.json").is_file():
         known = ", ".join([DEFAULT_MODEL, *TINY_PRESETS, *ARCH_PRESETS])
         raise ModelError(f"{name}: not a known model ({known}) nor a folder with config.json")
-    if not any(folder.glob("*.safetensors")) and init == "pretrained":
-        raise ModelError(f"{folder}: no *.safetensors weights (pickled .bin weights are refused; convert them)")
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if init == "scratch":
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        config._attn_implementation = attn_implementation
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation)
+    from .safety import UnsafeFileError, weights_format
+
+    fmt = weights_format(folder, allow_pickle=allow_pickle) if init == "pretrained" else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if init == "scratch":
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            config._attn_implementation = attn_implementation
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, use_safetensors=fmt == "safetensors", weights_only=True,
+                trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        if isinstance(err, UnsafeFileError):
+            raise
+        # transformers refuses remote code without trust_remote_code with a ValueError; a damaged folder
+        # gives OSError/KeyError/...: either way one line naming the folder, not a traceback
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ModelError(f"{folder}: cannot load: {detail}") from None
     return model, tokenizer
 
 

@@ -23,6 +23,8 @@ class RunPathError(ValueError):
 
 def run_folder(runs_dir: str | Path, name: str) -> Path:
     """The folder of run `name`, refusing any name that would land outside `runs_dir` (.., /, symlinks)."""
+    if "\x00" in str(runs_dir) or "\x00" in name:
+        raise RunPathError(f"run name {name!r}: contains a NUL character")
     root = Path(runs_dir).resolve()
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise RunPathError(f"run name {name!r}: must be a plain folder name inside {root}")
@@ -31,7 +33,16 @@ def run_folder(runs_dir: str | Path, name: str) -> Path:
         raise RunPathError(f"{folder}: is a symbolic link; refusing to write through it")
     if folder.resolve().parent != root:
         raise RunPathError(f"run name {name!r}: resolves outside {root}")
+    # A planted link inside the run (checkpoints -> /elsewhere, metrics.jsonl -> ~/.bashrc) would make
+    # tunegap write, append or delete outside the runs folder: refuse the run instead.
+    for child in (*_children(folder), *_children(folder / "checkpoints")):
+        if child.is_symlink():
+            raise RunPathError(f"{child}: is a symbolic link; a run folder must hold only real files")
     return folder
+
+
+def _children(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
 
 
 def _connect(runs_dir: Path) -> sqlite3.Connection:
@@ -55,9 +66,13 @@ def index_run(runs_dir: str | Path, ledger: dict, ledger_path: Path) -> None:
     }
     for attempt in range(10):
         try:
-            with _connect(Path(runs_dir)) as con:
-                con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                            [row[c] for c in _COLUMNS])
+            con = _connect(Path(runs_dir))
+            try:
+                with con:  # one transaction, committed or rolled back; `with` does not close it
+                    con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) "
+                                f"VALUES ({', '.join('?' * len(_COLUMNS))})", [row[c] for c in _COLUMNS])
+            finally:
+                con.close()
             return
         except sqlite3.OperationalError:
             if attempt == 9:
@@ -69,9 +84,19 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
     path = Path(runs_dir) / INDEX
     if not path.is_file():
         return []
-    with _connect(Path(runs_dir)) as con:
-        cur = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs ORDER BY updated_at")
-        return [dict(zip(_COLUMNS, r)) for r in cur.fetchall()]
+    for attempt in range(10):  # the same retries as writers: another process may be creating the index
+        try:
+            con = _connect(Path(runs_dir))
+            try:
+                cur = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs ORDER BY updated_at")
+                return [dict(zip(_COLUMNS, r)) for r in cur.fetchall()]
+            finally:
+                con.close()
+        except sqlite3.OperationalError:
+            if attempt == 9:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return []
 
 
 def load_ledger(run: str | Path, runs_dir: str | Path = "runs") -> dict:

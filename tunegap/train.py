@@ -137,6 +137,10 @@ def total_steps(config: TrainConfig, n_examples: int, mean_tokens: float) -> int
     if config.max_steps:
         steps = config.max_steps
     elif config.budget_tokens:
+        if config.budget_tokens < mean_tokens * per_step:  # rounding up would silently spend more than asked
+            raise ConfigError(f"--budget-tokens {config.budget_tokens:,} is less than one optimizer step (about "
+                              f"{mean_tokens * per_step:,.0f} tokens: --batch-size x --grad-accum x "
+                              f"{mean_tokens:.0f} mean tokens per example); raise it or lower --batch-size")
         steps = math.ceil(config.budget_tokens / (mean_tokens * per_step))
     else:
         steps = math.ceil(config.epochs * n_examples / per_step)
@@ -168,6 +172,16 @@ def gpu_flops_per_s(gpu: str) -> float:
 
 def train(config: TrainConfig, *, on_step=None) -> dict:
     """Run (or resume) one training run and return its ledger; everything lands in runs/<name>/."""
+    held: list = []  # the run lock, released however _train ends (a kill releases it too: see _lock_run)
+    try:
+        return _train(config, on_step=on_step, held=held)
+    finally:
+        for handle in held:
+            if handle is not None:
+                handle.close()
+
+
+def _train(config: TrainConfig, *, on_step, held: list) -> dict:
     import torch
     from tqdm.auto import tqdm
 
@@ -194,6 +208,8 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
     elif (folder / "ledger.json").exists() or ckpt.list_checkpoints(checkpoints):
         raise TrainingError(f"{folder}: run exists; pass --resume to continue it or choose another --name")
     folder.mkdir(parents=True, exist_ok=True)
+    held.append(_lock_run(folder))
+    _remove_temporaries(folder)
     atomic_write_json(folder / "config.json", config_dict)
 
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
@@ -202,11 +218,16 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
     precision = choose_precision(config, peaks)
 
     model, tokenizer = load_model(config.model, init=config.init, seed=config.seed,
-                                  trust_remote_code=config.trust_remote_code)
+                                  trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
     shape = ModelShape.from_hf_config(model.config)
     method = make_method(config.method, **config.method_options())
     method.check(shape)
     data = prepare(config, tokenizer)
+    cut = data.stats.get("train", {}) if data.kind == "sft" else {}
+    if cut.get("n_dropped") or cut.get("n_truncated"):  # a counted skip, never a silent one
+        print(f"tunegap: {name}: {cut.get('n_dropped', 0)} training examples skipped (no reply token within --seq-len "
+              f"{config.seq_len}{', or longer with --drop-long' if config.drop_long else ''}), "
+              f"{cut.get('n_truncated', 0)} truncated to it (counted)", flush=True)
     context = shape.max_position_embeddings or 1 << 30
     if config.seq_len + (getattr(method, "virtual_tokens", 0) if method.changes_sequence else 0) > context:
         raise ConfigError(f"--seq-len {config.seq_len} (plus any virtual tokens) exceeds the model's context of "
@@ -235,7 +256,8 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
     ckpt.clean_staging(checkpoints)
     existing = ckpt.list_checkpoints(checkpoints) if config.resume else []
     if existing:
-        progress = ckpt.load_checkpoint(existing[-1], model=model, optimizer=optimizer, scheduler=scheduler)
+        progress = ckpt.load_checkpoint(existing[-1], model=model, optimizer=optimizer, scheduler=scheduler,
+                                        expect_config_hash=ckpt.config_hash(config_dict))
         totals = Totals.from_dict(progress["totals"])
         totals.events.append({"event": "resumed", "from_step": totals.steps, "at": time.time()})
     elif config.resume:
@@ -244,7 +266,7 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
     if existing:  # drop log lines of steps after the checkpoint: they will be redone
         from .io import atomic_write_text, read_jsonl
 
-        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= totals.steps]
+        kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= totals.steps and not r.get("final")]
         import json
 
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -252,7 +274,7 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
     print(f"tunegap: {name}: {config.method} on {config.model} ({params_total:,} parameters, "
           f"{params_trainable:,} trainable = {100 * params_trainable / params_total:.3g}%, measured); "
           f"{len(data.train):,} examples, {steps} steps planned; precision {precision} "
-          f"(measured peaks: fp32 {peaks.fp32_flops_per_s / 1e9:.0f}, bf16 {peaks.bf16_flops_per_s / 1e9:.0f} GFLOP/s)",
+          f"({peaks.how} peaks: fp32 {peaks.fp32_flops_per_s / 1e9:.0f}, bf16 {peaks.bf16_flops_per_s / 1e9:.0f} GFLOP/s)",
           flush=True)
 
     def ledger_now(status: str, metrics: dict) -> dict:
@@ -270,11 +292,28 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
             gpu=config.gpu, gpu_price=config.gpu_price, gpu_flops_per_s=gpu_flops_per_s(config.gpu),
             metrics=metrics, environment_info=environment())
 
+    @contextlib.contextmanager
+    def writing(what: str):
+        """A failed write (disk full, quota, I/O error) stops the run with one clear line and a ledger event;
+        the atomic writes guarantee the previous checkpoint and ledger are still whole."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - OSError, or RuntimeError from torch's zip writer
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            totals.events.append({"event": "write failed", "what": what, "error": detail, "at": time.time()})
+            with contextlib.suppress(Exception):  # the disk may still be full: best effort, atomic either way
+                write_ledger(folder / "ledger.json", ledger_now("failed: write error", {}))
+            good = ckpt.list_checkpoints(checkpoints)
+            kept = f"the last good checkpoint {good[-1]} is intact" if good else "no checkpoint had been written yet"
+            raise TrainingError(f"{name}: could not write {what}: {detail}; stopped, {kept}. Free space and rerun "
+                                "with --resume") from err
+
     def save(step: int) -> None:
-        ckpt.save_checkpoint(checkpoints, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                             progress={"step": step, "totals": totals.to_dict(),
-                                       "config_hash": ckpt.config_hash(config_dict)},
-                             keep=config.keep_checkpoints)
+        with writing(f"checkpoint step-{step:06d}"):
+            ckpt.save_checkpoint(checkpoints, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 progress={"step": step, "totals": totals.to_dict(),
+                                           "config_hash": ckpt.config_hash(config_dict)},
+                                 keep=config.keep_checkpoints)
 
     reset_peak_rss()
     bar = tqdm(total=steps, initial=totals.steps, desc=name, unit="step", disable=not config.progress,
@@ -307,6 +346,14 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
                                 f"in {checkpoints} is intact; lower --lr or check the data")
         grad_norm = (torch.nn.utils.clip_grad_norm_(trained, config.clip) if config.clip
                      else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in trained if p.grad is not None)))
+        if not math.isfinite(float(grad_norm)):  # a finite loss can still overflow in backward: never apply it
+            totals.events.append({"event": "non-finite gradient", "step": step, "grad_norm": str(float(grad_norm)),
+                                  "loss": step_loss, "at": time.time()})
+            write_ledger(folder / "ledger.json", ledger_now("failed: non-finite gradient", {}))
+            bar.close()
+            raise TrainingError(f"{name}: gradient norm became {float(grad_norm)} at step {step} (loss {step_loss:.4g}); "
+                                f"stopped before the update. The last good checkpoint in {checkpoints} is intact; "
+                                "lower --lr or check the data")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -331,12 +378,14 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
         if config.eval_every and step % config.eval_every == 0 and step < steps:
             eval_loss = heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
             row["eval_loss"] = eval_loss
-        append_line(metrics_path, _json(row))
+        with writing("metrics.jsonl"):
+            append_line(metrics_path, _json(row))
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < steps:
             save(step)
-            write_ledger(folder / "ledger.json", ledger_now("running", {"train_loss": step_loss}))
+            with writing("ledger.json"):
+                write_ledger(folder / "ledger.json", ledger_now("running", {"train_loss": step_loss}))
         if on_step:
             on_step(step)
     bar.close()
@@ -346,18 +395,48 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
     metrics = {"train_loss": _last_loss(metrics_path)}
     eval_loss = heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
     metrics["eval_loss"] = eval_loss
-    _append_final_eval(metrics_path, totals.steps, eval_loss)
+    with writing("metrics.jsonl"):
+        _append_final_eval(metrics_path, totals.steps, eval_loss)
     if data.eval_records and config.generate_examples and config.data == "support":
         from .evaluate import support_metrics
 
         metrics.update(support_metrics(model, tokenizer, data.eval_records[:config.generate_examples],
                                        autocast=ctx.autocast))
-    save_outputs(folder, model, base, tokenizer, method)
+    with writing("the trained weights"):
+        save_outputs(folder, model, base, tokenizer, method)
     ledger = ledger_now("completed", metrics)
     ledger["costs"]["peak_memory_bytes"]["value"] = train_peak  # training peak, not the later evaluation
-    write_ledger(folder / "ledger.json", ledger)
+    with writing("ledger.json"):
+        write_ledger(folder / "ledger.json", ledger)
     index_run(config.runs_dir, ledger, folder / "ledger.json")
     return ledger
+
+
+def _lock_run(folder: Path):
+    """An exclusive lock on the run while `train` runs: a second `--resume` of the same run (a scheduler
+    restarting a job whose first copy still runs) would interleave two sets of checkpoints.
+    The kernel drops the lock when the process dies, even by SIGKILL, so a killed run never stays locked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    handle = open(folder / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise TrainingError(f"{folder}: another process is training this run now; wait for it or stop it") from None
+    return handle
+
+
+def _remove_temporaries(folder: Path) -> None:
+    """Hidden leftovers of writes a kill interrupted (.ledger.json.*.tmp, .adapter.*): safe to delete under
+    the run lock, since only this process writes here."""
+    import shutil
+
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name != ".lock":
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def _flop_counter():
@@ -386,15 +465,20 @@ def _append_final_eval(metrics_path: Path, step: int, eval_loss) -> None:
 
 def save_outputs(folder: Path, model, base, tokenizer, method) -> None:
     """A PEFT adapter for PEFT methods (plain `PeftModel.from_pretrained` loads it), else safetensors weights."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    from .io import atomic_dir, atomic_write_bytes
+
+    # Built in a hidden folder and renamed into place: a kill never leaves a half-written model to load.
     if method.saves_adapter:
-        model.save_pretrained(folder / "adapter")  # adapter_config.json + adapter_model.safetensors
+        with atomic_dir(folder / "adapter") as staging:
+            model.save_pretrained(staging)  # adapter_config.json + adapter_model.safetensors
     elif method.name == "adapter":
-        save_file(ckpt.trainable_state(model), str(folder / "bottleneck_adapter.safetensors"))
+        atomic_write_bytes(folder / "bottleneck_adapter.safetensors", save(ckpt.trainable_state(model)))
     else:
-        base.save_pretrained(folder / "model", safe_serialization=True)
-        tokenizer.save_pretrained(folder / "model")
+        with atomic_dir(folder / "model") as staging:
+            base.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
 
 
 def print_summary(ledger: dict) -> None:

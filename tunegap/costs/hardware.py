@@ -20,6 +20,7 @@ class Peaks:
     fp32_flops_per_s: float
     bf16_flops_per_s: float
     threads: int
+    how: str = "measured"  # "given" when TUNEGAP_PEAKS_FP32/_BF16 supplied them
 
     @property
     def best_precision(self) -> str:
@@ -31,7 +32,7 @@ class Peaks:
         return max(self.fp32_flops_per_s, self.bf16_flops_per_s)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "best_precision": self.best_precision, "how": "measured"}
+        return {**asdict(self), "best_precision": self.best_precision}
 
 
 def cpu_name() -> str:
@@ -74,11 +75,50 @@ def measure_matmul_flops(dtype_name: str, *, size: int = 1536, seconds: float = 
     return best
 
 
-@functools.lru_cache(maxsize=None)
-def measure_peaks(device: str = "cpu") -> Peaks:
-    """Measured once per process (about 2 s), never read from a file: a stale peak would misstate MFU."""
+PEAK_ENV = {"fp32": "TUNEGAP_PEAKS_FP32", "bf16": "TUNEGAP_PEAKS_BF16"}
+
+
+def given_peaks(device: str = "cpu") -> Peaks | None:
+    """Peaks from TUNEGAP_PEAKS_FP32 and TUNEGAP_PEAKS_BF16 (FLOP/s), labelled "given", not "measured".
+
+    For processes started many times over (fault-injection tests, job arrays) where 2 s of matmuls per
+    start dominates; the ledger says the figures were supplied, so an MFU computed from them is not
+    mistaken for a measurement on this machine.
+    """
+    import os
+
+    raw = {k: os.environ.get(v) for k, v in PEAK_ENV.items()}
+    if not any(raw.values()):
+        return None
+    from ..config import ConfigError
+
+    values = {}
+    for key, text in raw.items():
+        try:
+            values[key] = float(text or "nan")
+        except ValueError:
+            values[key] = float("nan")
+        if not 0 < values[key] < float("inf"):
+            raise ConfigError(f"{PEAK_ENV[key]}={text!r}: set both {' and '.join(PEAK_ENV.values())} "
+                              "to positive FLOP/s, or neither to measure them")
     import torch
 
+    return Peaks(device=f"{cpu_name() if device == 'cpu' else device} (peaks given by environment)",
+                 fp32_flops_per_s=values["fp32"], bf16_flops_per_s=values["bf16"],
+                 threads=torch.get_num_threads(), how="given")
+
+
+@functools.lru_cache(maxsize=None)
+def measure_peaks(device: str = "cpu") -> Peaks:
+    """Measured once per process (about 2 s), never read from a file: a stale peak would misstate MFU.
+
+    The one exception is `given_peaks` (environment variables), labelled as such wherever it is reported.
+    """
+    import torch
+
+    given = given_peaks(device)
+    if given is not None:
+        return given
     name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     return Peaks(device=name, fp32_flops_per_s=measure_matmul_flops("fp32", device=device),
                  bf16_flops_per_s=measure_matmul_flops("bf16", device=device), threads=torch.get_num_threads())

@@ -29,7 +29,7 @@ def data_kind(path: str) -> str:
         return "sft"
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{path}: no such file or folder")
+        raise DataError(path, 0, "file", "no such file or folder (or 'support' for the shipped task)")
     if p.is_dir() or p.suffix in CORPUS_SUFFIXES:
         return "corpus"
     with open(p, "rb") as f:
@@ -53,8 +53,8 @@ def prepare(config, tokenizer) -> Prepared:
         blocks, stats = tokenize_corpus(tokenizer, texts, config.seq_len, return_stats=True)
         held = max(1, len(blocks) // 20)  # last 5% of blocks: held-out loss for pretraining
         if len(blocks) < 2:
-            raise DataError(f"{config.data}: corpus yields {len(blocks)} block(s) of {config.seq_len} tokens; "
-                            "need at least 2 (one to train, one to hold out)")
+            raise DataError(config.data, 0, "text", f"corpus yields {len(blocks)} block(s) of {config.seq_len} "
+                            "tokens; need at least 2 (one to train, one to hold out)")
         train, held_out = blocks[:-held], blocks[-held:]
         return Prepared("corpus", _first(train, config.train_examples), held_out[:config.eval_examples], [],
                         {"train": asdict(stats), "source": config.data})
@@ -67,14 +67,46 @@ def prepare(config, tokenizer) -> Prepared:
         train_records = load_sft(config.data)
         eval_records = load_sft(config.eval_data) if config.eval_data else []
     train_records = _first(train_records, config.train_examples)
-    train, train_stats = tokenize_sft(tokenizer, train_records, config.seq_len, overflow=overflow)
+    train, train_stats = _tokenize_checked(tokenizer, train_records, config.data, config.seq_len, overflow)
     if not train:
-        raise DataError(f"{config.data}: no training example left after fitting them to --seq-len "
-                        f"{config.seq_len} ({train_stats.n_dropped} dropped)")
-    held_out, eval_stats = tokenize_sft(tokenizer, eval_records[:config.eval_examples], config.seq_len,
-                                        overflow=overflow)
+        raise DataError(config.data, 0, "file", f"no training example left after fitting them to --seq-len "
+                        f"{config.seq_len} ({train_stats.n_dropped} dropped: no reply token within the limit)")
+    held_out, eval_stats = _tokenize_checked(tokenizer, eval_records[:config.eval_examples],
+                                             config.eval_data or config.data, config.seq_len, overflow)
     return Prepared("sft", train, held_out, eval_records,
                     {"train": asdict(train_stats), "eval": asdict(eval_stats), "source": config.data})
+
+
+def _tokenize_checked(tokenizer, records: list[dict], source: str, seq_len: int, overflow: str):
+    """`tokenize_sft`, but a conversation the model's chat template cannot render (a template that rejects a
+    system role, or rewrites replies so they cannot be located) is a DataError at its file line."""
+    try:
+        return tokenize_sft(tokenizer, records, seq_len, overflow=overflow)
+    except Exception:  # noqa: BLE001 - jinja2 TemplateError, ValueError from the span search, ...
+        pass
+    for index, record in enumerate(records):  # the failure path only: find the record and its line
+        try:
+            tokenize_sft(tokenizer, [record], seq_len, overflow=overflow)
+        except Exception as err:  # noqa: BLE001
+            detail = " ".join(str(err).split())[:200] or type(err).__name__
+            raise DataError(source, _record_line(source, index), "messages",
+                            f"the model's chat template cannot render this conversation: {detail}") from None
+    return tokenize_sft(tokenizer, records, seq_len, overflow=overflow)
+
+
+def _record_line(source: str, index: int) -> int:
+    """1-based line of the index-th record in a JSONL file (loaders skip blank lines); 0 if unknown."""
+    try:
+        with open(source, "rb") as f:
+            seen = -1
+            for number, raw in enumerate(f, start=1):
+                if raw.strip():
+                    seen += 1
+                    if seen == index:
+                        return number
+    except OSError:
+        pass
+    return 0
 
 
 def _first(items: list, n: int) -> list:
