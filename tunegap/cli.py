@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     estimate.add_parser(sub)
     experiments.add_parser(sub)
+    __import__("tunegap.analysis", fromlist=["add_parser"]).add_parser(sub)  # analyze, sweep lora-rank, report
     return parser
 
 

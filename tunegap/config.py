@@ -64,6 +64,8 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate held-out loss every N steps (0 = only at the end)")
     eval_examples: int = _f(64, "held-out examples for the loss")
     generate_examples: int = _f(32, "held-out examples generated and scored for task metrics (0 = skip)")
+    forgetting: bool = _f(True, "after an SFT fine-tune of real pretrained weights, measure drift from the base "
+                                "(KL on 40 general prompts) and general-question accuracy into the ledger")
     checkpoint_every: int = _f(0, "write a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted)")
     count_flops_every: int = _f(0, "count FLOPs with FlopCounterMode every N steps (0 = first and last step)")

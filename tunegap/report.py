@@ -34,15 +34,24 @@ class Section:
     verdicts: list = field(default_factory=list)
     body_markdown: str = ""
     images: list = field(default_factory=list)
+    order: int = 50  # place in a gathered report, smaller first (the gap experiment, then the analyses)
 
     def to_dict(self) -> dict:
         return {"title": self.title, "verdicts": [asdict(v) for v in self.verdicts],
-                "body_markdown": self.body_markdown, "images": [str(Path(p).name) for p in self.images]}
+                "body_markdown": self.body_markdown, "images": [str(Path(p).name) for p in self.images],
+                "order": self.order}
 
     @classmethod
     def from_dict(cls, data: dict, folder: Path) -> "Section":
         return cls(title=data["title"], verdicts=[Verdict(**v) for v in data.get("verdicts", [])],
-                   body_markdown=data.get("body_markdown", ""), images=[folder / p for p in data.get("images", [])])
+                   body_markdown=data.get("body_markdown", ""), images=[folder / p for p in data.get("images", [])],
+                   order=int(data.get("order", 50)))
+
+    def save(self, folder: str | Path) -> Path:
+        """`folder/section.json`; images are stored by file name, so they must live in `folder`."""
+        path = Path(folder) / "section.json"
+        atomic_write_json(path, self.to_dict())
+        return path
 
 
 def _inline(text: str) -> str:
@@ -79,9 +88,19 @@ def markdown_to_html(markdown: str) -> str:
         elif line.startswith("> "):
             out.append(f"<blockquote>{_inline(line[2:])}</blockquote>")
             i += 1
+        elif line.startswith("- "):
+            j = i
+            while j < len(lines) and lines[j].startswith("- "):
+                j += 1
+            out.append("<ul>" + "".join(f"<li>{_inline(r[2:])}</li>" for r in lines[i:j]) + "</ul>")
+            i = j
+        elif line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")) + 2, 6)  # inside a section (<h2>)
+            out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+            i += 1
         elif line.strip():
             j = i
-            while j < len(lines) and lines[j].strip() and not lines[j].startswith(("|", "```", "> ")):
+            while j < len(lines) and lines[j].strip() and not lines[j].startswith(("|", "```", "> ", "- ", "#")):
                 j += 1
             out.append("<p>" + _inline(" ".join(lines[i:j])) + "</p>")
             i = j
@@ -129,7 +148,14 @@ def render_html(sections: list[Section], title: str) -> str:
     return "\n".join(parts)
 
 
-def render_markdown(sections: list[Section], title: str) -> str:
+def render_markdown(sections: list[Section], title: str, relative_to: str | Path | None = None) -> str:
+    """Images are linked by file name, or relative to `relative_to` (a gathered report's folder) when given."""
+    import os
+
+    def link(p) -> str:
+        return Path(os.path.relpath(Path(p).resolve(), Path(relative_to).resolve())).as_posix() if relative_to \
+            else Path(p).name
+
     parts = [f"# {title}", ""]
     for s in sections:
         parts += [f"## {s.title}", ""]
@@ -138,7 +164,7 @@ def render_markdown(sections: list[Section], title: str) -> str:
             parts += [f"| {v.claim} | {v.measured} | **{v.label}** | {v.note} |" for v in s.verdicts]
             parts.append("")
         parts += [s.body_markdown, ""]
-        parts += [f"![{Path(p).stem}]({Path(p).name})" for p in s.images]
+        parts += [f"![{Path(p).stem}]({link(p)})" for p in s.images]
         parts.append("")
     return "\n".join(parts)
 
@@ -155,6 +181,46 @@ def write_report(folder: str | Path, sections: list[Section], title: str = "tune
 
 
 def gather_sections(root: str | Path) -> list[Section]:
-    """Every section.json under `root` (experiments and analyses), in path order."""
+    """Every section.json under `root` (experiments and analyses), by `order`, then path."""
     root = Path(root)
-    return [Section.from_dict(json.loads(p.read_text()), p.parent) for p in sorted(root.rglob("section.json"))]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    sections = []
+    for p in sorted(root.rglob("section.json")):
+        try:
+            sections.append(Section.from_dict(json.loads(p.read_text(encoding="utf-8")), p.parent))
+        except (ValueError, KeyError, TypeError) as err:
+            from .config import ConfigError  # a user error: one line, exit 2
+
+            raise ConfigError(f"{p}: not a section file: {err}") from None
+    return sorted(sections, key=lambda s: s.order)  # stable: path order within equal `order`
+
+
+def write_gathered_report(root: str | Path, out: str | Path | None = None,
+                          title: str = "tunegap: why fine-tuning is cheap, measured") -> tuple[Path, list[Section]]:
+    """`tunegap report ROOT`: every section under ROOT in one report.html + report.md (no section.json written,
+    so gathering again does not find the report itself)."""
+    root = Path(root)
+    sections = gather_sections(root)
+    out = Path(out) if out else root
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.md", render_markdown(sections, title, relative_to=out))
+    atomic_write_text(out / "report.html", render_html(sections, title))
+    return out / "report.html", sections
+
+
+def cmd_report(args) -> int:
+    path, sections = write_gathered_report(args.folder, args.out or None, args.title)
+    print(f"tunegap report: {len(sections)} section(s) under {args.folder} -> {path} (and report.md)")
+    for s in sections:
+        for v in s.verdicts:
+            print(f"  [{v.label}] {s.title}: {v.claim} ({v.measured})")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("report", help="gather every analysis and experiment under a folder into one page")
+    p.add_argument("folder", nargs="?", default="results", help="searched at any depth for section.json")
+    p.add_argument("--out", default="", help="folder for report.html and report.md (default: the folder itself)")
+    p.add_argument("--title", default="tunegap: why fine-tuning is cheap, measured")
+    p.set_defaults(func=cmd_report)

@@ -404,6 +404,10 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
                                        autocast=ctx.autocast))
     with writing("the trained weights"):
         save_outputs(folder, model, base, tokenizer, method)
+    if config.forgetting:  # drift from the base model on unrelated prompts (tunegap.analysis.forgetting)
+        from .analysis.forgetting import forgetting_after_training
+
+        metrics.update(forgetting_after_training(config, model, tokenizer, data.kind))
     ledger = ledger_now("completed", metrics)
     ledger["costs"]["peak_memory_bytes"]["value"] = train_peak  # training peak, not the later evaluation
     with writing("ledger.json"):

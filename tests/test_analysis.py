@@ -1,0 +1,337 @@
+"""The evidence analyses: each number checked against an independent computation with a known answer."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tunegap.analysis.common import AnalysisError, settings_hash
+from tunegap.analysis.convergence import analyze_convergence, extrapolate, power_law_fit, steps_to
+from tunegap.analysis.forgetting import (analyze_forgetting, base_reference, has_real_weights, measure_forgetting,
+                                         reply_kl)
+from tunegap.analysis.knowledge import Retriever, analyze_knowledge, correct, fact_records, tokenize_words
+from tunegap.analysis.probe import agreement_items, analyze_probe, fit_probe, majority_rate
+from tunegap.analysis.rank import analyze_rank, effective_rank, energy_curve, matrix_stats, rank_for
+from tunegap.analysis.sweep import sweep_lora_rank
+from tunegap.data.support import fictional_facts, general_prompts
+from tunegap.models import load_model
+from tunegap.report import gather_sections, markdown_to_html, write_gathered_report
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models and 64x64 SVDs gain nothing from threads; on a busy machine they lose a lot to them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- intrinsic rank
+
+def _planted(m, n, singular, seed=0):
+    """U diag(s) V^T with orthonormal U, V: a matrix whose singular values are exactly `singular`."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, len(singular), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(singular), generator=g, dtype=torch.float64))
+    return u @ torch.diag(torch.tensor(singular, dtype=torch.float64)) @ v.T
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_effective_rank_of_k_equal_singular_values_is_k(k):
+    delta = _planted(40, 30, [2.5] * k)
+    s = torch.linalg.svdvals(delta)
+    assert effective_rank(s) == pytest.approx(k, rel=1e-9)
+    assert rank_for(s, 0.99) == k
+    assert energy_curve(s, 10)[k - 1] == pytest.approx(1.0)
+
+
+def test_rank_statistics_match_numpy_on_an_uneven_spectrum():
+    singular = [10.0, 5.0, 2.0, 1.0, 0.5]
+    stats = matrix_stats(_planted(50, 20, singular).float(), 8)
+    s = np.linalg.svd(_planted(50, 20, singular).numpy(), compute_uv=False)
+    s = s[s > 1e-6]
+    p = s / s.sum()
+    assert stats["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-4)
+    energy = np.cumsum(s ** 2) / np.sum(s ** 2)
+    assert stats["r90"] == int(np.argmax(energy >= 0.90)) + 1 == 2  # 100+25 of 130.25 = 96%
+    assert stats["energy"][0] == pytest.approx(100 / 130.25, rel=1e-5)
+
+
+def _fake_full_run(tmp_path, plant_rank=2):
+    """A 'finished full fine-tune' of the tiny model whose only change is a planted rank-2 update to one matrix."""
+    model, tokenizer = load_model("tiny", seed=0)
+    w = model.model.layers[1].self_attn.q_proj.weight
+    with torch.no_grad():
+        w += _planted(*w.shape, [0.3, 0.2][:plant_rank]).float()
+    folder = tmp_path / "runs" / "planted"
+    model.save_pretrained(folder / "model", safe_serialization=True)
+    tokenizer.save_pretrained(folder / "model")
+    ledger = {"status": "completed", "config": {"model": "tiny", "init": "pretrained", "seed": 0, "method": "full",
+                                                "lr": 1e-3},
+              "costs": {"optimizer_steps": {"value": 1, "unit": "step", "how": "measured"}}}
+    (folder / "ledger.json").write_text(json.dumps(ledger))
+    return folder
+
+
+def test_rank_analysis_finds_the_planted_rank_2_update(tmp_path):
+    folder = _fake_full_run(tmp_path)
+    results = analyze_rank(folder, out=tmp_path / "rank", max_rank=16)
+    changed = [m for m in results["matrices"] if not m["unchanged"]]
+    assert [m["name"] for m in changed] == ["model.layers.1.self_attn.q_proj.weight"]
+    (m,) = changed
+    assert m["r99"] == 2 and m["energy"][1] == pytest.approx(1.0, abs=1e-6)
+    p = np.array([0.3, 0.2]) / 0.5
+    assert m["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-3)
+    assert m["random"]["r90"] > 10  # a Gaussian 64x64 matrix needs most of its rank
+    for f in ("results.json", "section.json", "rank_energy.png", "rank_by_layer.png"):
+        assert (tmp_path / "rank" / f).is_file()
+    assert results["verdicts"][0]["supported"] is True
+
+
+def test_rank_analysis_refuses_a_lora_run_and_a_missing_run(tmp_path):
+    with pytest.raises(AnalysisError, match="not a finished tunegap run"):
+        analyze_rank(tmp_path / "nothing", out=tmp_path / "o")
+    folder = _fake_full_run(tmp_path)
+    (folder / "adapter").mkdir()
+    with pytest.raises(AnalysisError, match="rank <= r by construction"):
+        analyze_rank(folder, out=tmp_path / "o")
+
+
+# --------------------------------------------------------------------------- forgetting
+
+def test_kl_of_a_model_with_itself_is_zero_and_a_perturbation_matches_torch_kl_div():
+    base, tokenizer = load_model("tiny", seed=0)
+    base.eval()
+    prompts = general_prompts()[:3]
+    same = measure_forgetting(base, base, tokenizer, prompts=prompts, questions=[], reply_tokens=6)
+    assert same["forgetting_kl"] == 0.0 and same["forgetting_kl_tokens"] > 0
+
+    other, _ = load_model("tiny", seed=0)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    other.eval()
+    ref = base_reference(base, tokenizer, prompts=prompts[:1], questions=[], reply_tokens=6)
+    (seq, start), = ref["sequences"]
+    (total, count), = reply_kl(base, other, ref["sequences"], tokenizer.pad_token_id)
+    with torch.no_grad():  # independent: torch's kl_div, one unpadded sequence, positions by hand
+        lp_b = torch.log_softmax(base(torch.tensor([seq])).logits[0].float(), -1)[start - 1:len(seq) - 1]
+        lp_o = torch.log_softmax(other(torch.tensor([seq])).logits[0].float(), -1)[start - 1:len(seq) - 1]
+        expected = torch.nn.functional.kl_div(lp_o, lp_b, log_target=True, reduction="sum")
+    assert count == len(seq) - start and total == pytest.approx(float(expected), rel=1e-4) and total > 0
+
+
+def test_forgetting_runs_only_for_real_pretrained_weights(tmp_path):
+    from tunegap.config import TrainConfig
+
+    assert not has_real_weights(TrainConfig(model="tiny"))
+    assert not has_real_weights(TrainConfig(model="smollm2-135m", init="scratch"))
+    assert has_real_weights(TrainConfig(model=str(tmp_path)))
+
+
+def test_train_loop_writes_forgetting_into_the_ledger_for_a_pretrained_folder(tmp_path):
+    from conftest import tiny_config
+    from tunegap.train import train
+
+    model, tokenizer = load_model("tiny", seed=0)
+    model.save_pretrained(tmp_path / "pretrained", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "pretrained")
+    ledger = train(tiny_config(tmp_path, model=str(tmp_path / "pretrained"), max_steps=2, threads=1))
+    metrics = ledger["metrics"]
+    assert metrics["forgetting_kl"] > 0 and metrics["forgetting_prompts"] == 40
+    assert 0 <= metrics["general_accuracy"] <= 1 and metrics["general_questions"] == 40
+    off = train(tiny_config(tmp_path, model=str(tmp_path / "pretrained"), max_steps=1, name="off", forgetting=False,
+                            threads=1))
+    assert "forgetting_kl" not in off["metrics"]
+
+
+# --------------------------------------------------------------------------- sweep and forgetting, end to end
+
+@pytest.fixture(scope="module")
+def shared_runs(tmp_path_factory):
+    """The quick sweep's runs; the quick forgetting analysis reuses its full and LoRA runs."""
+    root = tmp_path_factory.mktemp("analyses")
+    sweep = sweep_lora_rank(out=root / "sweep", quick=True, runs_dir=str(root / "runs"))
+    return root, sweep
+
+
+def test_sweep_gaps_are_recomputed_from_the_run_ledgers(shared_runs):
+    root, sweep = shared_runs
+    arms = sweep["arms"]
+    assert sorted(arms) == ["full", "lora-r1", "lora-r2", "lora-r4"]
+    full = json.loads((root / "runs" / arms["full"]["run"].split("/")[-1] / "ledger.json").read_text())
+    for label, arm in arms.items():
+        ledger = json.loads((root / "runs" / arm["run"].split("/")[-1] / "ledger.json").read_text())
+        expected = (ledger["metrics"]["eval_loss"] - full["metrics"]["eval_loss"]) / full["metrics"]["eval_loss"]
+        assert arm["loss_gap"]["value"] == pytest.approx(expected)
+        assert arm["params_trainable"]["value"] == ledger["costs"]["params_trainable"]["value"]
+    # LoRA trains 2 x r x (fan_in + fan_out) per target matrix: parameters grow linearly with r
+    p = [arms[f"lora-r{r}"]["params_trainable"]["value"] for r in (1, 2, 4)]
+    assert p[1] == 2 * p[0] and p[2] == 4 * p[0]
+    for f in ("results.json", "section.json", "lora_rank_quality.png", "lora_rank_cost.png"):
+        assert (root / "sweep" / f).is_file()
+
+
+def test_forgetting_reuses_runs_and_alpha_one_reproduces_the_runs_eval_loss(shared_runs):
+    root, sweep = shared_runs
+    before = {p.name for p in (root / "runs").iterdir() if p.is_dir()}
+    results = analyze_forgetting(out=root / "forgetting", quick=True, runs_dir=str(root / "runs"))
+    after = {p.name for p in (root / "runs").iterdir() if p.is_dir()}
+    assert len(after - before) == 1 and next(iter(after - before)).startswith("support-freeze-")  # only freeze trained
+    assert results["arms"]["full"]["run"] == sweep["arms"]["full"]["run"]
+    for label, arm in results["arms"].items():
+        ledger = json.loads((root / "runs" / arm["run"].split("/")[-1] / "ledger.json").read_text())
+        alphas = dict(arm["alpha_path"])
+        assert alphas[0.0] == pytest.approx(results["base"]["eval_loss"]["value"])
+        # W_base + 1.0 * dW (LoRA merged) scored by this module == the loop's own held-out loss of the run
+        assert alphas[1.0] == pytest.approx(ledger["metrics"]["eval_loss"], rel=1e-4)
+        if arm["matched"]:
+            assert arm["matched"]["eval_loss"] == pytest.approx(results["target_eval_loss"]["value"], rel=0.02)
+    assert (root / "forgetting" / "forgetting_at_equal_quality.png").is_file()
+
+
+# --------------------------------------------------------------------------- convergence
+
+def test_power_law_fit_recovers_a_known_law_and_extrapolates_it():
+    steps = list(range(5, 30))
+    fit = power_law_fit(steps, [3.0 * t ** -0.5 for t in steps])
+    assert fit["b"] == pytest.approx(-0.5) and math.exp(fit["log_a"]) == pytest.approx(3.0) and fit["r2"] > 0.999
+    assert extrapolate(fit, 0.3) == pytest.approx(100.0)  # 3 / sqrt(100) = 0.3
+    assert extrapolate(power_law_fit(steps, [1.0 + 0 * t for t in steps]), 0.5) is None  # flat: no extrapolation
+    assert steps_to([5.0, 4.0, 3.0, 2.0], 3.0) == 3 and steps_to([5.0, 4.0], 1.0) is None
+
+
+def test_convergence_quick_reports_measured_or_estimated_steps(tmp_path):
+    results = analyze_convergence(out=tmp_path / "conv", quick=True, runs_dir=str(tmp_path / "runs"))
+    pre = results["arms"]["pretrained"]
+    assert pre["reached_at_step"] is not None and pre["steps_to_target"]["how"] == "measured"
+    scr = results["arms"]["scratch"]
+    assert scr["steps_to_target"]["how"] == ("measured" if scr["reached_at_step"] else "estimate")
+    # FLOPs per step: the same formula for both arms (same architecture, same batches)
+    assert pre["flops"] == pytest.approx(scr["flops"])
+    assert (tmp_path / "conv" / "convergence.png").is_file()
+
+
+# --------------------------------------------------------------------------- knowledge
+
+def test_bm25_finds_a_planted_fact_and_most_shipped_facts():
+    facts = fictional_facts()
+    docs = [f["statement"] for f in facts] + ["The Zorblax 9000 toaster weighs 17 kg."]
+    retriever = Retriever(docs)
+    assert retriever.top("How heavy is the Zorblax 9000?", 1) == [len(docs) - 1]
+    questions = [(i, qn) for i, f in enumerate(facts) for qn in f["questions"]]
+    hits = sum(i in retriever.top(qn, 3) for i, qn in questions)
+    assert hits / len(questions) >= 0.9
+
+
+def test_fact_answers_are_checked_leniently_and_training_text_differs_from_questions():
+    fact = next(f for f in fictional_facts() if f["answer"] == "$1,340")
+    assert correct(fact, "It costs 1340 dollars.") and correct(fact, "$1,340") and not correct(fact, "$1,430")
+    train, evals = fact_records(fictional_facts())
+    assert len(evals) == 2 * len(train)
+    asked = {r["messages"][0]["content"] for r in evals}
+    assert not asked & {r["messages"][0]["content"] for r in train}
+    assert tokenize_words("Costs $1,340.") == ["costs", "$1,340"]
+
+
+def test_knowledge_quick_runs_all_three_arms(tmp_path):
+    results = analyze_knowledge(out=tmp_path / "k", quick=True, runs_dir=str(tmp_path / "runs"))
+    arms = results["arms"]
+    assert set(arms) == {"closed_book", "fine_tuned", "retrieval"}
+    assert arms["retrieval"]["mean_prompt_tokens"]["value"] > arms["closed_book"]["mean_prompt_tokens"]["value"]
+    facts = fictional_facts()[:results["facts"]]  # independent: the hit rate recomputed with a fresh index
+    retriever = Retriever([f["statement"] for f in facts])
+    hits = [i in retriever.top(qn, results["k"]) for i, f in enumerate(facts) for qn in f["questions"]]
+    assert arms["retrieval"]["retrieval_hit_rate"]["value"] == pytest.approx(sum(hits) / len(hits))
+    assert results["break_even_queries"]["value"] == pytest.approx(
+        arms["fine_tuned"]["training_flops"]["value"] / arms["retrieval"]["extra_flops_per_query"]["value"])
+
+
+# --------------------------------------------------------------------------- probes
+
+def test_probe_reads_a_planted_linear_feature_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(400, 32, generator=g), torch.randn(200, 32, generator=g)
+    y, yt = (x[:, 5] > 0).long(), (xt[:, 5] > 0).long()
+    x[:, 5] += (2 * y - 1) * 0.5
+    xt[:, 5] += (2 * yt - 1) * 0.5
+    assert fit_probe(x, y, xt, yt)["test_accuracy"] >= 0.98
+    noise = torch.randint(0, 2, (200,), generator=g)
+    assert fit_probe(x, y, xt, noise)["test_accuracy"] < 0.65  # labels unrelated to the features
+    assert majority_rate(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1, 1])) == 0.25
+
+
+def test_agreement_items_are_balanced_and_test_heads_are_unseen():
+    train, test = agreement_items()
+    head = lambda text: text.split()[1]  # noqa: E731
+    assert not {head(t) for t, _ in train} & {head(t) for t, _ in test}
+    assert sum(y for _, y in train) * 2 == len(train)
+    assert all(re.fullmatch(r"The \w+ [\w ]+ the \w+", t) for t, _ in train[:20])
+
+
+def test_probe_quick_writes_accuracy_per_layer(tmp_path):
+    results = analyze_probe(out=tmp_path / "p", quick=True)
+    for prop, r in results["models"]["pretrained"].items():
+        assert len(r["test_accuracy"]) == 3  # embeddings + 2 blocks of the tiny model
+        assert all(0 <= a <= 1 for a in r["test_accuracy"])
+    assert (tmp_path / "p" / "probe_layers.png").is_file()
+
+
+# --------------------------------------------------------------------------- report
+
+def test_report_gathers_every_section_with_embedded_charts(tmp_path):
+    from tunegap.analysis.common import figure, save_figure
+    from tunegap.report import Section, Verdict
+
+    root = tmp_path / "results"
+    for name, order in (("late", 60), ("early", 20)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        fig = figure(2, 2)
+        fig.add_subplot(1, 1, 1).plot([1, 2], [3, 4])
+        Section(f"{name} section", [Verdict(f"{name} claim", "1 s (measured)", True)], f"- {name} body",
+                [save_figure(fig, folder / f"{name}.png")], order=order).save(folder)
+    (root / "evil").mkdir()
+    Section("Injected", [Verdict("x <script>alert(1)</script>", "1", None)], "<img src=x onerror=alert(1)>",
+            [], order=99).save(root / "evil")
+    path, sections = write_gathered_report(root)
+    page = path.read_text()
+    assert [s.title for s in sections] == ["early section", "late section", "Injected"]
+    assert page.count("data:image/png;base64,") == 2
+    assert "<script>" not in page and "&lt;script&gt;" in page and "<img src=x" not in page
+    md = (root / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert links == ["early/early.png", "late/late.png"] and all((root / link).is_file() for link in links)
+    assert not (root / "section.json").exists()  # gathering again must not find the report itself
+    assert len(gather_sections(root)) == 3
+
+
+def test_markdown_lists_and_headings():
+    html = markdown_to_html("# Title\n\n- one **bold**\n- two\n\ntext `x<y`")
+    assert "<ul><li>one <strong>bold</strong></li><li>two</li></ul>" in html
+    assert "<code>x&lt;y</code>" in html and "<h3>Title</h3>" in html
+
+
+# --------------------------------------------------------------------------- CLI and run reuse
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from tunegap.cli import main
+
+    assert main(["analyze", "rank", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a finished tunegap run" in err
+    assert main(["sweep", "lora-rank", "--ranks", "4,x", "--out", str(tmp_path / "o")]) == 2
+    assert "--ranks" in capsys.readouterr().err
+
+
+def test_settings_hash_ignores_names_and_folders_only():
+    from tunegap.config import TrainConfig
+
+    a = TrainConfig(model="tiny", name="a", runs_dir="x", threads=1)
+    assert settings_hash(a) == settings_hash(TrainConfig(model="tiny", name="b", runs_dir="y", threads=2))
+    assert settings_hash(a) != settings_hash(TrainConfig(model="tiny", rank=4))

@@ -1,0 +1,159 @@
+"""Evidence for the essay's mechanisms: one analysis per reason or caveat, each a command, a results.json,
+PNG charts and a report section (`tunegap report` gathers them).
+
+    tunegap analyze rank RUN          is a full fine-tune's update low-rank?            (reason 2)
+    tunegap sweep lora-rank           quality and cost against LoRA rank                (reason 2)
+    tunegap analyze convergence       pretrained vs random start, same architecture     (reason 3)
+    tunegap analyze probe             what the frozen layers already encode             (reason 1)
+    tunegap analyze forgetting        does LoRA forget less, at equal task quality?     (caveat 2)
+    tunegap analyze knowledge         new facts: fine-tuning vs retrieval               (caveat 1)
+
+Defaults run on the default model within about ten minutes each on a free 2-core CPU; `--quick` runs the same
+code on a tiny random model in seconds (that is what the tests do; its numbers say nothing about LLMs).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(p, name: str, *, trains: bool = True) -> None:
+    p.add_argument("--out", default=f"results/{name}", help="folder for results.json, charts and section.json")
+    if trains:
+        p.add_argument("--quick", action="store_true", help="a tiny random model and a few steps (seconds; for tests)")
+        p.add_argument("--model", default="smollm2-135m")
+        p.add_argument("--runs-dir", default="runs", help="where the training runs go (reused when settings match)")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def _done(results: dict, out) -> int:
+    label = {True: "supported", False: "NOT supported", None: "inconclusive"}
+    for v in results.get("verdicts", []):
+        print(f"  [{label[v['supported']]}] {v['claim']} Measured: {v['measured']}")
+    print(f"tunegap: wrote {out}/results.json, section.json and charts ({results['wall_seconds']['value']:.0f} s, "
+          "measured); `tunegap report` gathers them")
+    return 0
+
+
+def cmd_rank(args) -> int:
+    from .rank import analyze_rank
+
+    out = args.out
+    return _done(analyze_rank(args.run, out=out, max_rank=args.max_rank,
+                              include_embeddings=args.embeddings), out)
+
+
+def cmd_sweep(args) -> int:
+    from .common import parse_ints
+    from .sweep import sweep_lora_rank
+
+    ranks = parse_ints(args.ranks, "--ranks")
+    return _done(sweep_lora_rank(out=args.out, ranks=ranks, model=args.model, steps=args.steps, lr=args.lr,
+                                 full_lr=args.full_lr, runs_dir=args.runs_dir, quick=args.quick,
+                                 generate_examples=args.generate_examples, progress=args.progress), args.out)
+
+
+def cmd_forgetting(args) -> int:
+    from .common import parse_ints
+    from .forgetting import analyze_forgetting
+
+    return _done(analyze_forgetting(out=args.out, model=args.model, steps=args.steps,
+                                    ranks=parse_ints(args.ranks, "--ranks"), full_lr=args.full_lr,
+                                    freeze_lr=args.freeze_lr, runs_dir=args.runs_dir, quick=args.quick,
+                                    progress=args.progress), args.out)
+
+
+def cmd_convergence(args) -> int:
+    from .convergence import analyze_convergence
+
+    return _done(analyze_convergence(out=args.out, model=args.model, steps=args.steps, lr_pretrained=args.lr,
+                                     lr_scratch=args.scratch_lr, target_loss=args.target_loss,
+                                     runs_dir=args.runs_dir, quick=args.quick, progress=args.progress), args.out)
+
+
+def cmd_knowledge(args) -> int:
+    from .knowledge import analyze_knowledge
+
+    return _done(analyze_knowledge(out=args.out, model=args.model, method=args.method, rank=args.rank,
+                                   epochs=args.epochs, lr=args.lr, k=args.k, runs_dir=args.runs_dir,
+                                   quick=args.quick, progress=args.progress), args.out)
+
+
+def cmd_probe(args) -> int:
+    from .probe import analyze_probe
+
+    return _done(analyze_probe(out=args.out, model=args.model, n=args.examples, control=args.control,
+                               quick=args.quick), args.out)
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def add_parser(subparsers) -> None:
+    """Register `analyze ...`, `sweep lora-rank` and `report` (tunegap.cli calls this)."""
+    from .. import report
+
+    analyze = subparsers.add_parser("analyze", help="measure one of the essay's mechanisms (rank, convergence, "
+                                                    "forgetting, knowledge, probe)")
+    sub = analyze.add_subparsers(dest="analysis", required=True)
+
+    p = sub.add_parser("rank", help="singular-value spectrum of a full fine-tune's update, per matrix")
+    p.add_argument("run", help="a finished full (or freeze) fine-tune's run folder")
+    p.add_argument("--max-rank", type=_positive(int), default=64, help="energy kept by rank 1..R approximations")
+    p.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="include the embedding matrix (49152 x 576 on the default model)")
+    _common(p, "rank", trains=False)
+    p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("convergence", help="loss vs steps and FLOPs from random vs pretrained weights")
+    _common(p, "convergence")
+    p.add_argument("--steps", type=_positive(int), default=30, help="optimizer steps per arm")
+    p.add_argument("--lr", type=_positive(float), default=5e-5, help="learning rate from pretrained weights")
+    p.add_argument("--scratch-lr", type=_positive(float), default=1e-3, help="learning rate from random weights")
+    p.add_argument("--target-loss", type=float, default=0.0,
+                   help="training loss to reach (0 = what the pretrained arm reaches in the budget)")
+    p.set_defaults(func=cmd_convergence)
+
+    p = sub.add_parser("forgetting", help="KL drift and general accuracy of full, LoRA and freeze at equal quality")
+    _common(p, "forgetting")
+    p.add_argument("--steps", type=_positive(int), default=16, help="optimizer steps per run")
+    p.add_argument("--ranks", default="2,8,64", help="LoRA ranks, comma-separated")
+    p.add_argument("--full-lr", type=_positive(float), default=5e-5)
+    p.add_argument("--freeze-lr", type=_positive(float), default=1e-4)
+    p.set_defaults(func=cmd_forgetting)
+
+    p = sub.add_parser("knowledge", help="fictional facts: fine-tuning vs BM25 retrieval")
+    _common(p, "knowledge")
+    p.add_argument("--method", default="lora", choices=("lora", "full"))
+    p.add_argument("--rank", type=_positive(int), default=16)
+    p.add_argument("--epochs", type=_positive(float), default=10.0)
+    p.add_argument("--lr", type=_positive(float), default=1e-3)
+    p.add_argument("--k", type=_positive(int), default=3, help="retrieved statements per question")
+    p.set_defaults(func=cmd_knowledge)
+
+    p = sub.add_parser("probe", help="linear probes on every layer of the frozen model")
+    _common(p, "probe")
+    p.add_argument("--examples", type=_positive(int), default=100, help="test examples per class-balanced property")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                   help="also probe the same architecture with random weights")
+    p.set_defaults(func=cmd_probe)
+
+    sweep = subparsers.add_parser("sweep", help="sweep a setting through the training loop")
+    ssub = sweep.add_subparsers(dest="sweep", required=True)
+    p = ssub.add_parser("lora-rank", help="task quality, held-out loss and cost vs LoRA rank, full FT as reference")
+    _common(p, "sweep-lora-rank")
+    p.add_argument("--ranks", default="1,2,4,8,16,64")
+    p.add_argument("--steps", type=_positive(int), default=16, help="optimizer steps per run")
+    p.add_argument("--lr", type=_positive(float), default=2e-4, help="LoRA learning rate")
+    p.add_argument("--full-lr", type=_positive(float), default=5e-5, help="full fine-tuning learning rate")
+    p.add_argument("--generate-examples", type=int, default=16, help="held-out tickets generated per run (0 = none)")
+    p.set_defaults(func=cmd_sweep)
+
+    report.add_parser(subparsers)

@@ -1,0 +1,223 @@
+"""What every analysis shares: its output folder, training through the one loop, loading a run's weights, charts.
+
+An analysis writes `<out>/results.json` (every number with its unit and how it was obtained), PNG charts and
+`<out>/section.json` (a `tunegap.report.Section`), so `tunegap report` can gather it with the others.
+Analyses that train go through `tunegap.train.train` and name each run after a hash of its settings, so a
+second analysis asking for the same run (the rank sweep's full fine-tune and the forgetting analysis's, say)
+reuses it instead of training it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+from ..config import ConfigError, TrainConfig
+
+# Report order: the gap experiment (a Section's default order, 50) first, then the essay's reasons in its order
+# (representations, low rank, optimisation), then its caveats (forgetting, knowledge).
+ORDER = {"probe": 60, "rank": 70, "sweep": 75, "convergence": 80, "forgetting": 90, "knowledge": 95}
+QUICK_MODEL = "tiny"  # --quick: a 2-layer random Llama; numbers exercise the code, they say nothing about LLMs
+IGNORED_FIELDS = ("resume", "progress", "name", "runs_dir", "threads")
+
+
+class AnalysisError(ConfigError):
+    """Input an analysis cannot use (a run without saved weights, an unknown rank list...): one line."""
+
+
+def q(value, unit: str, how: str) -> dict:
+    """A number as the ledger writes it: value, unit, and measured | formula | estimate."""
+    return {"value": value, "unit": unit, "how": how}
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise AnalysisError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise AnalysisError(f"{what}: expected positive integers, got {text!r}")
+    return values
+
+
+# --------------------------------------------------------------------------- training through the one loop
+
+def settings_hash(config: TrainConfig) -> str:
+    """Hash of the settings that change a run's result (name, folder, threads, progress bar excluded)."""
+    values = {k: v for k, v in sorted(config.to_dict().items()) if k not in IGNORED_FIELDS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_or_reuse(config: TrainConfig, prefix: str) -> tuple[Path, dict]:
+    """Train `config` as run `<prefix>-<hash>`, or return the finished run of the same settings.
+
+    A half-finished run of the same settings (killed) resumes from its newest checkpoint.
+    """
+    from dataclasses import replace
+
+    from ..runs import run_folder
+    from ..train import train
+
+    name = f"{prefix}-{settings_hash(config)}"
+    folder = run_folder(config.runs_dir, name)
+    ledger_path = folder / "ledger.json"
+    if ledger_path.is_file():
+        ledger = json.loads(ledger_path.read_text())
+        if ledger.get("status") == "completed":
+            print(f"tunegap: reusing finished run {folder} (same settings)", flush=True)
+            return folder, ledger
+    resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step-*"))
+    ledger = train(replace(config, name=name, resume=resume))
+    return folder, ledger
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    from ..io import read_jsonl
+
+    return read_jsonl(Path(folder) / "metrics.jsonl")
+
+
+def train_curve(folder: Path) -> list[dict]:
+    """Per-step rows (step, loss, cumulative FLOPs) of a run, in step order, without the eval-only rows."""
+    rows = [r for r in read_metrics(folder) if "loss" in r]
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def ema(values: list[float], beta: float = 0.8) -> list[float]:
+    """Bias-corrected exponential moving average (Kingma & Ba 2015's correction): noisy step losses, smoothed."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+# --------------------------------------------------------------------------- a run's weights
+
+def load_run(folder: str | Path) -> tuple[Path, dict]:
+    folder = Path(folder)
+    path = folder / "ledger.json"
+    if not path.is_file():
+        raise AnalysisError(f"{folder}: not a finished tunegap run (no ledger.json)")
+    ledger = json.loads(path.read_text())
+    if ledger.get("status") != "completed":
+        raise AnalysisError(f"{folder}: run status is {ledger.get('status')!r}, not 'completed'")
+    return folder, ledger
+
+
+def load_base(config: dict):
+    """The model a run started from: same name, init and seed (a random preset is redrawn identically)."""
+    from ..models import load_model
+
+    return load_model(config["model"], init=config.get("init", "pretrained"), seed=config.get("seed", 0))
+
+
+def tuned_model(folder: Path, config: dict):
+    """The run's trained model as a plain transformers model: LoRA/IA3 adapters merged, full/freeze weights loaded."""
+    from ..models import load_model
+
+    if (folder / "adapter").is_dir():
+        from peft import PeftModel
+
+        base, tokenizer = load_base(config)
+        model = PeftModel.from_pretrained(base, folder / "adapter")
+        return model.merge_and_unload(), tokenizer
+    if (folder / "model").is_dir():
+        return load_model(str(folder / "model"))
+    raise AnalysisError(f"{folder}: no saved adapter/ or model/ (the bottleneck adapter cannot be merged)")
+
+
+def weight_delta(base, tuned) -> dict:
+    """name -> W_tuned - W_base for every parameter of the same name and shape (fp32)."""
+    base_sd = base.state_dict()
+    deltas = {}
+    for name, w in tuned.state_dict().items():
+        b = base_sd.get(name)
+        if b is not None and b.shape == w.shape and w.is_floating_point():
+            deltas[name] = w.float() - b.float()
+    return deltas
+
+
+def interpolate_(model, base_sd: dict, delta: dict, alpha: float) -> None:
+    """Set the model's weights to W_base + alpha * (W_tuned - W_base) in place (WiSE-FT, Wortsman et al. 2022)."""
+    import torch
+
+    params = model.state_dict()
+    with torch.no_grad():
+        for name, d in delta.items():
+            params[name].copy_(base_sd[name].float() + alpha * d)
+
+
+# --------------------------------------------------------------------------- outputs
+
+def figure(width: float = 7.5, height: float = 4.5):
+    """A matplotlib Figure on the Agg canvas: no display, no global pyplot state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return path
+
+
+def write_outputs(out: Path, results: dict, section) -> None:
+    """results.json and section.json, atomically (a reader never sees half a file)."""
+    from ..io import atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = {**results, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(out / "results.json", results)
+    section.save(out)
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:,.{digits}g}"
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def quick_aware(fn):
+    """Run an analysis under `quick_threads(quick=...)`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with quick_threads(bool(kwargs.get("quick", False))):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def quick_threads(quick: bool):
+    """One torch thread for --quick: a 2-layer d=64 model is too small to split, and on a busy machine thread
+    synchronisation made tiny forward passes ~10-50x slower (measured on the 2-core dev box); restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if quick:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,288 @@
+"""`tunegap analyze rank RUN`: is the update of a full fine-tune low-rank, and where is it not?
+
+LoRA (Hu et al. 2021) *constrains* the update to rank r and finds little lost; that does not show a full
+fine-tune, left free, would have moved only a few directions (the essay's own caveat). This measures it: for
+every weight matrix of a finished full (or freeze) run, dW = W_tuned - W_base and its singular values s_i, and
+  * effective rank, exp(H(p)) with p_i = s_i / sum(s) (Roy & Vetterli 2007, Def. 1): k for k equal singular
+    values, 1 for a rank-1 matrix, below the matrix rank when a few directions dominate;
+  * r90 / r99: the smallest rank whose best approximation keeps 90% / 99% of ||dW||_F^2;
+  * energy(r) = sum_{i<=r} s_i^2 / sum s_i^2, the share the best rank-r approximation keeps (Eckart & Young
+    1936), for r = 1..64: what a LoRA of rank r could at best express of this update;
+each compared with a Gaussian matrix of the same shape and norm (no structure: its spectrum follows the
+Marchenko-Pastur law, so energy(r) grows roughly like r / min(m, n)).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from .common import (AnalysisError, ORDER, load_base, load_run, md_table, q, save_figure, figure,
+                     tuned_model, write_outputs)
+
+MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+                "down_proj": "down"}
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def spectrum(delta):
+    """Singular values of a matrix, in float64 (descending)."""
+    import torch
+
+    return torch.linalg.svdvals(delta.double())
+
+
+def effective_rank(s) -> float:
+    """Roy & Vetterli (2007): exp of the Shannon entropy of the singular values normalised to sum 1."""
+    import torch
+
+    s = s[s > 0]
+    if s.numel() == 0:
+        return 0.0
+    p = s / s.sum()
+    return float(torch.exp(-(p * torch.log(p)).sum()))
+
+
+def energy_curve(s, max_rank: int) -> list[float]:
+    """energy(r) for r = 1..max_rank: share of ||dW||_F^2 the best rank-r approximation keeps (Eckart-Young)."""
+    e = s.double() ** 2
+    total = float(e.sum())
+    if total == 0:
+        return [1.0] * max_rank
+    cum = (e.cumsum(0) / total).tolist()
+    return [cum[min(r, len(cum)) - 1] for r in range(1, max_rank + 1)]
+
+
+def rank_for(s, share: float) -> int:
+    """Smallest r whose best rank-r approximation keeps `share` of the squared Frobenius norm."""
+    e = s.double() ** 2
+    total = float(e.sum())
+    if total == 0:
+        return 0
+    cum = (e.cumsum(0) / total).tolist()
+    return next(i + 1 for i, c in enumerate(cum) if c >= share - 1e-12)
+
+
+def matrix_stats(delta, max_rank: int, weight=None) -> dict:
+    s = spectrum(delta)
+    m, n = delta.shape
+    return {"shape": [m, n], "max_rank": min(m, n), "norm": float(s.pow(2).sum().sqrt()),
+            "relative_norm": (float(s.pow(2).sum().sqrt() / weight.double().norm()) if weight is not None else None),
+            "effective_rank": effective_rank(s), "r90": rank_for(s, 0.90), "r99": rank_for(s, 0.99),
+            "energy": energy_curve(s, max_rank), "singular_values": [float(x) for x in s[:max_rank]]}
+
+
+def random_reference(shape: tuple[int, int], max_rank: int, seed: int = 0) -> dict:
+    """The same statistics for a Gaussian matrix of this shape (norm does not change any of them)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 7919 * shape[0] + shape[1])
+    return matrix_stats(torch.randn(*shape, generator=g, dtype=torch.float64), max_rank)
+
+
+def classify(name: str) -> tuple[str, int | None] | None:
+    """('q'|'k'|...|'embed'|'head', layer) for a weight matrix name, None for norms and biases."""
+    if not name.endswith(".weight"):
+        return None
+    layer = _LAYER.search(name)
+    for key, short in MATRIX_TYPES.items():
+        if f".{key}." in name:
+            return short, int(layer.group(1)) if layer else None
+    if "embed_tokens" in name:
+        return "embed", None
+    if "lm_head" in name:
+        return "head", None
+    return None
+
+
+def analyze_rank(run: str | Path, *, out: str | Path, max_rank: int = 64, include_embeddings: bool = True,
+                 seed: int = 0) -> dict:
+    """Spectra of every matrix's update in a finished run, per layer and per type, against random matrices."""
+    started = time.perf_counter()
+    folder, ledger = load_run(run)
+    config = ledger["config"]
+    if (folder / "adapter").is_dir():
+        raise AnalysisError(f"{folder}: a {config['method']} run; its update has rank <= r by construction. "
+                            "Point this at a full fine-tune (method full) to ask whether the free update is low-rank")
+    base, _ = load_base(config)
+    tuned, _ = tuned_model(folder, config)
+    base_sd, tuned_sd = base.state_dict(), tuned.state_dict()
+    matrices, refs = [], {}
+    seen = set()
+    for name, w in tuned_sd.items():
+        kind = classify(name)
+        if kind is None or name not in base_sd or w.dim() != 2:
+            continue
+        if kind[0] in ("embed", "head") and not include_embeddings:
+            continue
+        b = base_sd[name]
+        if b.data_ptr() in seen:  # a tied head is the embedding matrix: count it once
+            continue
+        seen.add(b.data_ptr())
+        delta = w.double() - b.double()
+        if float(delta.abs().max()) == 0.0:
+            matrices.append({"name": name, "type": kind[0], "layer": kind[1], "unchanged": True})
+            continue
+        stats = matrix_stats(delta, max_rank, b)
+        key = tuple(delta.shape)
+        if key not in refs:
+            refs[key] = random_reference(key, max_rank, seed)
+        matrices.append({"name": name, "type": kind[0], "layer": kind[1], "unchanged": False, **stats,
+                         "random": {k: refs[key][k] for k in ("effective_rank", "r90", "r99", "energy")}})
+    changed = [m for m in matrices if not m["unchanged"]]
+    if not changed:
+        raise AnalysisError(f"{folder}: no weight matrix changed; nothing to analyse")
+    by_type = _aggregate(changed, lambda m: m["type"])
+    by_layer = _aggregate([m for m in changed if m["layer"] is not None], lambda m: m["layer"])
+    overall = _aggregate(changed, lambda m: "all")["all"]
+    results = {
+        "analysis": "rank", "run": str(folder), "model": config["model"], "method": config["method"],
+        "steps": ledger["costs"]["optimizer_steps"]["value"], "lr": config.get("lr"), "max_rank": max_rank,
+        "how": "measured (singular values of W_tuned - W_base, float64)",
+        "overall": overall, "by_type": by_type, "by_layer": {str(k): v for k, v in sorted(by_layer.items())},
+        "matrices": [{k: v for k, v in m.items() if k != "singular_values"} for m in matrices],
+        "wall_seconds": q(time.perf_counter() - started, "s", "measured"),
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = [_plot_energy(by_type, overall, max_rank, out / "rank_energy.png"),
+              _plot_layers(changed, out / "rank_by_layer.png"),
+              _plot_spectra(changed, out / "rank_spectra.png")]
+    section = rank_section(results, images)
+    results["verdicts"] = [v.__dict__ for v in section.verdicts]
+    write_outputs(out, results, section)
+    return results
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
+
+
+def _aggregate(matrices: list[dict], key) -> dict:
+    groups: dict = {}
+    for m in matrices:
+        groups.setdefault(key(m), []).append(m)
+    out = {}
+    for k, ms in groups.items():
+        r = len(ms[0]["energy"])
+        out[k] = {
+            "matrices": len(ms),
+            "median_effective_rank": _median([m["effective_rank"] for m in ms]),
+            "median_effective_rank_random": _median([m["random"]["effective_rank"] for m in ms]),
+            "median_r90": _median([m["r90"] for m in ms]), "median_r99": _median([m["r99"] for m in ms]),
+            "median_r90_random": _median([m["random"]["r90"] for m in ms]),
+            "median_r90_fraction": _median([m["r90"] / m["max_rank"] for m in ms]),
+            "median_max_rank": _median([m["max_rank"] for m in ms]),
+            "mean_energy": [sum(m["energy"][i] for m in ms) / len(ms) for i in range(r)],
+            "mean_energy_random": [sum(m["random"]["energy"][i] for m in ms) / len(ms) for i in range(r)],
+            "median_relative_norm": _median([m["relative_norm"] for m in ms if m["relative_norm"] is not None]
+                                            or [0.0]),
+        }
+    return out
+
+
+def _plot_energy(by_type: dict, overall: dict, max_rank: int, path: Path) -> Path:
+    fig = figure(7.5, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    r = list(range(1, max_rank + 1))
+    for t, agg in by_type.items():
+        ax.plot(r, agg["mean_energy"], label=f"{t} ({agg['matrices']})")
+    ax.plot(r, overall["mean_energy_random"], color="black", linestyle="--", label="random Gaussian, same shapes")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("rank r of the best approximation")
+    ax.set_ylabel("share of ||dW||_F^2 kept (measured)")
+    ax.set_title("How much of the full fine-tune's update a rank-r matrix can hold", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)
+
+
+def _plot_layers(matrices: list[dict], path: Path) -> Path:
+    fig = figure(9, 4.2)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    types = sorted({m["type"] for m in matrices if m["layer"] is not None}, key=list(MATRIX_TYPES.values()).index)
+    for t in types:
+        ms = sorted((m for m in matrices if m["type"] == t and m["layer"] is not None), key=lambda m: m["layer"])
+        ax1.plot([m["layer"] for m in ms], [m["effective_rank"] / m["random"]["effective_rank"] for m in ms],
+                 marker=".", label=t)
+        ax2.plot([m["layer"] for m in ms], [m["r90"] / m["max_rank"] for m in ms], marker=".", label=t)
+    ax1.set_ylabel("effective rank / random's (measured)")
+    ax2.set_ylabel("r90 / min(m, n) (measured)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("layer")
+        ax.set_ylim(bottom=0)
+    ax1.legend(fontsize=7, ncol=2)
+    fig.suptitle("Where the update is low-rank: per layer and matrix type (1.0 = as spread as noise)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def _plot_spectra(matrices: list[dict], path: Path) -> Path:
+    fig = figure(7.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    biggest = sorted(matrices, key=lambda m: -m["norm"])[:6]
+    for m in biggest:
+        s = m["singular_values"]
+        ax.plot(range(1, len(s) + 1), [x / s[0] for x in s], label=m["name"].replace("model.", "")[:40])
+    ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.set_ylabel("s_i / s_1 (measured)")
+    ax.set_title("Normalised singular values of the six largest updates", fontsize=10)
+    ax.legend(fontsize=6)
+    return save_figure(fig, path)
+
+
+def rank_section(results: dict, images: list[Path]):
+    from ..report import Section, Verdict
+
+    overall, by_type = results["overall"], results["by_type"]
+    e, er = overall["mean_energy"], overall["mean_energy_random"]
+    r_hi, r8 = min(64, len(e)), min(8, len(e)) - 1
+    frac = overall["median_r90_fraction"]
+    supported = True if frac <= 0.25 else False if frac >= 0.5 else None
+    measured = (f"median r90 = {overall['median_r90']:.0f} of {overall['median_max_rank']:.0f} "
+                f"({100 * frac:.0f}% of full rank; Gaussian noise: {overall['median_r90_random']:.0f}); "
+                f"rank 8 keeps {100 * e[r8]:.0f}% of ||dW||^2 (noise {100 * er[r8]:.0f}%), "
+                f"rank {r_hi} keeps {100 * e[r_hi - 1]:.0f}% (noise {100 * er[r_hi - 1]:.0f}%)")
+    r99 = _median([a["median_r99"] / a["median_max_rank"] for a in by_type.values()])
+    worst = sorted(by_type.items(), key=lambda kv: -kv[1]["median_r90_fraction"])
+    where = ", ".join(f"{t} (r90 {100 * a['median_r90_fraction']:.0f}% of full rank)" for t, a in worst[:3])
+    verdicts = [
+        Verdict("A full fine-tune's update is low-rank (the intrinsic-rank hypothesis behind LoRA).", measured,
+                supported, "supported if the median matrix needs <= 25% of its rank for 90% of ||dW||^2, not if >= 50%;"
+                f" the last 1% is not low-rank (median r99 = {100 * r99:.0f}% of full rank)"),
+        Verdict("The update is far more concentrated than an unstructured matrix.",
+                f"median effective rank {overall['median_effective_rank']:.1f} vs "
+                f"{overall['median_effective_rank_random']:.1f} for Gaussian noise of the same shapes; the top "
+                f"direction alone holds {100 * e[0]:.1f}% vs {100 * er[0]:.1f}%",
+                overall["median_effective_rank"] < 0.8 * overall["median_effective_rank_random"]),
+    ]
+    rows = [[t, a["matrices"], f"{a['median_effective_rank']:.1f} ({a['median_effective_rank_random']:.1f})",
+             f"{a['median_r90']:.0f} ({a['median_r90_random']:.0f})", f"{a['median_r99']:.0f}",
+             f"{a['median_max_rank']:.0f}", f"{100 * a['mean_energy'][r8]:.1f}%",
+             f"{100 * a['mean_energy'][r_hi - 1]:.1f}%", f"{a['median_relative_norm']:.2e}"]
+            for t, a in by_type.items()]
+    table = md_table(["type", "matrices", "effective rank (noise)", "r90 (noise)", "r99", "full rank",
+                      "kept by rank 8", f"kept by rank {r_hi}", "||dW|| / ||W||"], rows)
+    body = "\n".join([
+        f"Run `{results['run']}`: {results['method']} fine-tune of `{results['model']}` for {results['steps']} steps "
+        f"(lr {results['lr']}). For each weight matrix, dW = W_tuned - W_base; its singular values give the effective "
+        "rank (Roy & Vetterli 2007), r90/r99 (smallest rank keeping 90/99% of ||dW||_F^2) and the share of ||dW||^2 "
+        "the best rank-r approximation keeps (Eckart-Young). Every figure is measured; in brackets, the same for a "
+        "Gaussian matrix of equal shape (its spectrum does not depend on the norm). Medians over layers.",
+        "",
+        f"Least low-rank: {where}.",
+        "",
+        table,
+        "",
+        "What this does and does not show: the head of the spectrum is concentrated, so a rank-r LoRA could express "
+        "much of this particular update; the tail is spread like noise (AdamW normalises each coordinate of every "
+        "step, one plausible source). Whether the tail matters for quality is what the LoRA rank sweep measures.",
+    ])
+    return Section(title="Intrinsic rank of a full fine-tune", verdicts=verdicts, body_markdown=body, images=images,
+                   order=ORDER["rank"])
+
+
+__all__ = ["analyze_rank", "effective_rank", "energy_curve", "rank_for", "matrix_stats", "random_reference", "classify"]
