@@ -186,7 +186,7 @@ def forgetting_after_training(config, model, tokenizer, data_kind: str) -> dict:
         result = measure_forgetting(base, model, tokenizer, autocast=_autocast(config.precision))
     except (RuntimeError, ValueError, OSError) as err:
         return {"forgetting_error": str(err).splitlines()[0] if str(err) else type(err).__name__}
-    print(f"tunegap: forgetting: KL(base||tuned) {result['forgetting_kl']:.4g} nats/token on "
+    print(f"tunegap: forgetting: KL(base‖tuned) {result['forgetting_kl']:.4g} nats/token on "
           f"{result['forgetting_prompts']} general prompts; general accuracy {result['general_accuracy']:.3g} "
           f"(base {result['general_accuracy_base']:.3g}) (measured)", flush=True)
     return result
@@ -247,7 +247,7 @@ def _crossing(points: list[tuple[float, float]], target: float) -> float | None:
 
 
 @quick_aware
-def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: int = 16, ranks=(2, 8, 64),
+def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: int = 16, ranks=(4, 64),
                        full_lr: float = 5e-5, freeze_lr: float = 1e-4, runs_dir: str = "runs", quick: bool = False,
                        progress: bool = True) -> dict:
     """Train (or reuse) full, LoRA and freeze runs; compare their forgetting at equal held-out task loss."""
@@ -362,7 +362,7 @@ def _plot_path(arms: dict, base_loss: float, target: float, path: Path) -> Path:
     ax.axvline(target, color="grey", linestyle="--", linewidth=0.8, label="equal-quality level")
     ax.invert_xaxis()
     ax.set_xlabel("held-out task loss, nats/token (measured; better to the right)")
-    ax.set_ylabel("KL(base || tuned), nats/token (measured)")
+    ax.set_ylabel("KL(base ‖ tuned), nats/token (measured)")
     ax.set_title("Forgetting vs task quality along W_base + a*dW (a = 0, matched, 1)", fontsize=10)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
@@ -422,7 +422,7 @@ def forgetting_section(results: dict, images: list[Path]):
     body = "\n".join([
         f"Every arm trained {results['steps']} steps on the support task through the one training loop "
         f"(model `{results['model']}`{quick}). "
-        "Forgetting is KL(base || tuned) of next-token distributions over the base model's own greedy replies to "
+        "Forgetting is KL(base ‖ tuned) of next-token distributions over the base model's own greedy replies to "
         f"{n_prompts} general prompts (nats/token, measured), and "
         f"accuracy on easy general questions (the base model scores {fmt(base_acc)}).",
         "",

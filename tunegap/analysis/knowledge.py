@@ -211,7 +211,7 @@ def knowledge_section(results: dict, images: list[Path]):
                 f"{results['settings']['method']} fine-tune, {results['settings']['epochs']:g} epochs on one statement "
                 "per fact; retrieval uses the frozen base model"),
         Verdict("Fine-tuning facts in disturbs unrelated behaviour; retrieval does not.",
-                f"fine-tuned KL(base||tuned) {f['forgetting_kl']:.3g} nats/token, general accuracy "
+                f"fine-tuned KL(base‖tuned) {f['forgetting_kl']:.3g} nats/token, general accuracy "
                 f"{fmt(f['general_accuracy'])} (base {fmt(f['general_accuracy_base'])}); "
                 "retrieval 0 (weights unchanged)", f["forgetting_kl"] > 0.01 or lost_accuracy),
     ]

@@ -45,7 +45,7 @@ def effective_rank(s) -> float:
 
 
 def energy_curve(s, max_rank: int) -> list[float]:
-    """energy(r) for r = 1..max_rank: share of ||dW||_F^2 the best rank-r approximation keeps (Eckart-Young)."""
+    """energy(r) for r = 1..max_rank: share of ‖dW‖_F^2 the best rank-r approximation keeps (Eckart-Young)."""
     e = s.double() ** 2
     total = float(e.sum())
     if total == 0:
@@ -194,7 +194,7 @@ def _plot_energy(by_type: dict, overall: dict, max_rank: int, path: Path) -> Pat
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("rank r of the best approximation")
-    ax.set_ylabel("share of ||dW||_F^2 kept (measured)")
+    ax.set_ylabel("share of ‖dW‖_F^2 kept (measured)")
     ax.set_title("How much of the full fine-tune's update a rank-r matrix can hold", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     return save_figure(fig, path)
@@ -244,14 +244,14 @@ def rank_section(results: dict, images: list[Path]):
     supported = True if frac <= 0.25 else False if frac >= 0.5 else None
     measured = (f"median r90 = {overall['median_r90']:.0f} of {overall['median_max_rank']:.0f} "
                 f"({100 * frac:.0f}% of full rank; Gaussian noise: {overall['median_r90_random']:.0f}); "
-                f"rank 8 keeps {100 * e[r8]:.0f}% of ||dW||^2 (noise {100 * er[r8]:.0f}%), "
+                f"rank 8 keeps {100 * e[r8]:.0f}% of ‖dW‖^2 (noise {100 * er[r8]:.0f}%), "
                 f"rank {r_hi} keeps {100 * e[r_hi - 1]:.0f}% (noise {100 * er[r_hi - 1]:.0f}%)")
     r99 = _median([a["median_r99"] / a["median_max_rank"] for a in by_type.values()])
     worst = sorted(by_type.items(), key=lambda kv: -kv[1]["median_r90_fraction"])
     where = ", ".join(f"{t} (r90 {100 * a['median_r90_fraction']:.0f}% of full rank)" for t, a in worst[:3])
     verdicts = [
         Verdict("A full fine-tune's update is low-rank (the intrinsic-rank hypothesis behind LoRA).", measured,
-                supported, "supported if the median matrix needs <= 25% of its rank for 90% of ||dW||^2, not if >= 50%;"
+                supported, "supported if the median matrix needs <= 25% of its rank for 90% of ‖dW‖^2, not if >= 50%;"
                 f" the last 1% is not low-rank (median r99 = {100 * r99:.0f}% of full rank)"),
         Verdict("The update is far more concentrated than an unstructured matrix.",
                 f"median effective rank {overall['median_effective_rank']:.1f} vs "
@@ -265,11 +265,11 @@ def rank_section(results: dict, images: list[Path]):
              f"{100 * a['mean_energy'][r_hi - 1]:.1f}%", f"{a['median_relative_norm']:.2e}"]
             for t, a in by_type.items()]
     table = md_table(["type", "matrices", "effective rank (noise)", "r90 (noise)", "r99", "full rank",
-                      "kept by rank 8", f"kept by rank {r_hi}", "||dW|| / ||W||"], rows)
+                      "kept by rank 8", f"kept by rank {r_hi}", "‖dW‖ / ‖W‖"], rows)
     body = "\n".join([
         f"Run `{results['run']}`: {results['method']} fine-tune of `{results['model']}` for {results['steps']} steps "
         f"(lr {results['lr']}). For each weight matrix, dW = W_tuned - W_base; its singular values give the effective "
-        "rank (Roy & Vetterli 2007), r90/r99 (smallest rank keeping 90/99% of ||dW||_F^2) and the share of ||dW||^2 "
+        "rank (Roy & Vetterli 2007), r90/r99 (smallest rank keeping 90/99% of ‖dW‖_F^2) and the share of ‖dW‖^2 "
         "the best rank-r approximation keeps (Eckart-Young). Every figure is measured; in brackets, the same for a "
         "Gaussian matrix of equal shape (its spectrum does not depend on the norm). Medians over layers.",
         "",

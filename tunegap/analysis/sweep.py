@@ -16,7 +16,7 @@ from pathlib import Path
 from .common import ORDER, QUICK_MODEL, figure, fmt, md_table, q, quick_aware, run_or_reuse, save_figure, write_outputs
 from .forgetting import base_train_config
 
-DEFAULT_RANKS = (1, 2, 4, 8, 16, 64)
+DEFAULT_RANKS = (1, 4, 16, 64)
 QUALITY = "style_adherence"  # share of generated replies that follow the house style exactly (measured)
 
 
@@ -27,7 +27,7 @@ def sweep_lora_rank(*, out: str | Path, ranks=DEFAULT_RANKS, model: str = "smoll
     started = time.perf_counter()
     out = Path(out)
     if quick:
-        model, steps, ranks, full_lr, lr = QUICK_MODEL, min(steps, 3), tuple(ranks)[:3], 1e-3, 1e-3
+        model, steps, ranks, full_lr, lr = QUICK_MODEL, min(steps, 3), (1, 2, 4), 1e-3, 1e-3
     base = base_train_config(model=model, steps=steps, runs_dir=runs_dir, quick=quick, progress=progress)
     base = replace(base, lr=lr, generate_examples=base.generate_examples if quick else generate_examples)
     arms = {"full": replace(base, method="full", lr=full_lr)}
