@@ -31,6 +31,12 @@ from tunegap.train import TrainingError, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def _cfg(tmp_path, **overrides):
+    """tiny_config on one thread: on a shared 2-core machine two OpenMP threads spin-wait for each other
+    (measured: a 6-step tiny LoRA run took 15.4 s of CPU with 2 threads at load 10, 0.74 s with 1)."""
+    return tiny_config(tmp_path, **{"threads": 1, **overrides})
+
 # A tiny LoRA run with dropout (so the RNG must be restored too) and a checkpoint every 2 steps.
 KILL_RUN = ["finetune", "--model", "tiny", "--method", "lora", "--dropout", "0.1", "--data", "support",
             "--train-examples", "32", "--eval-examples", "8", "--generate-examples", "0", "--seq-len", "128",
@@ -288,7 +294,7 @@ def test_sigkill_cli_subprocesses_resume_bit_identical(tmp_path):
 def test_resaving_a_step_is_atomic_and_an_interrupted_resave_is_restored(tmp_path):
     """A finished run resumed again re-saves its last step; a kill between moving the old copy aside and
     renaming the new one in must not lose that step."""
-    train(tiny_config(tmp_path, max_steps=2, checkpoint_every=1, keep_checkpoints=1))
+    train(_cfg(tmp_path, max_steps=2, checkpoint_every=1, keep_checkpoints=1))
     checkpoints = tmp_path / "runs" / "t" / "checkpoints"
     step = ckpt.list_checkpoints(checkpoints)[-1]
     os.replace(step, checkpoints / f".{step.name}{ckpt.ASIDE}")  # the state such a kill leaves
@@ -296,18 +302,18 @@ def test_resaving_a_step_is_atomic_and_an_interrupted_resave_is_restored(tmp_pat
     assert ckpt.list_checkpoints(checkpoints) == []
     ckpt.clean_staging(checkpoints)
     assert ckpt.list_checkpoints(checkpoints) == [step] and not _debris(checkpoints.parent)
-    ledger = train(tiny_config(tmp_path, max_steps=2, checkpoint_every=1, keep_checkpoints=1, resume=True))
+    ledger = train(_cfg(tmp_path, max_steps=2, checkpoint_every=1, keep_checkpoints=1, resume=True))
     assert ledger["status"] == "completed" and ledger["costs"]["optimizer_steps"]["value"] == 2
 
 
 def test_metrics_log_after_a_kill_keeps_each_step_once(tmp_path):
     """Lines logged after the newest checkpoint (and a final-eval line) are dropped on resume, then redone."""
     common = dict(max_steps=6, checkpoint_every=2)
-    train(tiny_config(tmp_path, **common))
+    train(_cfg(tmp_path, **common))
     metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write('{"step": 7, "loss": 1.0}\n{"step": 3, "lo')  # a later step and a line torn by the kill
-    train(tiny_config(tmp_path, resume=True, **common))
+    train(_cfg(tmp_path, resume=True, **common))
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert sum(bool(r.get("final")) for r in rows) == 1
@@ -345,7 +351,7 @@ def _fault_at_step(monkeypatch, step: int, fault) -> None:
 def test_nan_loss_stops_with_last_good_checkpoint_and_ledger_event(tmp_path, monkeypatch):
     _fault_at_step(monkeypatch, 4, lambda loss: loss * float("nan"))
     with pytest.raises(TrainingError, match=r"loss became nan at step 4.*last good checkpoint"):
-        train(tiny_config(tmp_path, max_steps=8, checkpoint_every=2))
+        train(_cfg(tmp_path, max_steps=8, checkpoint_every=2))
     folder = tmp_path / "runs" / "t"
     assert [p.name for p in ckpt.list_checkpoints(folder / "checkpoints")] == ["step-000002"]
     assert_whole(folder)
@@ -353,7 +359,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_and_ledger_event(tmp_path, mon
     assert ledger["status"] == "failed: non-finite loss"
     assert any(e["event"] == "non-finite loss" and e["step"] == 4 for e in ledger["events"])
     monkeypatch.undo()  # the fault was a one-off: resuming from the good checkpoint finishes the run
-    assert train(tiny_config(tmp_path, max_steps=8, checkpoint_every=2, resume=True))["status"] == "completed"
+    assert train(_cfg(tmp_path, max_steps=8, checkpoint_every=2, resume=True))["status"] == "completed"
 
 
 def test_infinite_gradient_with_finite_loss_is_never_applied(tmp_path, monkeypatch):
@@ -361,7 +367,7 @@ def test_infinite_gradient_with_finite_loss_is_never_applied(tmp_path, monkeypat
     must stop before the update instead."""
     _fault_at_step(monkeypatch, 3, _InfGrad.apply)
     with pytest.raises(TrainingError, match=r"gradient norm became (inf|nan) at step 3.*before the update"):
-        train(tiny_config(tmp_path, max_steps=8, checkpoint_every=2))
+        train(_cfg(tmp_path, max_steps=8, checkpoint_every=2))
     folder = tmp_path / "runs" / "t"
     ledger = json.loads((folder / "ledger.json").read_text())
     assert ledger["status"] == "failed: non-finite gradient"
@@ -376,7 +382,7 @@ def test_disk_full_during_a_checkpoint_fails_cleanly_and_resume_matches(tmp_path
     """ENOSPC while writing step 4's optimizer state: the run stops with one clear line and a ledger event,
     step 2 stays whole, no temporary is left; after space is freed, --resume ends where a clean run ends."""
     common = dict(max_steps=6, checkpoint_every=2, method="lora", dropout=0.1)
-    train(tiny_config(tmp_path, name="clean", **common))
+    train(_cfg(tmp_path, name="clean", **common))
     real_save, calls = torch.save, []
 
     def full_disk(obj, f, *args, **kwargs):
@@ -388,7 +394,7 @@ def test_disk_full_during_a_checkpoint_fails_cleanly_and_resume_matches(tmp_path
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(TrainingError) as err:
-        train(tiny_config(tmp_path, name="full", **common))
+        train(_cfg(tmp_path, name="full", **common))
     message = str(err.value)
     assert "\n" not in message
     assert "could not write checkpoint step-000004: [Errno 28] No space left on device" in message
@@ -401,7 +407,7 @@ def test_disk_full_during_a_checkpoint_fails_cleanly_and_resume_matches(tmp_path
     assert ledger["status"] == "failed: write error"
     assert ledger["events"][-1]["event"] == "write failed" and "No space" in ledger["events"][-1]["error"]
     monkeypatch.setattr(torch, "save", real_save)  # space freed
-    train(tiny_config(tmp_path, name="full", resume=True, **common))
+    train(_cfg(tmp_path, name="full", resume=True, **common))
     assert_same_run(tmp_path / "runs" / "clean", folder)
 
 
@@ -411,7 +417,7 @@ def test_real_write_failure_from_the_kernel_keeps_the_last_checkpoint(tmp_path):
     import resource
 
     # threads=1: a forked child must not use an OpenMP pool the parent had started (libgomp is not fork-safe)
-    config = tiny_config(tmp_path, max_steps=6, checkpoint_every=2, method="full", threads=1)
+    config = _cfg(tmp_path, max_steps=6, checkpoint_every=2, method="full", threads=1)
     pid = os.fork()
     if pid == 0:
         code = 70
@@ -511,7 +517,7 @@ def test_planted_pickle_checkpoint_is_refused_and_never_executed(tmp_path, capsy
     from tunegap.cli import main
 
     marker = tmp_path / "pwned"
-    train(tiny_config(tmp_path, max_steps=2, checkpoint_every=1))
+    train(_cfg(tmp_path, max_steps=2, checkpoint_every=1))
     step = ckpt.list_checkpoints(tmp_path / "runs" / "t" / "checkpoints")[-1]
     _plant_pickle(step / "state.pt", marker)
     # the planted pickle sanity-checks itself: a plain unpickler *would* run it
@@ -523,7 +529,7 @@ def test_planted_pickle_checkpoint_is_refused_and_never_executed(tmp_path, capsy
 
     argv = ["finetune", "--model", "tiny", "--data", "support", "--train-examples", "32", "--eval-examples", "8",
             "--generate-examples", "0", "--seq-len", "512", "--batch-size", "4", "--max-steps", "2",
-            "--checkpoint-every", "1", "--lr", "1e-3", "--precision", "fp32", "--no-progress",
+            "--checkpoint-every", "1", "--lr", "1e-3", "--precision", "fp32", "--no-progress", "--threads", "1",
             "--runs-dir", str(tmp_path / "runs"), "--name", "t", "--resume"]
     capsys.readouterr()
     assert main(argv) == 2
@@ -601,7 +607,7 @@ def test_remote_code_in_a_model_folder_never_runs_without_the_flag(tmp_path):
 def test_eval_refuses_a_pickled_adapter(tmp_path, capsys):
     from tunegap.cli import main
 
-    train(tiny_config(tmp_path, max_steps=1))
+    train(_cfg(tmp_path, max_steps=1))
     adapter = tmp_path / "runs" / "t" / "adapter"
     (adapter / "adapter_model.safetensors").unlink()
     marker = tmp_path / "pwned"
@@ -637,17 +643,17 @@ def test_symlinks_cannot_redirect_a_run(tmp_path):
     runs.mkdir()
     (runs / "linked").symlink_to(outside)
     with pytest.raises(RunPathError, match="symbolic link"):
-        train(tiny_config(tmp_path, name="linked", max_steps=1))
+        train(_cfg(tmp_path, name="linked", max_steps=1))
     real = runs / "planted"
     real.mkdir()
     (real / "metrics.jsonl").symlink_to(outside / "victim.txt")  # an append would write outside
     with pytest.raises(RunPathError, match="symbolic link"):
-        train(tiny_config(tmp_path, name="planted", max_steps=1, resume=True))
+        train(_cfg(tmp_path, name="planted", max_steps=1, resume=True))
     (real / "metrics.jsonl").unlink()
     (real / "checkpoints").mkdir()
     (real / "checkpoints" / "step-000001").symlink_to(outside)
     with pytest.raises(RunPathError, match="symbolic link"):
-        train(tiny_config(tmp_path, name="planted", max_steps=1, resume=True))
+        train(_cfg(tmp_path, name="planted", max_steps=1, resume=True))
     assert list(outside.iterdir()) == []
 
 
@@ -674,7 +680,7 @@ def test_numeric_guards_fail_before_any_training(tmp_path, capsys, flags, messag
     capsys.readouterr()
     code = main(["finetune", "--model", "tiny", "--data", "support", "--train-examples", "16", "--no-progress",
                  "--generate-examples", "0", "--precision", "fp32", "--runs-dir", str(tmp_path / "runs"),
-                 "--name", "g", *flags])
+                 "--threads", "1", "--name", "g", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("tunegap: error: ") and message in err[0], err
     folder = tmp_path / "runs" / "g"
@@ -685,10 +691,10 @@ def test_a_run_cannot_be_trained_by_two_processes_at_once(tmp_path):
     """flock: a second start of a run that is still training is refused; a killed holder frees it at once."""
     import fcntl
 
-    train(tiny_config(tmp_path, max_steps=2))
+    train(_cfg(tmp_path, max_steps=2))
     lock = open(tmp_path / "runs" / "t" / ".lock", "a")  # another open file description = another holder
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with pytest.raises(TrainingError, match="another process is training this run"):
-        train(tiny_config(tmp_path, max_steps=2, resume=True))
+        train(_cfg(tmp_path, max_steps=2, resume=True))
     lock.close()
-    assert train(tiny_config(tmp_path, max_steps=2, resume=True))["costs"]["optimizer_steps"]["value"] == 2
+    assert train(_cfg(tmp_path, max_steps=2, resume=True))["costs"]["optimizer_steps"]["value"] == 2

@@ -157,7 +157,8 @@ class TrainConfig:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
-            values = yaml.safe_load(text) or {}
+            values = yaml.safe_load(text)
+            values = {} if values is None else values  # an empty file (a `0` or `[]` file is an error below)
             top = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only, for line numbers
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}:0: file: cannot read: {err}") from None
@@ -168,11 +169,12 @@ class TrainConfig:
             raise ConfigError(f"{path}:{line}: file: not valid YAML/JSON: {problem}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}:1: file: expected a mapping of field: value, got {type(values).__name__}")
-        lines = {str(k.value): k.start_mark.line + 1 for k, _ in getattr(top, "value", ()) if hasattr(k, "value")}
+        pairs = top.value if isinstance(top, yaml.MappingNode) else []
+        lines = {str(k.value): k.start_mark.line + 1 for k, _ in pairs if isinstance(k, yaml.ScalarNode)}
         known = {f.name for f in fields(cls)}
         for key in values:
             if key not in known:
-                raise ConfigError(f"{path}:{lines.get(str(key), 0)}: {str(key)[:40]}: unknown field")
+                raise ConfigError(f"{path}:{lines.get(str(key), 0)}: {str(key)[:40]!r}: unknown field")
         try:
             return cls(**values)
         except ConfigError as err:  # name the line of the offending field
