@@ -112,8 +112,8 @@ def icl_arms(config: GapConfig, shape) -> dict:
     zero_shot_loss = heldout_loss(ctx, held, config.batch_size, config.seq_len)
     arms = {}
     for k in config.k_shots:
-        metrics = support_metrics(model, tokenizer, records, shots=train_records[:k], autocast=autocast,
-                                  max_new_tokens=config.max_new_tokens)
+        metrics = support_metrics(model, tokenizer, records, shots=train_records[:k],
+                                  max_new_tokens=config.max_new_tokens)  # no autocast: see train.py
         per_query = generation_flops(shape, round(metrics["mean_prompt_tokens"]), max(1, round(metrics["mean_new_tokens"])))
         arms[f"icl-{k}"] = {
             "k": k, "metrics": {key: v for key, v in metrics.items() if key != "samples"},
