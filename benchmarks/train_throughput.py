@@ -1,0 +1,313 @@
+"""Training throughput of tunegap's own loop: tokens/s, s/step, peak memory and MFU, full and LoRA.
+
+    .venv/bin/python benchmarks/train_throughput.py                       # default model, 8 x 128, full + LoRA
+    .venv/bin/python benchmarks/train_throughput.py --methods lora --steps 12 --checkpointing both
+    python3 benchmarks/train_throughput.py --device cuda --model <folder> --init scratch   # on a GPU
+
+Each run is a fresh subprocess (so one run's retained memory cannot inflate the next) that calls
+`tunegap.train.train` itself on the CPU, exactly as `tunegap finetune` does, and reads back the step
+timestamps, the ledger's training peak memory and the held-out loss. (`train` runs one process on the CPU;
+on CUDA the worker drives the same pieces, `sum_loss`, packing, `DataOrder`, the schedule and fused AdamW,
+in a minimal loop of its own, said so in the output.)
+
+What is reported, per run (medians over steps 2..N; step 1 is warm-up):
+  s/step          measured wall time from the end of one optimizer step to the end of the next
+  loss tok/s      loss-bearing tokens per second over steps 2..N (measured)
+  peak RSS        resident-set high-water mark during the training steps (measured, Linux VmHWM, reset
+                  before step 1 as the ledger does); on CUDA the allocator's peak instead
+  MFU             model FLOPs / time / measured matmul peak (fp32 and bf16 peaks measured in the same
+                  process). Model FLOPs = `costs.flops.train_step_flops` per example over its real tokens,
+                  vocabulary projection at loss-bearing positions only: the loss-bearing work, no padding,
+                  no recomputation. The same numerator for any trainer fed the same examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+LR = {"lora": 2e-4, "full": 2e-5}  # LoRA's usual rate; full SFT at TRL's default
+
+
+# --- shared by vs_trl.py ----------------------------------------------------------------------------------
+
+def base_config(args, method: str, name: str, runs_dir: str, checkpointing: bool = False):
+    """The one TrainConfig every trainer in these benchmarks is measured on."""
+    from tunegap.config import TrainConfig
+
+    return TrainConfig(model=args.model, init=args.init, method=method, data="support", seq_len=args.seq_len,
+                       batch_size=args.batch, max_steps=args.steps, lr=LR[method], precision=args.precision,
+                       eval_examples=args.eval_examples, generate_examples=0, runs_dir=runs_dir, name=name,
+                       progress=False, threads=args.threads, activation_checkpointing=checkpointing,
+                       train_examples=args.steps * args.batch)
+
+
+def step_examples(config, data) -> list[list]:
+    """The examples of each optimizer step, in tunegap's data order (what every trainer is fed)."""
+    from tunegap.train import DataOrder
+
+    order = DataOrder(len(data.train), config.batch_size, config.seed)
+    return [[data.train[i] for i in order.micro_batch(s)] for s in range(config.max_steps)]
+
+
+def useful_flops(config, shape, method, steps: list[list]) -> list[float]:
+    """Model FLOPs of each step: every example alone over its real tokens, logits only where loss is taken."""
+    from tunegap.costs.flops import train_step_flops
+
+    trainable = method.trainable(shape)
+    cache: dict = {}
+    out = []
+    for examples in steps:
+        total = 0.0
+        for e in examples:
+            key = (len(e.input_ids), sum(1 for t in e.labels[1:] if t != -100))
+            if key not in cache:
+                cache[key] = train_step_flops(shape, trainable, sequences=1, seq_len=key[0],
+                                              logit_tokens=key[1]).total
+            total += cache[key]
+        out.append(total)
+    return out
+
+
+def loss_tokens(steps: list[list]) -> list[int]:
+    return [sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples) for examples in steps]
+
+
+def summarise(stamps: list[float], flops: list[float], tokens: list[int]) -> dict:
+    """Steps 2..N from the end-of-step timestamps (stamps[0] = end of step 1)."""
+    secs = [b - a for a, b in zip(stamps, stamps[1:])]
+    timed = range(1, len(stamps))
+    total_s = sum(secs)
+    return {"s_per_step": statistics.median(secs), "step_seconds": secs,
+            "loss_tokens_per_s": sum(tokens[i] for i in timed) / total_s,
+            "model_flops_per_s": sum(flops[i] for i in timed) / total_s}
+
+
+def peaks_dict(device: str) -> dict:
+    """Measured matmul peaks; on a GPU with 8192^3 products (a 1536^3 one is too short to fill an H100)."""
+    import torch
+
+    from tunegap.costs.hardware import cpu_name, measure_matmul_flops
+
+    size = 8192 if device == "cuda" else 1536
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
+            "fp32": measure_matmul_flops("fp32", size=size, device=device),
+            "bf16": measure_matmul_flops("bf16", size=size, device=device), "threads": torch.get_num_threads()}
+
+
+def heldout(ctx, examples, batch_size: int, seq_len: int, device: str) -> float:
+    """`tunegap.train.heldout_loss` (on CUDA: the same sum_loss over the same batches, moved to the GPU)."""
+    from tunegap.train import heldout_loss
+
+    if device == "cpu":
+        return heldout_loss(ctx, examples, batch_size, seq_len)
+    import torch
+
+    from tunegap.data.packing import make_batch
+    from tunegap.train import sum_loss
+
+    ctx.model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = to_device(make_batch(examples[i:i + batch_size], capacity=seq_len, pad_id=ctx.pad_id), device)
+            total += float(sum_loss(ctx, batch))
+            count += batch.n_loss_tokens
+    return total / max(count, 1)
+
+
+def to_device(batch, device: str):
+    import dataclasses
+
+    return type(batch)(**{f.name: (v.to(device) if hasattr(v, "to") else v)
+                          for f in dataclasses.fields(batch) for v in [getattr(batch, f.name)]})
+
+
+def run_worker(argv: list[str], timeout: float) -> dict:
+    """Run this file (or vs_trl.py) as `_worker ...` in a fresh process; its last stdout line is the JSON result."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(argv[:4])}: worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - started
+    return result
+
+
+def mfu(result: dict, peaks: dict) -> tuple[float, float]:
+    return result["model_flops_per_s"] / peaks["fp32"], result["model_flops_per_s"] / peaks["bf16"]
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# --- the tunegap worker -----------------------------------------------------------------------------------
+
+def tunegap_worker(args) -> dict:
+    import torch
+
+    from tunegap.costs.shape import ModelShape
+    from tunegap.data.sources import prepare
+    from tunegap.methods import make_method
+    from tunegap.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peaks = peaks_dict(args.device)
+    with tempfile.TemporaryDirectory(prefix="tunegap-bench-") as tmp:
+        config = base_config(args, args.method, "bench", tmp, args.checkpointing == "on")
+        if args.device == "cpu":
+            from tunegap.train import train
+
+            stamps: list[float] = []
+            ledger = train(config, on_step=lambda step: stamps.append(time.perf_counter()))
+            data = prepare(config, load_model(config.model, init=config.init, seed=config.seed)[1])
+            shape, precision = ModelShape(**ledger["shape"]), ledger["precision"]
+            peak = ledger["costs"]["peak_memory_bytes"]["value"]
+            eval_loss = ledger["metrics"]["eval_loss"]
+            loop = "tunegap.train.train (CPU, one process)"
+        else:
+            stamps, shape, data, precision, peak, eval_loss = device_loop(config, args.device)
+            loop = "tunegap pieces on CUDA (sum_loss, packing, DataOrder, schedule, fused AdamW)"
+    method = make_method(config.method, **config.method_options())
+    steps = step_examples(config, data)
+    result = summarise(stamps, useful_flops(config, shape, method, steps), loss_tokens(steps))
+    return {**result, "trainer": "tunegap", "loop": loop, "method": args.method, "precision": precision,
+            "checkpointing": args.checkpointing == "on", "peak_bytes": peak, "eval_loss": eval_loss,
+            "peaks": peaks, "threads": torch.get_num_threads()}
+
+
+def device_loop(config, device: str):
+    """tunegap's step on a GPU: the same pieces `train` uses, without the ledger, checkpoints or run folder."""
+    import torch
+
+    from tunegap.costs.shape import ModelShape
+    from tunegap.data.packing import make_batch
+    from tunegap.data.sources import prepare
+    from tunegap.methods import make_method
+    from tunegap.models import load_model
+    from tunegap.train import Context, DataOrder, autocast_factory, base_model, lr_lambda, sum_loss
+
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config.model, init=config.init, seed=config.seed)
+    shape = ModelShape.from_hf_config(model.config)
+    method = make_method(config.method, **config.method_options())
+    model = method.prepare(model, shape).to(device)
+    base = base_model(model)
+    precision = "bf16" if config.precision in ("auto", "bf16") else "fp32"
+    if precision == "bf16" and method.saves_adapter:
+        from tunegap.precision import frozen_linears_to
+
+        frozen_linears_to(base, torch.bfloat16, keep=[base.get_output_embeddings()])
+    if config.activation_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    data = prepare(config, tokenizer)
+    ctx = Context(model, base, method, tokenizer.pad_token_id, autocast_factory(precision, device))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    warmup = config.warmup_steps or max(1, round(0.05 * config.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, config.max_steps, warmup))
+    order = DataOrder(len(data.train), config.batch_size, config.seed)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    stamps = []
+    for step in range(config.max_steps):
+        batch = to_device(make_batch([data.train[i] for i in order.micro_batch(step)], capacity=config.seq_len,
+                                     pad_id=ctx.pad_id), device)
+        loss = sum_loss(ctx, batch)
+        (loss / max(batch.n_loss_tokens, 1)).backward()
+        torch.nn.utils.clip_grad_norm_(trained, config.clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    eval_loss = heldout(ctx, data.eval, config.batch_size, config.seq_len, device)
+    return stamps, shape, data, precision, peak, eval_loss
+
+
+# --- the driver -------------------------------------------------------------------------------------------
+
+def add_common(parser):
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--init", default="pretrained", choices=("pretrained", "scratch"))
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (step 1 is warm-up)")
+    parser.add_argument("--batch", type=int, default=8, help="examples per optimizer step")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores, as tunegap does)")
+    parser.add_argument("--eval-examples", type=int, default=64)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    worker = sub.add_parser("_worker")
+    add_common(worker)
+    worker.add_argument("--method", required=True)
+    worker.add_argument("--checkpointing", default="off", choices=("on", "off"))
+    add_common(parser)
+    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--checkpointing", default="off", choices=("off", "on", "both"),
+                        help="activation checkpointing: off, on, or both (to show its time and memory cost)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (medians reported)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.cmd == "_worker":
+        print(json.dumps(tunegap_worker(args)), flush=True)
+        return
+
+    variants = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]
+    common = [f"--model={args.model}", f"--init={args.init}", f"--steps={args.steps}", f"--batch={args.batch}",
+              f"--seq-len={args.seq_len}", f"--precision={args.precision}", f"--threads={args.threads}",
+              f"--eval-examples={args.eval_examples}", f"--device={args.device}"]
+    print(f"train_throughput: {args.model} ({args.init}), {args.batch} examples x <= {args.seq_len} tokens per step, "
+          f"{args.steps} steps per run, {args.repeats} run(s) each, device {args.device}", flush=True)
+    results = []
+    for _ in range(args.repeats):
+        for method in args.methods.split(","):
+            for ckpt in variants:
+                r = run_worker([__file__, "_worker", *common, f"--method={method}", f"--checkpointing={ckpt}"],
+                               args.timeout)
+                results.append(r)
+                print(f"  ran {method} checkpointing={ckpt}: {r['s_per_step']:.2f} s/step", flush=True)
+    peaks = {"fp32": max(r["peaks"]["fp32"] for r in results), "bf16": max(r["peaks"]["bf16"] for r in results),
+             "device": results[0]["peaks"]["device"]}
+    print(f"\nmeasured matmul peaks (best of each run's measurement): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s on {peaks['device']} ({results[0]['threads']} threads)")
+    print(f"{'method':6} {'ckpt':5} {'prec':5} {'s/step':>7} {'loss tok/s':>10} {'peak mem':>10} "
+          f"{'MFU fp32':>8} {'MFU bf16':>8} {'held-out loss':>13}   (all measured; MFU = formula FLOPs / "
+          "measured time / measured peak)")
+    for method in args.methods.split(","):
+        for ckpt in variants:
+            rs = [r for r in results if r["method"] == method and r["checkpointing"] == (ckpt == "on")]
+            med = {k: statistics.median(r[k] for r in rs)
+                   for k in ("s_per_step", "loss_tokens_per_s", "peak_bytes", "model_flops_per_s", "eval_loss")}
+            m32, m16 = mfu(med, peaks)
+            print(f"{method:6} {ckpt:5} {rs[0]['precision']:5} {med['s_per_step']:7.2f} {med['loss_tokens_per_s']:10.1f} "
+                  f"{gib(med['peak_bytes']):>10} {100 * m32:7.1f}% {100 * m16:7.1f}% {med['eval_loss']:13.4f}")
+    print(f"loop: {results[0]['loop']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"peaks": peaks, "runs": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""tunegap's training loop against Hugging Face TRL's SFTTrainer + PEFT, same model, data and settings.
+
+    .venv/bin/pip install -e '.[bench]'                  # TRL is a benchmark-only dependency
+    .venv/bin/python benchmarks/vs_trl.py                # LoRA then full SFT, 3 alternating pairs each
+    .venv/bin/python benchmarks/vs_trl.py --methods lora --pairs 5 --steps 12 --json vs_trl.json
+    python3 benchmarks/vs_trl.py --device cuda --model <folder> --init scratch     # on a GPU
+
+The two trainers get exactly the same work:
+  * the same model object from `tunegap.models.load_model` (same weights, seed set the same way before PEFT
+    draws LoRA's A, so both start from the same adapter), LoRA r=8, alpha=16, dropout 0 on all seven linear
+    projections (`LoraConfig` with the same target modules); full SFT trains every weight;
+  * the same tokenised examples (`tunegap.data.sources.prepare`), in the same order (tunegap's `DataOrder`;
+    TRL reads them through a `SequentialSampler`), 8 per optimizer step, at most 128 tokens,
+    with the loss on the reply tokens only (pre-built `labels`, which TRL keeps as they are);
+  * the same optimizer settings (AdamW, lr 2e-4 LoRA / 2e-5 full, no weight decay, clip 1.0) and the same
+    schedule (tunegap's warm-up + cosine `lr_lambda`, installed in TRL through `create_scheduler`), the same
+    number of optimizer steps, the same precision (TRL's `bf16` set to what tunegap's "auto" picks from the
+    measured peaks, printed), the same torch thread count;
+  * TRL otherwise keeps its own defaults, as a user gets them: gradient checkpointing on, padding to the
+    longest example of each batch, logits and its entropy/accuracy metrics at every position
+    (`--trl-checkpointing off` measures it without checkpointing too).
+
+Runs alternate TRL, tunegap, TRL, tunegap, ... in fresh processes (machine load drifts; alternating pairs
+share it), and the table reports medians over the pairs and the median of the per-pair ratios tunegap/TRL.
+The held-out loss of both comes from the same function, `tunegap.train.heldout_loss`, on the same held-out
+examples. Tokens/s counts loss-bearing tokens; MFU uses the same model-FLOP count for both (see
+train_throughput.py) against the best matmul peak measured in any of the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import (LR, add_common, base_config, gib, heldout, loss_tokens, mfu, peaks_dict,  # noqa: E402
+                              run_worker, step_examples, summarise, useful_flops)
+
+TARGETS = {"lora": 2.0, "full": 1.5}  # issue 7: tunegap/TRL loss-bearing tokens/s
+
+
+def trl_worker(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer, __version__ as trl_version
+
+    from tunegap.costs.hardware import measure_peaks
+    from tunegap.costs.shape import HF_MODULE_NAMES, ModelShape
+    from tunegap.data.sources import prepare
+    from tunegap.ledger import peak_rss_bytes, reset_peak_rss
+    from tunegap.methods import make_method
+    from tunegap.models import load_model
+    from tunegap.train import Context, autocast_factory, base_model, choose_precision, lr_lambda
+
+    threads = args.threads or __import__("os").cpu_count() or 1
+    torch.set_num_threads(threads)
+    peaks = peaks_dict(args.device)
+    with tempfile.TemporaryDirectory(prefix="trl-bench-") as tmp:
+        config = base_config(args, args.method, "bench", tmp)
+        precision = choose_precision(config, measure_peaks(args.device))
+        if args.device == "cuda" and config.precision == "auto":
+            precision = "bf16"
+        torch.manual_seed(config.seed)
+        model, tokenizer = load_model(config.model, init=config.init, seed=config.seed)
+        shape = ModelShape.from_hf_config(model.config)
+        method = make_method(config.method, **config.method_options())
+        data = prepare(config, tokenizer)
+        steps = step_examples(config, data)
+        ordered = [e for examples in steps for e in examples]
+        dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in ordered],
+                                     "labels": [e.labels for e in ordered]})
+        peft_config = None
+        if config.method == "lora":
+            peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.rank, lora_alpha=config.alpha,
+                                     lora_dropout=config.dropout,
+                                     target_modules=[HF_MODULE_NAMES[t] for t in config.target_list])
+        warmup = config.warmup_steps or max(1, round(0.05 * config.max_steps))
+        checkpointing = {"default": {}, "on": {"gradient_checkpointing": True},
+                         "off": {"gradient_checkpointing": False}}[args.trl_checkpointing]
+        sft = SFTConfig(output_dir=tmp, per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=1,
+                        max_steps=config.max_steps, learning_rate=config.lr, weight_decay=config.weight_decay,
+                        max_grad_norm=config.clip, warmup_steps=warmup, bf16=precision == "bf16", fp16=False,
+                        max_length=config.seq_len, save_strategy="no", report_to="none", disable_tqdm=True,
+                        seed=config.seed, data_seed=config.seed,
+                        dataloader_num_workers=0, use_cpu=args.device == "cpu", **checkpointing)
+
+        class SameSchedule(SFTTrainer):
+            """TRL's trainer with tunegap's schedule and data order; nothing else overridden."""
+
+            def _get_train_sampler(self, *a, **k):  # = train_sampling_strategy="sequential" (transformers >= 5.x)
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+
+            def create_scheduler(self, num_training_steps, optimizer=None):
+                if self.lr_scheduler is None:
+                    self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                        optimizer or self.optimizer, lr_lambda(config, config.max_steps, warmup))
+                return self.lr_scheduler
+
+        stamps: list[float] = []
+        peak = {}
+
+        class Clock(TrainerCallback):
+            def on_train_begin(self, *a, **k):
+                if args.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                reset_peak_rss()
+
+            def on_step_end(self, *a, **k):
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+
+            def on_train_end(self, *a, **k):
+                peak["bytes"] = torch.cuda.max_memory_allocated() if args.device == "cuda" else peak_rss_bytes()
+
+        trainer = SameSchedule(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer,
+                               peft_config=peft_config, callbacks=[Clock()])
+        gc_on = bool(trainer.args.gradient_checkpointing)
+        trainer.train()
+        trained = trainer.model
+        ctx = Context(trained, base_model(trained), method, tokenizer.pad_token_id,
+                      autocast_factory(precision, args.device))
+        eval_loss = heldout(ctx, data.eval, config.batch_size, config.seq_len, args.device)
+    result = summarise(stamps, useful_flops(config, shape, method, steps), loss_tokens(steps))
+    return {**result, "trainer": "trl", "trl_version": trl_version, "method": args.method, "precision": precision,
+            "checkpointing": gc_on, "peak_bytes": peak["bytes"], "eval_loss": eval_loss, "peaks": peaks,
+            "threads": torch.get_num_threads()}
+
+
+def label(r: dict) -> str:
+    return r["trainer"] + ("+ckpt" if r["trainer"] == "tunegap" and r["checkpointing"] else "")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    worker = sub.add_parser("_worker")
+    add_common(worker)
+    worker.add_argument("--method", required=True)
+    worker.add_argument("--trl-checkpointing", default="default", choices=("default", "on", "off"))
+    add_common(parser)
+    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--pairs", type=int, default=3, help="alternating TRL/tunegap rounds per method")
+    parser.add_argument("--trl-checkpointing", default="default", choices=("default", "on", "off"),
+                        help="TRL's gradient checkpointing (its default is on)")
+    parser.add_argument("--checkpointing", default="off", choices=("off", "on", "both"),
+                        help="tunegap's activation checkpointing (its default is off); 'both' runs tunegap twice "
+                             "per round, to set its speed and its memory beside TRL's")
+    parser.add_argument("--json", help="also write every run's numbers here (after each run)")
+    parser.add_argument("--report", help="only print the table of an earlier --json file")
+    args = parser.parse_args(argv)
+    if args.cmd == "_worker":
+        print(json.dumps(trl_worker(args)), flush=True)
+        return
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        runs = saved["runs"]
+        report(runs, [m for m in saved["args"]["methods"].split(",") if any(r["method"] == m for r in runs)])
+        return
+
+    here = Path(__file__).resolve().parent
+    common = [f"--model={args.model}", f"--init={args.init}", f"--steps={args.steps}", f"--batch={args.batch}",
+              f"--seq-len={args.seq_len}", f"--precision={args.precision}", f"--threads={args.threads}",
+              f"--eval-examples={args.eval_examples}", f"--device={args.device}"]
+    methods = args.methods.split(",")
+    ours = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]
+    print(f"vs_trl: {args.model} ({args.init}), {args.batch} examples x <= {args.seq_len} tokens per step, "
+          f"{args.steps} optimizer steps per run, {args.pairs} alternating rounds per method, device {args.device}; "
+          f"lr {', '.join(f'{m} {LR[m]:g}' for m in methods)}", flush=True)
+    runs = []
+    for method in methods:
+        for pair in range(args.pairs):
+            jobs = [[str(here / "vs_trl.py"), "_worker", *common, f"--method={method}",
+                     f"--trl-checkpointing={args.trl_checkpointing}"]]
+            jobs += [[str(here / "train_throughput.py"), "_worker", *common, f"--method={method}",
+                      f"--checkpointing={c}"] for c in ours]
+            for argv_ in jobs:
+                r = run_worker(argv_, args.timeout)
+                r["pair"] = pair
+                runs.append(r)
+                print(f"  {method} round {pair + 1}: {label(r):12} {r['s_per_step']:7.2f} s/step "
+                      f"{r['loss_tokens_per_s']:7.1f} loss tok/s  peak {gib(r['peak_bytes'])}  "
+                      f"held-out {r['eval_loss']:.4f}", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
+    report(runs, methods)
+
+
+def report(runs: list[dict], methods: list[str]) -> None:
+    peaks = {"fp32": max(r["peaks"]["fp32"] for r in runs), "bf16": max(r["peaks"]["bf16"] for r in runs)}
+    trl_version = next((r.get("trl_version") for r in runs if r["trainer"] == "trl"), "?")
+    print(f"\nmeasured matmul peaks (best over all runs): fp32 {peaks['fp32'] / 1e9:.0f}, bf16 "
+          f"{peaks['bf16'] / 1e9:.0f} GFLOP/s on {runs[0]['peaks']['device']}, {runs[0]['threads']} torch threads; "
+          f"TRL {trl_version}")
+    print("medians over rounds; all values measured; MFU = formula model FLOPs (loss-bearing work) / measured time "
+          "/ measured peak")
+    print(f"{'method':6} {'trainer':12} {'prec':5} {'ckpt':5} {'s/step':>7} {'loss tok/s':>10} {'peak mem':>10} "
+          f"{'MFU fp32':>8} {'MFU bf16':>8} {'held-out':>9}")
+    keys = ("s_per_step", "loss_tokens_per_s", "peak_bytes", "model_flops_per_s", "eval_loss")
+    verdict = lambda ok: "met" if ok else "MISSED"
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        labels = sorted({label(r) for r in mine}, key=lambda t: (t != "trl", t))
+        by = {t: [r for r in mine if label(r) == t] for t in labels}
+        med = {}
+        for t, rs in by.items():
+            med[t] = {k: statistics.median(r[k] for r in rs) for k in keys}
+            m32, m16 = mfu(med[t], peaks)
+            print(f"{method:6} {t:12} {rs[0]['precision']:5} {'on' if rs[0]['checkpointing'] else 'off':5} "
+                  f"{med[t]['s_per_step']:7.2f} {med[t]['loss_tokens_per_s']:10.1f} {gib(med[t]['peak_bytes']):>10} "
+                  f"{100 * m32:7.1f}% {100 * m16:7.1f}% {med[t]['eval_loss']:9.4f}")
+        for t in labels[1:]:
+            rounds = sorted({r["pair"] for r in by[t]} & {r["pair"] for r in by.get("trl", [])})
+            if not rounds:
+                continue
+            ratio = lambda k: statistics.median(
+                next(r[k] for r in by[t] if r["pair"] == p) / next(r[k] for r in by["trl"] if r["pair"] == p)
+                for p in rounds)
+            speed, mem, loss = ratio("loss_tokens_per_s"), ratio("peak_bytes"), ratio("eval_loss")
+            print(f"{method:6} {t}/trl (median of {len(rounds)} same-round ratios): loss tok/s x{speed:.2f} "
+                  f"(target >= {TARGETS[method]}: {verdict(speed >= TARGETS[method])}), peak memory x{mem:.2f} "
+                  f"(target <= 1: {verdict(mem <= 1.0)}), held-out loss x{loss:.4f} "
+                  f"(target within 2%: {verdict(abs(loss - 1) <= 0.02)})")
+        if method == "lora" and "tunegap" in med:
+            m16 = mfu(med["tunegap"], peaks)[1]
+            print(f"lora   tunegap MFU vs the measured bf16 peak {100 * m16:.1f}% (target >= 50%: {verdict(m16 >= 0.5)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The speed levers of the training loop change time and memory, never the numbers (issue 7)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from tunegap.costs.shape import ModelShape
+from tunegap.data.packing import IGNORE, make_batch
+from tunegap.data.render import Example
+from tunegap.losses import linear_cross_entropy
+from tunegap.methods import make_method
+from tunegap.models import load_model
+from tunegap.precision import can_store_frozen_low, frozen_linears_to
+from tunegap.train import Context, autocast_factory, base_model, sum_loss, train
+
+
+def _problem(n=37, d=16, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(vocab, d, generator=g) * 0.3
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[::5] = IGNORE
+    return hidden, weight, targets
+
+
+def _grads(fn, hidden, weight, targets):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fn(h, w, targets)
+    (0.37 * loss).backward()  # a non-unit upstream gradient must scale both gradients
+    return loss.detach(), h.grad, w.grad
+
+
+def _reference(h, w, y):
+    return F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 8, 256])
+def test_fused_chunked_cross_entropy_equals_the_plain_one_with_gradients(chunk_rows):
+    hidden, weight, targets = _problem()
+    fused = _grads(lambda h, w, y: linear_cross_entropy(h, w, y, chunk_rows=chunk_rows), hidden, weight, targets)
+    plain = _grads(_reference, hidden, weight, targets)
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert fused[1][::5].abs().max() == 0  # ignored rows send no gradient back
+
+
+def test_fused_cross_entropy_under_bf16_autocast_matches_autocast_reference():
+    hidden, weight, targets = _problem(n=64, d=32, vocab=300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _grads(lambda h, w, y: linear_cross_entropy(h, w, y, chunk_rows=16), hidden, weight, targets)
+        plain = _grads(_reference, hidden, weight, targets)
+    assert fused[0].dtype == torch.float32
+    assert fused[0] == pytest.approx(float(plain[0]), rel=1e-4)
+    assert torch.allclose(fused[1], plain[1], rtol=2e-2, atol=2e-3)
+    # not equal to the fp32 loss: the matmul really ran in bf16, as the unfused head does under autocast
+    assert float(fused[0]) != pytest.approx(float(_reference(hidden, weight, targets)), rel=1e-6)
+
+
+def test_fused_cross_entropy_without_gradients_gives_the_same_loss():
+    hidden, weight, targets = _problem()
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=4)
+    assert loss.grad_fn is None
+    assert float(loss) == pytest.approx(float(_reference(hidden, weight, targets)), rel=1e-6)
+
+
+def test_sum_loss_equals_cross_entropy_of_the_models_own_logits():
+    model, _ = load_model("tiny")
+    shape = ModelShape.from_hf_config(model.config)
+    method = make_method("lora")
+    model = method.prepare(model, shape)
+    examples = [Example(list(range(3, 3 + n)), [IGNORE] * (n // 2) + list(range(3 + n // 2, 3 + n))) for n in (9, 14)]
+    batch = make_batch(examples, capacity=32, pad_id=0)
+    ctx = Context(model, base_model(model), method, 0, autocast_factory("fp32"))
+    ours = sum_loss(ctx, batch)
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    mask = batch.targets != IGNORE
+    theirs = F.cross_entropy(logits[mask].float(), batch.targets[mask], reduction="sum")
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lora", "ia3", "prefix", "adapter"])
+def test_frozen_weights_in_bf16_give_bit_identical_autocast_steps(name):
+    model, _ = load_model("tiny-untied")
+    shape = ModelShape.from_hf_config(model.config)
+    model = make_method(name, virtual_tokens=4).prepare(model, shape)
+    for p in model.parameters():
+        if p.requires_grad:  # adapters that start as an exact no-op would hide a difference
+            torch.nn.init.normal_(p, std=0.05)
+    low = copy.deepcopy(model)
+    head = base_model(low).get_output_embeddings()
+    frozen = sum(m.weight.numel() for m in base_model(low).modules()
+                 if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m is not head)
+    assert frozen_linears_to(base_model(low), torch.bfloat16, keep=[head]) == 2 * frozen
+    assert head.weight.dtype == torch.float32
+    assert base_model(low).get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in low.parameters() if p.requires_grad)
+    ids = torch.randint(0, 250, (2, 24))
+    results = []
+    for m in (model, low):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(input_ids=ids).logits.float()
+        logits.square().mean().backward()
+        results.append((logits.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_frozen_weights_go_low_only_where_the_base_is_never_saved():
+    lora, full, freeze = make_method("lora"), make_method("full"), make_method("freeze")
+    assert can_store_frozen_low(lora, "bf16", distributed=False)
+    assert not can_store_frozen_low(lora, "fp32", distributed=False)
+    assert not can_store_frozen_low(lora, "bf16", distributed=True)
+    assert not can_store_frozen_low(full, "bf16", distributed=False)
+    assert not can_store_frozen_low(freeze, "bf16", distributed=False)  # it saves the whole model
+
+
+def test_bf16_lora_run_trains_and_saves_an_fp32_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    # generation after training runs without autocast: the frozen weights must be fp32 again by then
+    ledger = train(tiny_config(tmp_path, precision="bf16", max_steps=2, generate_examples=2))
+    assert ledger["status"] == "completed" and ledger["metrics"]["eval_loss"] > 0
+    assert "style_adherence" in ledger["metrics"]
+    adapter = load_file(str(tmp_path / "runs" / "t" / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
