@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
@@ -45,10 +46,18 @@ def _user_errors() -> tuple:
 
 
 def cmd_train(args) -> int:
+    from .distributed import relaunch, shutdown, under_torchrun
     from .train import print_summary, train
 
-    ledger = train(config_from_args(args))
-    print_summary(ledger)
+    config = config_from_args(args)
+    if config.nproc > 1 and not under_torchrun():  # --nproc N: this same command line, under torchrun
+        return relaunch(config.nproc, args.argv)
+    try:
+        ledger = train(config)
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_summary(ledger)
     return 0
 
 
@@ -170,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for `--nproc N` to re-run under torchrun
     except SystemExit as done:  # --help (0) or a bad command line (2, already reported on one line)
         return done.code if isinstance(done.code, int) else 2
     try:

@@ -60,6 +60,10 @@ class TrainConfig:
     pack: bool = _f(True, "pack several examples per row (no FLOP spent on padding)")
     threads: int = _f(0, "torch threads (0 = all cores)")
     activation_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~1/3 more time")
+    nproc: int = _f(1, "processes on this node: N > 1 re-launches the command under torchrun (one per GPU, or "
+                       "CPU processes with gloo); several nodes: launch with torchrun itself")
+    parallel: str = _f("ddp", "under torchrun: ddp replicates the model on every process, fsdp shards weights, "
+                              "gradients and optimizer state (FSDP2 fully_shard)", choices=("ddp", "fsdp"))
     # evaluation and outputs
     eval_every: int = _f(0, "evaluate held-out loss every N steps (0 = only at the end)")
     eval_examples: int = _f(64, "held-out examples for the loss")
@@ -82,7 +86,7 @@ class TrainConfig:
     def __post_init__(self):
         self._check_types()
         positive = ("rank", "freeze_layers", "virtual_tokens", "adapter_dim", "seq_len", "batch_size",
-                    "grad_accum", "eval_examples")
+                    "grad_accum", "eval_examples", "nproc")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")

@@ -17,6 +17,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .costs.flops import ZERO, Flops, train_step_flops
 from .costs.shape import ModelShape
+from .distributed import start as start_parallel
 from .data.packing import IGNORE, Batch, make_batch
 from .io import append_line, atomic_write_json
 from .losses import linear_cross_entropy
@@ -197,9 +198,13 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
     from .models import count_parameters, load_model
 
     started = time.perf_counter()
+    par = start_parallel(config)  # one process, or one rank of a torchrun job (tunegap/distributed.py)
     name = config.name or f"{config.method}-{Path(config.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = par.broadcast(name)  # every rank uses rank 0's (time-stamped) name
     folder = run_folder(config.runs_dir, name)
     config_dict = {**config.to_dict(), "name": name}
+    if par.enabled:  # the processes per node this run really has, however torchrun was invoked
+        config_dict["nproc"] = par.local_world_size
     checkpoints = folder / "checkpoints"
     if config.resume:
         saved = folder / "config.json"
@@ -212,16 +217,18 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
                                  and k not in ("resume", "progress", "threads"))
                 raise TrainingError(f"{saved}: --resume with changed settings {changed}; use the original ones "
                                     "or a new --name")
-    elif (folder / "ledger.json").exists() or ckpt.list_checkpoints(checkpoints):
+    elif (folder / "ledger.json").exists() or par.list_checkpoints(checkpoints):
         raise TrainingError(f"{folder}: run exists; pass --resume to continue it or choose another --name")
-    folder.mkdir(parents=True, exist_ok=True)
-    held.append(_lock_run(folder))
-    _remove_temporaries(folder)
-    atomic_write_json(folder / "config.json", config_dict)
+    par.barrier()  # every rank has checked before rank 0 writes
+    if par.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        held.append(_lock_run(folder))
+        _remove_temporaries(folder)
+        atomic_write_json(folder / "config.json", config_dict)
 
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    torch.set_num_threads(par.threads(config.threads) if par.enabled else config.threads or os.cpu_count() or 1)
     torch.manual_seed(config.seed)
-    peaks = measure_peaks()
+    peaks = par.from_main(measure_peaks, par.device_type) if par.enabled else measure_peaks()
     precision = choose_precision(config, peaks)
 
     model, tokenizer = load_model(config.model, init=config.init, seed=config.seed,
@@ -242,7 +249,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
 
     model = method.prepare(model, shape)
     base = base_model(model)
-    low_frozen = can_store_frozen_low(method, precision, distributed=False)
+    low_frozen = can_store_frozen_low(method, precision, par.enabled)
     if low_frozen:  # no per-step autocast casts of frozen weights (tunegap/precision.py)
         frozen_linears_to(base, torch.bfloat16, keep=[base.get_output_embeddings()])
     if config.activation_checkpointing:
@@ -251,13 +258,15 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
     trainable = method.trainable(shape)
     params_total, params_trainable = count_parameters(model)
     ctx = Context(model, base, method, tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                  else tokenizer.eos_token_id, autocast_factory(precision))
+                  else tokenizer.eos_token_id, autocast_factory(precision, par.device_type))
+    par.wrap(ctx)  # DDP, or FSDP2 (which turns the parameters into sharded DTensors in place)
 
     trained = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per tensor instead of a Python loop of elementwise ops on the CPU (measured on the
-    # default model's 134.5M parameters, 1 thread: 0.13 s per step fused vs 0.84 s foreach)
+    # default model's 134.5M parameters, 1 thread: 0.13 s per step fused vs 0.84 s foreach); the sharded
+    # DTensors of a distributed run keep the foreach path
     optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.999), fused=True)
+                                  betas=(0.9, 0.999), **({"foreach": True} if par.enabled else {"fused": True}))
     mean_tokens = sum(len(e) for e in data.train) / len(data.train)
     steps = total_steps(config, len(data.train), mean_tokens)
     warmup = config.warmup_steps or max(1, round(0.05 * steps))
@@ -265,17 +274,20 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
     order = DataOrder(len(data.train), config.batch_size, config.seed)
 
     totals = Totals()
-    ckpt.clean_staging(checkpoints)
-    existing = ckpt.list_checkpoints(checkpoints) if config.resume else []
+    if par.is_main:
+        ckpt.clean_staging(checkpoints)
+    par.barrier()
+    existing = par.list_checkpoints(checkpoints) if config.resume else []
     if existing:
-        progress = ckpt.load_checkpoint(existing[-1], model=model, optimizer=optimizer, scheduler=scheduler,
-                                        expect_config_hash=ckpt.config_hash(config_dict))
+        load = par.load_checkpoint if par.enabled else ckpt.load_checkpoint  # DCP when distributed
+        progress = load(existing[-1], model=model, optimizer=optimizer, scheduler=scheduler,
+                        expect_config_hash=ckpt.config_hash(config_dict))
         totals = Totals.from_dict(progress["totals"])
         totals.events.append({"event": "resumed", "from_step": totals.steps, "at": time.time()})
-    elif config.resume:
+    elif config.resume and par.is_main:
         (folder / "metrics.jsonl").unlink(missing_ok=True)
     metrics_path = folder / "metrics.jsonl"
-    if existing:  # drop log lines of steps after the checkpoint: they will be redone
+    if existing and par.is_main:  # drop log lines of steps after the checkpoint: they will be redone
         from .io import atomic_write_text, read_jsonl
 
         kept = [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= totals.steps and not r.get("final")]
@@ -283,14 +295,17 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
 
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
-    print(f"tunegap: {name}: {config.method} on {config.model} ({params_total:,} parameters, "
-          f"{params_trainable:,} trainable = {100 * params_trainable / params_total:.3g}%, measured); "
-          f"{len(data.train):,} examples, {steps} steps planned; precision {precision} "
-          f"({peaks.how} peaks: fp32 {peaks.fp32_flops_per_s / 1e9:.0f}, bf16 {peaks.bf16_flops_per_s / 1e9:.0f} GFLOP/s)",
-          flush=True)
+    if par.is_main:
+        print(f"tunegap: {name}: {config.method} on {config.model} ({params_total:,} parameters, "
+              f"{params_trainable:,} trainable = {100 * params_trainable / params_total:.3g}%, measured); "
+              f"{len(data.train):,} examples, {steps} steps planned; precision {precision} "
+              f"({peaks.how} peaks: fp32 {peaks.fp32_flops_per_s / 1e9:.0f}, bf16 {peaks.bf16_flops_per_s / 1e9:.0f} "
+              "GFLOP/s)", flush=True)
+    if par.enabled and par.is_main:
+        print(f"tunegap: {name}: {par.describe()}", flush=True)
 
     def ledger_now(status: str, metrics: dict) -> dict:
-        return build_ledger(
+        return par.annotate(build_ledger(
             run_name=name, status=status, config=config_dict, method=method.to_dict(), shape=shape.to_dict(),
             peaks=peaks.to_dict(), precision=precision, params_total=params_total,
             params_trainable=params_trainable,
@@ -302,7 +317,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
             peak_memory=peak_rss_bytes(), peak_memory_how="measured",
             wall_seconds=time.perf_counter() - started + sum(e.get("wall_s", 0) for e in totals.events),
             gpu=config.gpu, gpu_price=config.gpu_price, gpu_flops_per_s=gpu_flops_per_s(config.gpu),
-            metrics=metrics, environment_info=environment())
+            metrics=metrics, environment_info=environment()))
 
     @contextlib.contextmanager
     def writing(what: str):
@@ -314,22 +329,25 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             totals.events.append({"event": "write failed", "what": what, "error": detail, "at": time.time()})
             with contextlib.suppress(Exception):  # the disk may still be full: best effort, atomic either way
-                write_ledger(folder / "ledger.json", ledger_now("failed: write error", {}))
-            good = ckpt.list_checkpoints(checkpoints)
+                if par.is_main:
+                    write_ledger(folder / "ledger.json", ledger_now("failed: write error", {}))
+            good = par.list_checkpoints(checkpoints)
             kept = f"the last good checkpoint {good[-1]} is intact" if good else "no checkpoint had been written yet"
             raise TrainingError(f"{name}: could not write {what}: {detail}; stopped, {kept}. Free space and rerun "
                                 "with --resume") from err
 
     def save(step: int) -> None:
         with writing(f"checkpoint step-{step:06d}"):
-            ckpt.save_checkpoint(checkpoints, step, model=model, optimizer=optimizer, scheduler=scheduler,
+            (par.save_checkpoint if par.enabled else ckpt.save_checkpoint)(  # DCP when distributed
+                checkpoints, step, model=model, optimizer=optimizer, scheduler=scheduler,
                                  progress={"step": step, "totals": totals.to_dict(),
                                            "config_hash": ckpt.config_hash(config_dict)},
                                  keep=config.keep_checkpoints)
 
     reset_peak_rss()
-    bar = tqdm(total=steps, initial=totals.steps, desc=name, unit="step", disable=not config.progress,
-               dynamic_ncols=True)
+    par.reset_peak_memory()
+    bar = tqdm(total=steps, initial=totals.steps, desc=name, unit="step",
+               disable=not config.progress or not par.is_main, dynamic_ncols=True)
     eval_loss = None
     sample_every = config.count_flops_every
     while totals.steps < steps:
@@ -337,31 +355,41 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
             break
         step = totals.steps + 1
         t0 = time.perf_counter()
-        batches = [make_batch([data.train[i] for i in order.micro_batch((step - 1) * config.grad_accum + m)],
+        batches = [make_batch([data.train[i] for i in par.shard(order.micro_batch((step - 1) * config.grad_accum + m))],
                               capacity=config.seq_len, pad_id=ctx.pad_id, pack=config.pack and not method.changes_sequence)
                    for m in range(config.grad_accum)]
         n_loss = sum(b.n_loss_tokens for b in batches)
+        flops = sum((step_flops(shape, trainable, ctx, b, config.activation_checkpointing) for b in batches), ZERO)
+        step_examples, step_tokens = sum(b.n_examples for b in batches), sum(b.n_tokens for b in batches)
+        step_padding = sum(b.rows * b.width - b.n_tokens for b in batches)
+        if par.enabled:  # the whole step's counts, summed over ranks: the loss is normalised by all its loss tokens
+            n_loss, step_examples, step_tokens, step_padding, flops = par.step_sums(
+                n_loss, step_examples, step_tokens, step_padding, flops)
         count = step == 1 or step == steps or (sample_every and step % sample_every == 0)
         counter_cm = _flop_counter() if count else contextlib.nullcontext(None)
         loss_sum = 0.0
         with counter_cm as counter:
-            for batch in batches:
-                loss = sum_loss(ctx, batch)
-                (loss / max(n_loss, 1)).backward()  # mean over the step's loss tokens (torchtune's scaling)
+            for m, batch in enumerate(batches):
+                with par.accumulating(m < len(batches) - 1):  # gradients travel once per step
+                    loss = par.loss(ctx, batch)  # sum_loss(ctx, batch), through DDP/FSDP when distributed
+                    (loss / max(n_loss, 1)).backward()  # mean over the step's loss tokens (torchtune's scaling)
                 loss_sum += float(loss.detach())
-        step_loss = loss_sum / max(n_loss, 1)
+        step_loss = par.total(loss_sum) / max(n_loss, 1)
         if not math.isfinite(step_loss):
             totals.events.append({"event": "non-finite loss", "step": step, "loss": str(step_loss), "at": time.time()})
-            write_ledger(folder / "ledger.json", ledger_now("failed: non-finite loss", {}))
+            if par.is_main:
+                write_ledger(folder / "ledger.json", ledger_now("failed: non-finite loss", {}))
             bar.close()
             raise TrainingError(f"{name}: loss became {step_loss} at step {step}; stopped. The last good checkpoint "
                                 f"in {checkpoints} is intact; lower --lr or check the data")
         grad_norm = (torch.nn.utils.clip_grad_norm_(trained, config.clip) if config.clip
                      else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in trained if p.grad is not None)))
+        grad_norm = par.plain(grad_norm)  # FSDP: a DTensor
         if not math.isfinite(float(grad_norm)):  # a finite loss can still overflow in backward: never apply it
             totals.events.append({"event": "non-finite gradient", "step": step, "grad_norm": str(float(grad_norm)),
                                   "loss": step_loss, "at": time.time()})
-            write_ledger(folder / "ledger.json", ledger_now("failed: non-finite gradient", {}))
+            if par.is_main:
+                write_ledger(folder / "ledger.json", ledger_now("failed: non-finite gradient", {}))
             bar.close()
             raise TrainingError(f"{name}: gradient norm became {float(grad_norm)} at step {step} (loss {step_loss:.4g}); "
                                 f"stopped before the update. The last good checkpoint in {checkpoints} is intact; "
@@ -371,44 +399,49 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
 
-        flops = sum((step_flops(shape, trainable, ctx, b, config.activation_checkpointing) for b in batches), ZERO)
         totals.steps = step
-        totals.examples += sum(b.n_examples for b in batches)
-        totals.tokens += sum(b.n_tokens for b in batches)
+        totals.examples += step_examples
+        totals.tokens += step_tokens
         totals.loss_tokens += n_loss
-        totals.padding_tokens += sum(b.rows * b.width - b.n_tokens for b in batches)
+        totals.padding_tokens += step_padding
         totals.train_seconds += seconds
         totals.flops = totals.flops + flops
         totals.step_seconds.append(seconds)
         if counter is not None:
-            totals.counted_flops += counter.get_total_flops()
+            totals.counted_flops += par.total(counter.get_total_flops())
             totals.formula_flops_on_counted_steps += flops.hardware
             totals.counted_steps.append(step)
         row = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                "tokens": totals.tokens, "loss_tokens": totals.loss_tokens, "flops": totals.flops.total,
-               "seconds": seconds, "tokens_per_s": sum(b.n_tokens for b in batches) / seconds}
+               "seconds": seconds, "tokens_per_s": step_tokens / seconds}
         if config.eval_every and step % config.eval_every == 0 and step < steps:
-            eval_loss = heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
+            eval_loss = par.heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
             row["eval_loss"] = eval_loss
-        with writing("metrics.jsonl"):
-            append_line(metrics_path, _json(row))
+        if par.is_main:
+            with writing("metrics.jsonl"):
+                append_line(metrics_path, _json(row))
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < steps:
             save(step)
             with writing("ledger.json"):
-                write_ledger(folder / "ledger.json", ledger_now("running", {"train_loss": step_loss}))
+                if par.is_main:
+                    write_ledger(folder / "ledger.json", ledger_now("running", {"train_loss": step_loss}))
         if on_step:
             on_step(step)
     bar.close()
-    train_peak = peak_rss_bytes()
+    train_peak = par.peak_memory(peak_rss_bytes(), optimizer)  # distributed: every rank's, the largest returned
     if low_frozen:  # back to fp32 (exactly the bf16 values training used) for evaluation and generation
         frozen_linears_to(base, torch.float32, keep=[base.get_output_embeddings()])
 
     save(totals.steps)
     metrics = {"train_loss": _last_loss(metrics_path)}
-    eval_loss = heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
+    eval_loss = par.heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
     metrics["eval_loss"] = eval_loss
+    exported = par.export(ctx, config, shape)  # (model, base) with full weights; FSDP shards gathered to rank 0
+    if not par.is_main:
+        return par.broadcast(None)  # rank 0 writes the outputs; every rank returns its ledger
+    model, base = exported
     with writing("metrics.jsonl"):
         _append_final_eval(metrics_path, totals.steps, eval_loss)
     if data.eval_records and config.generate_examples and config.data == "support":
@@ -427,7 +460,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
     with writing("ledger.json"):
         write_ledger(folder / "ledger.json", ledger)
     index_run(config.runs_dir, ledger, folder / "ledger.json")
-    return ledger
+    return par.broadcast(ledger)
 
 
 def _lock_run(folder: Path):
