@@ -183,13 +183,56 @@ def forgetting_after_training(config, model, tokenizer, data_kind: str) -> dict:
 
     try:
         base, _ = load_model(config.model, init=config.init, seed=config.seed)
-        result = measure_forgetting(base, model, tokenizer, autocast=_autocast(config.precision))
+        precision = _precision(config.precision)
+        autocast = _autocast(precision)
+        reference = cached_base_reference(config.model, base, tokenizer, precision=precision)
+        result = measure_forgetting(base, model, tokenizer, autocast=autocast, reference=reference)
     except (RuntimeError, ValueError, OSError) as err:
         return {"forgetting_error": str(err).splitlines()[0] if str(err) else type(err).__name__}
     print(f"tunegap: forgetting: KL(base‖tuned) {result['forgetting_kl']:.4g} nats/token on "
-          f"{result['forgetting_prompts']} general prompts; general accuracy {result['general_accuracy']:.3g} "
-          f"(base {result['general_accuracy_base']:.3g}) (measured)", flush=True)
+          f"{result['forgetting_prompts']} general prompts; general questions the base model answers right "
+          f"still right: {_pct(result['general_retained'])} (accuracy {_pct(result['general_accuracy'])}, "
+          f"base {_pct(result['general_accuracy_base'])}) (measured, {result['forgetting_seconds']:.0f} s)",
+          flush=True)
     return result
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def cached_base_reference(model_name: str, base, tokenizer, *, precision: str = "fp32", reply_tokens: int = 24,
+                          answer_tokens: int = 24) -> dict:
+    """`base_reference` for the shipped prompts and questions, kept on disk per base model.
+
+    The base model's replies and answers do not change between fine-tunes of it, and generating them is
+    two thirds of the measurement; the key covers the weights files (path, size, mtime), the sets and the
+    precision, so a changed model or set is measured afresh.
+    """
+    import hashlib
+    import json
+
+    from ..data.support import general_prompts, general_questions
+    from ..io import atomic_write_json
+    from ..models import DEFAULT_MODEL, cache_dir, default_model_folder
+
+    folder = default_model_folder() if model_name == DEFAULT_MODEL else Path(model_name)
+    weights = sorted((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
+    prompts, questions = general_prompts(), general_questions()
+    key = hashlib.sha256(json.dumps([weights, prompts, questions, reply_tokens, answer_tokens,
+                                     precision]).encode()).hexdigest()[:16]
+    path = cache_dir() / "forgetting" / f"{key}.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return {"sequences": [(list(s), int(start)) for s, start in data["sequences"]],
+                    "base_right": [bool(x) for x in data["base_right"]]}
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache file is measured afresh
+    reference = base_reference(base, tokenizer, prompts=prompts, questions=questions, reply_tokens=reply_tokens,
+                               answer_tokens=answer_tokens, autocast=_autocast(precision))
+    atomic_write_json(path, reference)
+    return reference
 
 
 # --------------------------------------------------------------------------- the analysis
@@ -216,15 +259,19 @@ def base_train_config(*, model: str, steps: int, runs_dir: str, quick: bool, see
                        generate_examples=16, runs_dir=runs_dir, seed=seed, progress=progress, keep_checkpoints=1)
 
 
-def _autocast(precision: str):
-    """The training loop's choice: bf16 autocast only where this CPU's measured bf16 matmul is faster."""
-    from ..train import autocast_factory
-
+def _precision(precision: str) -> str:
+    """The training loop's choice: bf16 only where this CPU's measured bf16 matmul is faster."""
     if precision == "auto":
         from ..costs.hardware import measure_peaks
 
-        precision = measure_peaks().best_precision
-    return autocast_factory(precision)
+        return measure_peaks().best_precision
+    return precision
+
+
+def _autocast(precision: str):
+    from ..train import autocast_factory
+
+    return autocast_factory(_precision(precision))
 
 
 def _eval_loss(model, tokenizer, examples, batch_size: int, seq_len: int, autocast=contextlib.nullcontext) -> float:
@@ -373,13 +420,13 @@ def _plot_bars(arms: dict, path: Path) -> Path:
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     labels = list(arms)
     kl = [arms[k]["matched"]["forgetting_kl"] if arms[k].get("matched") else float("nan") for k in labels]
-    acc = [arms[k]["matched"]["general_accuracy"] if arms[k].get("matched") and
-           arms[k]["matched"]["general_accuracy"] is not None else float("nan") for k in labels]
+    acc = [arms[k]["matched"]["general_retained"] if arms[k].get("matched") and
+           arms[k]["matched"]["general_retained"] is not None else float("nan") for k in labels]
     ax1.bar(labels, kl, color="#4c72b0")
     ax1.set_ylabel("KL at equal task loss, nats/token (measured)")
     ax2.bar(labels, acc, color="#55a868")
     ax2.set_ylim(0, 1)
-    ax2.set_ylabel("general-question accuracy (measured)")
+    ax2.set_ylabel("base-right general answers kept (measured)")
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", rotation=45, labelsize=8)
     fig.suptitle("Forgetting at equal task quality", fontsize=10)
@@ -395,10 +442,11 @@ def forgetting_section(results: dict, images: list[Path]):
     for label, arm in arms.items():
         m, f = arm.get("matched") or {}, arm["final"]
         rows.append([label, fmt(arm["params_trainable"]), fmt(arm["alpha_path"][-1][1]), fmt(f["forgetting_kl"]),
-                     fmt(f["general_accuracy"]), fmt(arm["matched_alpha"]), fmt(m.get("eval_loss")),
-                     fmt(m.get("forgetting_kl")), fmt(m.get("general_accuracy"))])
-    table = md_table(["arm", "trainable params", "final task loss", "final KL", "final general acc.",
-                      "a at equal quality", "task loss there", "KL there", "general acc. there"], rows)
+                     f"{fmt(f['general_retained'])} ({fmt(f['general_accuracy'])})", fmt(arm["matched_alpha"]),
+                     fmt(m.get("eval_loss")), fmt(m.get("forgetting_kl")),
+                     f"{fmt(m.get('general_retained'))} ({fmt(m.get('general_accuracy'))})"])
+    table = md_table(["arm", "trainable params", "final task loss", "final KL", "final kept (accuracy)",
+                      "a at equal quality", "task loss there", "KL there", "kept (accuracy) there"], rows)
     full = (arms.get("full") or {}).get("matched")
     loras = {k: a["matched"] for k, a in arms.items() if k.startswith("lora") and a.get("matched")}
     if full and loras:
@@ -424,7 +472,8 @@ def forgetting_section(results: dict, images: list[Path]):
         f"(model `{results['model']}`{quick}). "
         "Forgetting is KL(base ‖ tuned) of next-token distributions over the base model's own greedy replies to "
         f"{n_prompts} general prompts (nats/token, measured), and "
-        f"accuracy on easy general questions (the base model scores {fmt(base_acc)}).",
+        f"easy general questions: the base model answers {fmt(base_acc)} of them right, so capability loss is "
+        "the share of those the tuned model still gets right (`kept`; raw accuracy in brackets).",
         "",
         "Methods reach different task quality in the same steps, so forgetting is compared at **equal task quality**: "
         "each run's update dW is scaled, W_base + a*dW (WiSE-FT, Wortsman et al. 2022), to the a where its held-out "

@@ -199,8 +199,7 @@ def knowledge_section(results: dict, images: list[Path]):
     a = results["arms"]
     acc = {k: a[k]["accuracy"]["value"] for k in ("closed_book", "fine_tuned", "retrieval")}
     f = a["fine_tuned"]["forgetting"]
-    lost_accuracy = (f["general_accuracy"] is not None and f["general_accuracy_base"] is not None
-                     and f["general_accuracy"] < f["general_accuracy_base"])
+    lost_accuracy = f["general_retained"] is not None and f["general_retained"] < 1.0
     measured = (f"accuracy on paraphrased questions: closed book {acc['closed_book']:.2f}, fine-tuned "
                 f"{acc['fine_tuned']:.2f}, retrieval (BM25 top-{results['k']}) {acc['retrieval']:.2f}")
     supported = True if acc["retrieval"] > acc["fine_tuned"] + 0.05 else False \
@@ -212,7 +211,8 @@ def knowledge_section(results: dict, images: list[Path]):
                 "per fact; retrieval uses the frozen base model"),
         Verdict("Fine-tuning facts in disturbs unrelated behaviour; retrieval does not.",
                 f"fine-tuned KL(base‖tuned) {f['forgetting_kl']:.3g} nats/token, general accuracy "
-                f"{fmt(f['general_accuracy'])} (base {fmt(f['general_accuracy_base'])}); "
+                f"{fmt(f['general_accuracy'])} (base {fmt(f['general_accuracy_base'])}; base-right answers kept "
+                f"{fmt(f['general_retained'])}); "
                 "retrieval 0 (weights unchanged)", f["forgetting_kl"] > 0.01 or lost_accuracy),
     ]
     rows = [["closed book", fmt(acc["closed_book"]), fmt(a["closed_book"]["mean_prompt_tokens"]["value"]), "0", "0"],
