@@ -12,13 +12,15 @@ baseline as its runtime overhead) is predicted for each run's own setting: ZeRO-
 (every rank holds everything), ZeRO-3 for FSDP (weights, gradients and optimizer state sharded), at the
 run's micro-batch per rank. The error is (predicted - measured) / measured of the largest rank's peak.
 
-    .venv/bin/python benchmarks/distributed.py                      # smollm2-135m, full fine-tuning
+    .venv/bin/python benchmarks/distributed.py                      # smollm2-135m, full: ~15 min on 2 cores
     .venv/bin/python benchmarks/distributed.py --model tiny --steps 6 --json out.json
     .venv/bin/python benchmarks/distributed.py --malloc-mmap-threshold 131072   # glibc heap retention off
 
 On this machine's CPU, glibc's adaptive mmap threshold makes freed blocks stay in the heap: FSDP gathers and
 frees every block's weights twice a step, so its resident set grows by hundreds of MiB per step and most of
-the sharding saving disappears from RSS (not from what the tensors need). Pinning the threshold shows it.
+the sharding saving disappears from RSS (not from what the tensors need). Pinning the threshold shows it, at a
+price in time: every large allocation becomes a fresh mmap whose pages are faulted in and zeroed (the pinned
+default benchmark did not finish within 40 minutes on the loaded 2-core machine; use --model tiny there).
 """
 
 from __future__ import annotations
