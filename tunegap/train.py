@@ -79,10 +79,8 @@ def sum_loss(ctx: Context, batch: Batch):
 
 def step_flops(shape: ModelShape, trainable, ctx: Context, batch: Batch, checkpointing: bool) -> Flops:
     logit_tokens = None if ctx.method.changes_sequence else batch.n_loss_tokens
-    flops = train_step_flops(shape, trainable, sequences=batch.rows, seq_len=batch.width, logit_tokens=logit_tokens)
-    if checkpointing:  # every block's forward runs again during backward (Chen et al. 2016)
-        flops = flops + Flops(0.0, 0.0, 0.0, flops.forward)
-    return flops
+    return train_step_flops(shape, trainable, sequences=batch.rows, seq_len=batch.width,
+                            logit_tokens=logit_tokens, checkpointing=checkpointing)
 
 
 def heldout_loss(ctx: Context, examples, batch_size: int, seq_len: int) -> float | None:
@@ -447,8 +445,9 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
     if data.eval_records and config.generate_examples and config.data == "support":
         from .evaluate import support_metrics
 
-        metrics.update(support_metrics(model, tokenizer, data.eval_records[:config.generate_examples],
-                                       autocast=ctx.autocast))
+        # generated without autocast: decoding one token at a time, casting every weight to bf16 on each
+        # step costs more than the bf16 matmul saves
+        metrics.update(support_metrics(model, tokenizer, data.eval_records[:config.generate_examples]))
     with writing("the trained weights"):
         save_outputs(folder, model, base, tokenizer, method)
     if config.forgetting:  # drift from the base model on unrelated prompts (tunegap.analysis.forgetting)

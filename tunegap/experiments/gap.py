@@ -66,7 +66,8 @@ def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
     values = dict(model=config.model, data="support", seq_len=config.seq_len, batch_size=config.batch_size,
                   budget_tokens=config.budget_tokens, epochs=1.0, eval_examples=config.eval_examples,
                   generate_examples=config.generate_examples, runs_dir=str(arms_dir), name=name, seed=config.seed,
-                  progress=config.progress, gpu=config.gpu, warmup_steps=2, eval_every=0)
+                  progress=config.progress, gpu=config.gpu, warmup_steps=2, eval_every=0,
+                  forgetting=False)  # `tunegap analyze forgetting` measures it; here it would double the run time
     if config.gpu_price is not None:
         values["gpu_price"] = config.gpu_price
     values.update(overrides)
