@@ -45,7 +45,8 @@ def run(tmp: Path, nproc: int, parallel: str, args) -> dict:
                "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                "--train-examples", str(args.batch_size * args.steps), "--eval-examples", "8",
                "--generate-examples", "0", "--precision", args.precision, "--runs-dir", str(tmp), "--name", name,
-               "--no-progress", "--parallel", "ddp" if parallel == "single" else parallel, "--nproc", str(nproc)]
+               "--no-progress", "--parallel", "ddp" if parallel == "single" else parallel, "--nproc", str(nproc),
+               "--threads", str(args.threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.malloc_mmap_threshold:  # glibc: serve blocks above this from mmap, returned to the OS when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
@@ -124,6 +125,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--gpu", default="H100-SXM", help="catalogue GPU for the N-GPU prediction")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per process (0: the cores split between a node's processes). With 1, "
+                             "each process gets one core and the rows compare 1 device with 2; tiny models on a "
+                             "loaded machine run slower on 2 OpenMP threads than on 1 (spin-waiting)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=0,
                         help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for every run, e.g. 131072; 0 = glibc's "
                              "adaptive default, under which FSDP's per-layer gather/free churn fragments the heap")
