@@ -12,7 +12,8 @@ in a minimal loop of its own, said so in the output.)
 
 What is reported, per run (medians over steps 2..N; step 1 is warm-up):
   s/step          measured wall time from the end of one optimizer step to the end of the next
-  loss tok/s      loss-bearing tokens per second over steps 2..N (measured)
+  loss tok/s      loss-bearing tokens of a step / its seconds, median over steps 2..N (measured; the
+                  total-time rate is kept in the JSON as *_overall)
   peak RSS        resident-set high-water mark during the training steps (measured, Linux VmHWM, reset
                   before step 1 as the ledger does); on CUDA the allocator's peak instead
   MFU             model FLOPs / time / measured matmul peak (fp32 and bf16 peaks measured in the same
@@ -48,7 +49,8 @@ def base_config(args, method: str, name: str, runs_dir: str, checkpointing: bool
                        batch_size=args.batch, max_steps=args.steps, lr=LR[method], precision=args.precision,
                        eval_examples=args.eval_examples, generate_examples=0, runs_dir=runs_dir, name=name,
                        progress=False, threads=args.threads, activation_checkpointing=checkpointing,
-                       train_examples=args.steps * args.batch)
+                       train_examples=args.steps * args.batch,
+                       forgetting=False)  # an after-training analysis: minutes, and nothing to do with speed
 
 
 def step_examples(config, data) -> list[list]:
@@ -83,13 +85,18 @@ def loss_tokens(steps: list[list]) -> list[int]:
 
 
 def summarise(stamps: list[float], flops: list[float], tokens: list[int]) -> dict:
-    """Steps 2..N from the end-of-step timestamps (stamps[0] = end of step 1)."""
+    """Steps 2..N from the end-of-step timestamps (stamps[0] = end of step 1).
+
+    The 1-minute load average at the end is kept: on a shared machine it says how much the run was crowded."""
     secs = [b - a for a, b in zip(stamps, stamps[1:])]
     timed = range(1, len(stamps))
     total_s = sum(secs)
-    return {"s_per_step": statistics.median(secs), "step_seconds": secs,
-            "loss_tokens_per_s": sum(tokens[i] for i in timed) / total_s,
-            "model_flops_per_s": sum(flops[i] for i in timed) / total_s}
+    # medians of per-step rates: a load spike from another process on a shared machine moves one step, not all
+    return {"s_per_step": statistics.median(secs), "step_seconds": secs, "load_average": os.getloadavg()[0],
+            "loss_tokens_per_s": statistics.median(tokens[i] / s for i, s in zip(timed, secs)),
+            "model_flops_per_s": statistics.median(flops[i] / s for i, s in zip(timed, secs)),
+            "loss_tokens_per_s_overall": sum(tokens[i] for i in timed) / total_s,
+            "model_flops_per_s_overall": sum(flops[i] for i in timed) / total_s}
 
 
 def peaks_dict(device: str) -> dict:

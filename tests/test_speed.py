@@ -19,6 +19,15 @@ from tunegap.precision import can_store_frozen_low, frozen_linears_to
 from tunegap.train import Context, autocast_factory, base_model, sum_loss, train
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: a second OpenMP thread only spin-waits, and on a loaded machine that costs 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _problem(n=37, d=16, vocab=50, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=g)
@@ -129,3 +138,26 @@ def test_bf16_lora_run_trains_and_saves_an_fp32_adapter(tmp_path):
     assert "style_adherence" in ledger["metrics"]
     adapter = load_file(str(tmp_path / "runs" / "t" / "adapter" / "adapter_model.safetensors"))
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+
+
+def test_fp32_attention_keeps_packed_rows_separate_and_runs_outside_autocast():
+    from tunegap.precision import FP32_ATTENTION, fp32_attention
+
+    reference, _ = load_model("tiny")
+    model = copy.deepcopy(reference)
+    assert fp32_attention(model) and model.config._attn_implementation == FP32_ATTENTION
+    examples = [Example(list(range(3, 3 + n)), list(range(3, 3 + n))) for n in (7, 5, 9)]
+    batch = make_batch(examples, capacity=12, pad_id=0)
+    with torch.no_grad():  # no autocast: the same function as transformers' sdpa, block-diagonal masks included
+        ours = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        theirs = reference(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    assert torch.equal(ours, theirs)
+    seen = []
+    hook = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        reference.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].dtype))
+        reference(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]  # autocast alone would have run the attention in bf16

@@ -21,7 +21,7 @@ from .distributed import start as start_parallel
 from .data.packing import IGNORE, Batch, make_batch
 from .io import append_line, atomic_write_json
 from .losses import linear_cross_entropy
-from .precision import can_store_frozen_low, frozen_linears_to
+from .precision import can_store_frozen_low, fp32_attention, frozen_linears_to
 from .ledger import (Totals, build_ledger, environment, format_ledger, optimizer_state_bytes, peak_rss_bytes,
                      reset_peak_rss, write_ledger)
 from .methods import make_method
@@ -250,6 +250,8 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
     low_frozen = can_store_frozen_low(method, precision, par.enabled)
     if low_frozen:  # no per-step autocast casts of frozen weights (tunegap/precision.py)
         frozen_linears_to(base, torch.bfloat16, keep=[base.get_output_embeddings()])
+    if precision == "bf16" and par.device_type == "cpu":  # this CPU's attention kernel is faster in fp32
+        fp32_attention(base)
     if config.activation_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
