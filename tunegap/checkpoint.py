@@ -52,23 +52,38 @@ def save_checkpoint(folder: Path, step: int, *, model, optimizer, scheduler, pro
                  "rng": torch.get_rng_state()}
         torch.save(state, staging / "state.pt")
         (staging / "progress.json").write_text(json.dumps(progress, indent=2))
-        for f in staging.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(staging)
-        aside = folder / f".{final.name}{ASIDE}"
-        if final.exists():  # re-saving a step (a resumed run that had finished): move the old copy aside
-            shutil.rmtree(aside, ignore_errors=True)  # atomically, so a kill leaves one of the two in place
-            os.replace(final, aside)
-        os.replace(staging, final)
-        fsync_dir(folder)
-        shutil.rmtree(aside, ignore_errors=True)
+        publish(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for old in list_checkpoints(folder)[:-keep]:
-        _remove(old)
+    prune(list_checkpoints(folder), keep)
     return final
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Make a fully written staging folder the checkpoint `final` (one process's or a distributed one's).
+
+    Everything is on disk before the rename, and a step saved again (a resumed run that had finished) has
+    its old copy moved aside first, atomically, so a kill at any point leaves one whole copy in place."""
+    for f in staging.iterdir():
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(staging)
+    folder = final.parent
+    aside = folder / f".{final.name}{ASIDE}"
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(staging, final)
+    fsync_dir(folder)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def prune(checkpoints: list[Path], keep: int) -> None:
+    """Delete all but the newest `keep` of `checkpoints` (oldest first)."""
+    for old in checkpoints[:-keep]:
+        _remove(old)
 
 
 def _remove(path: Path) -> None:

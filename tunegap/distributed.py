@@ -389,35 +389,15 @@ class Parallel:
         return value.full_tensor() if hasattr(value, "full_tensor") else value
 
     def heldout_loss(self, ctx, examples, batch_size: int, seq_len: int):
-        """Mean held-out loss per loss token, each rank evaluating its share of every global batch.
-
-        Under FSDP every rank must run the same number of forward passes (each one all-gathers weights), so
-        a rank whose share of the last batch is empty evaluates one example and discards its result.
-        """
-        from .train import heldout_loss
+        """Mean held-out loss per loss token, each rank evaluating its share of every global batch."""
+        from .train import heldout_loss, heldout_sums
 
         if not self.enabled:
             return heldout_loss(ctx, examples, batch_size, seq_len)
-        import torch
-
-        from .data.packing import make_batch
-
         if not examples:
             return None
-        was_training = ctx.model.training
-        ctx.model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(examples), batch_size):
-                chunk = examples[i:i + batch_size]
-                share = chunk[self.rank::self.world_size]
-                batch = make_batch(share or chunk[:1], capacity=seq_len, pad_id=ctx.pad_id,
-                                   pack=not ctx.method.changes_sequence)
-                loss = float(self.loss(ctx, batch))
-                if share:
-                    total += loss
-                    count += batch.n_loss_tokens
-        ctx.model.train(was_training)
+        total, count = heldout_sums(ctx, examples, batch_size, seq_len, loss=self.loss,
+                                    share=lambda chunk: chunk[self.rank::self.world_size])
         total, count = self.total((total, count))
         return total / max(count, 1)
 
@@ -557,7 +537,6 @@ class Parallel:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         from . import checkpoint as ckpt
-        from .io import fsync_dir
 
         final = folder / f"{ckpt.PREFIX}{step:06d}"
         staging = None
@@ -581,23 +560,11 @@ class Parallel:
                 (staging / "progress.json").write_text(json.dumps(
                     {**progress, "format": "torch.distributed.checkpoint", "world_size": self.world_size,
                      "mode": self.mode}, indent=2))
-                for f in staging.iterdir():
-                    with open(f, "rb") as handle:
-                        os.fsync(handle.fileno())
-                aside = folder / f".{final.name}.old"
-                if final.exists():  # re-saving a step: the old copy goes aside first, so one is always whole
-                    shutil.rmtree(aside, ignore_errors=True)
-                    os.replace(final, aside)
-                os.replace(staging, final)
-                fsync_dir(folder)
-                shutil.rmtree(aside, ignore_errors=True)
+                ckpt.publish(staging, final)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            for old in self.list_checkpoints(folder)[:-keep]:  # hidden first: never a half-deleted step-*
-                hidden = folder / f".{old.name}.deleting"
-                os.replace(old, hidden)
-                shutil.rmtree(hidden, ignore_errors=True)
+            ckpt.prune(self.list_checkpoints(folder), keep)
         self.barrier()
         return final if self.is_main else None
 

@@ -85,21 +85,35 @@ def step_flops(shape: ModelShape, trainable, ctx: Context, batch: Batch, checkpo
 
 def heldout_loss(ctx: Context, examples, batch_size: int, seq_len: int) -> float | None:
     """Mean cross-entropy per loss-bearing token on held-out examples (nats/token)."""
-    import torch
-
     if not examples:
         return None
+    total, count = heldout_sums(ctx, examples, batch_size, seq_len)
+    return total / max(count, 1)
+
+
+def heldout_sums(ctx: Context, examples, batch_size: int, seq_len: int, *, share=None, loss=sum_loss
+                 ) -> tuple[float, int]:
+    """Summed loss and loss-token count over held-out batches; `share(batch)` picks this process's part of each
+    batch under torchrun (`loss` then runs through DDP/FSDP). Under FSDP every rank must run the same number
+    of forward passes (each all-gathers weights), so a rank with an empty share evaluates one example and
+    discards it."""
+    import torch
+
     was_training = ctx.model.training
     ctx.model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            batch = make_batch(examples[i:i + batch_size], capacity=seq_len, pad_id=ctx.pad_id,
+            chunk = examples[i:i + batch_size]
+            mine = share(chunk) if share else chunk
+            batch = make_batch(mine or chunk[:1], capacity=seq_len, pad_id=ctx.pad_id,
                                pack=not ctx.method.changes_sequence)
-            total += float(sum_loss(ctx, batch))
-            count += batch.n_loss_tokens
+            value = float(loss(ctx, batch))
+            if mine:
+                total += value
+                count += batch.n_loss_tokens
     ctx.model.train(was_training)
-    return total / max(count, 1)
+    return total, count
 
 
 class DataOrder:
