@@ -1,4 +1,4 @@
-"""FLOPs counted from the operations a step really executes (`torch.utils.flop_counter.FlopCounterMode`).
+"""FLOPs counted from the operations a step really executes, with PyTorch's own FlopCounterMode formulas.
 
 PyTorch's counter knows the CUDA attention kernels but not the CPU one
 (`_scaled_dot_product_flash_attention_for_cpu`), so it would silently count attention as zero here.
@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CPU_SDPA_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -28,8 +28,34 @@ if _CPU_SDPA not in flop_counter.flop_registry:
         return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+class _Counter(TorchDispatchMode):
+    """Sums PyTorch's own per-op FLOP formulas (`flop_counter.flop_registry`, the table FlopCounterMode reads)
+    over every op that runs: forward, backward and any recomputation.
+
+    Why not FlopCounterMode itself: it also tracks modules, with hooks on every module's inputs and outputs,
+    and with activation checkpointing on that kept the counted step's activations alive, so the checkpointed
+    run's peak memory was that of an uncheckpointed one (default model, LoRA with selective checkpointing:
+    2.47 GiB counted against 1.85 GiB uncounted, measured). The totals are the same.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_counter.flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+    def get_total_flops(self) -> int:
+        return self.total
+
+
 @contextlib.contextmanager
 def count_flops():
     """`with count_flops() as counter: ...; counter.get_total_flops()`, attention on CPU included."""
-    with FlopCounterMode(display=False) as counter:
+    with _Counter() as counter:
         yield counter
