@@ -150,15 +150,20 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(tmp_path, name="killed", **common), on_step=crash)
+    runs = tmp_path / "runs"
+    earlier = json.loads((runs / "killed" / "checkpoints" / "step-000004" / "progress.json").read_text())["totals"]
     ledger = train(tiny_config(tmp_path, name="killed", resume=True, **common))
     assert ledger["costs"]["optimizer_steps"]["value"] == 8
-    runs = tmp_path / "runs"
     final = lambda name: load_file(str(sorted((runs / name / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
     a, b = final("straight"), final("killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     straight = json.loads((runs / "straight" / "ledger.json").read_text())["costs"]
     assert ledger["costs"]["tokens"]["value"] == straight["tokens"]["value"]
     assert ledger["costs"]["flops_total"]["value"] == pytest.approx(straight["flops_total"]["value"])
+    # wall time counts the killed segment up to its last checkpoint, and then all of the resumed one
+    resumed_train = ledger["costs"]["train_time_s"]["value"] - earlier["train_seconds"]
+    assert earlier["wall_seconds"] > earlier["train_seconds"] > 0
+    assert ledger["costs"]["wall_time_s"]["value"] > earlier["wall_seconds"] + resumed_train
 
 
 def test_resume_with_changed_settings_is_refused(tmp_path):

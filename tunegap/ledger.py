@@ -79,6 +79,7 @@ class Totals:
     loss_tokens: int = 0
     padding_tokens: int = 0
     train_seconds: float = 0.0
+    wall_seconds: float = 0.0  # earlier segments of a resumed run, up to their last checkpoint
     flops: Flops = ZERO
     counted_flops: float = 0.0
     formula_flops_on_counted_steps: float = 0.0

@@ -300,6 +300,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
         totals.events.append({"event": "resumed", "from_step": totals.steps, "at": time.time()})
     elif config.resume and par.is_main:
         (folder / "metrics.jsonl").unlink(missing_ok=True)
+    earlier_wall = totals.wall_seconds  # a resumed run's ledger counts every segment's wall time, not the last
     metrics_path = folder / "metrics.jsonl"
     if existing and par.is_main:  # drop log lines of steps after the checkpoint: they will be redone
         from .io import atomic_write_text, read_jsonl
@@ -329,7 +330,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
             data_stats={**data.stats, "epochs": order.epochs_done(totals.steps * config.grad_accum),
                         "train_examples": len(data.train), "kind": data.kind},
             peak_memory=peak_rss_bytes(), peak_memory_how="measured",
-            wall_seconds=time.perf_counter() - started + sum(e.get("wall_s", 0) for e in totals.events),
+            wall_seconds=earlier_wall + time.perf_counter() - started,
             gpu=config.gpu, gpu_price=config.gpu_price, gpu_flops_per_s=gpu_flops_per_s(config.gpu),
             metrics=metrics, environment_info=environment()))
 
@@ -351,6 +352,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
                                 "with --resume") from err
 
     def save(step: int) -> None:
+        totals.wall_seconds = earlier_wall + time.perf_counter() - started
         with writing(f"checkpoint step-{step:06d}"):
             (par.save_checkpoint if par.enabled else ckpt.save_checkpoint)(  # DCP when distributed
                 checkpoints, step, model=model, optimizer=optimizer, scheduler=scheduler,
