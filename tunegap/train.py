@@ -250,7 +250,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
     method.check(shape)
     data = prepare(config, tokenizer)
     cut = data.stats.get("train", {}) if data.kind == "sft" else {}
-    if cut.get("n_dropped") or cut.get("n_truncated"):  # a counted skip, never a silent one
+    if par.is_main and (cut.get("n_dropped") or cut.get("n_truncated")):  # counted, never silent; said once
         print(f"tunegap: {name}: {cut.get('n_dropped', 0)} training examples skipped (no reply token within --seq-len "
               f"{config.seq_len}{', or longer with --drop-long' if config.drop_long else ''}), "
               f"{cut.get('n_truncated', 0)} truncated to it (counted)", flush=True)
