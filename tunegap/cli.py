@@ -52,10 +52,12 @@ def cmd_train(args) -> int:
     config = config_from_args(args)
     if config.nproc > 1 and not under_torchrun():  # --nproc N: this same command line, under torchrun
         return relaunch(config.nproc, args.argv)
+    finished = False
     try:
         ledger = train(config)
+        finished = True
     finally:
-        shutdown()
+        shutdown(finished)
     if int(os.environ.get("RANK", "0")) == 0:
         print_summary(ledger)
     return 0

@@ -683,11 +683,18 @@ def start(config) -> Parallel:
     return par
 
 
-def shutdown() -> None:
-    """Destroy the process group if this process created one (the CLI calls it on exit)."""
+def shutdown(finished: bool = False) -> None:
+    """Destroy the process group if this process created one (the CLI calls it on exit).
+
+    After a finished run every rank first waits for the others at a barrier: rank 0 still writes the ledger
+    and the model after the last collective, and a rank tearing its gloo connections down meanwhile was seen
+    to abort rank 0 at exit once (std::terminate, after everything was written). After a failure there is no
+    barrier: the other ranks may be stuck in a collective, and torchrun stops them."""
     try:
         import torch.distributed as dist
     except ImportError:
         return
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
