@@ -62,7 +62,7 @@ def main(argv=None):
                              max_steps=args.first + args.steps, lr=2e-4, eval_examples=8, generate_examples=0,
                              forgetting=False, runs_dir=tmp, name="profile", progress=False)
         ledger = train(config, on_step=on_step)
-    vocab = ledger["shape"]["vocab_size"] if "shape" in ledger else 49152
+    vocab = ledger["shape"]["vocab_size"]
     totals: collections.Counter = collections.Counter()
     for event in prof.key_averages(group_by_input_shape=True):
         totals[group(event, config.rank, vocab)] += event.self_cpu_time_total / args.steps / 1e6

@@ -264,14 +264,27 @@ def add_common(parser):
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd")
-    worker = sub.add_parser("_worker")
+def bench_parser(description: str):
+    """A benchmark's parser and its `_worker` subcommand (one run, in a fresh process), both with the common
+    flags; returns (parser, worker)."""
+    parser = argparse.ArgumentParser(description=description)
+    worker = parser.add_subparsers(dest="cmd").add_parser("_worker")
     add_common(worker)
     worker.add_argument("--method", required=True)
-    worker.add_argument("--checkpointing", default="off", choices=("on", "off"))
     add_common(parser)
+    return parser, worker
+
+
+def worker_argv(args) -> list[str]:
+    """The common flags of `args`, passed on to each worker."""
+    return [f"--model={args.model}", f"--init={args.init}", f"--steps={args.steps}", f"--batch={args.batch}",
+            f"--seq-len={args.seq_len}", f"--precision={args.precision}", f"--threads={args.threads}",
+            f"--eval-examples={args.eval_examples}", f"--device={args.device}"]
+
+
+def main(argv=None):
+    parser, worker = bench_parser(__doc__.split("\n")[0])
+    worker.add_argument("--checkpointing", default="off", choices=("on", "off"))
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--checkpointing", default="off", choices=("off", "on", "both"),
                         help="activation checkpointing: off, on, or both (to show its time and memory cost)")
@@ -283,9 +296,7 @@ def main(argv=None):
         return
 
     variants = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]
-    common = [f"--model={args.model}", f"--init={args.init}", f"--steps={args.steps}", f"--batch={args.batch}",
-              f"--seq-len={args.seq_len}", f"--precision={args.precision}", f"--threads={args.threads}",
-              f"--eval-examples={args.eval_examples}", f"--device={args.device}"]
+    common = worker_argv(args)
     print(f"train_throughput: {args.model} ({args.init}), {args.batch} examples x <= {args.seq_len} tokens per step, "
           f"{args.steps} steps per run, {args.repeats} run(s) each, device {args.device}", flush=True)
     results = []

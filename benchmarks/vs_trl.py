@@ -29,7 +29,6 @@ train_throughput.py) against the best matmul peak measured in any of the runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -38,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (LR, add_common, base_config, gib, heldout, loss_tokens, mfu, peaks_dict,  # noqa: E402
-                              run_worker, step_examples, summarise, useful_flops)
+from train_throughput import (LR, base_config, bench_parser, gib, heldout, loss_tokens, mfu, peaks_dict,  # noqa: E402
+                              run_worker, step_examples, summarise, useful_flops, worker_argv)
 
 TARGETS = {"lora": 2.0, "full": 1.5}  # issue 7: tunegap/TRL loss-bearing tokens/s
 
@@ -139,13 +138,8 @@ def label(r: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd")
-    worker = sub.add_parser("_worker")
-    add_common(worker)
-    worker.add_argument("--method", required=True)
+    parser, worker = bench_parser(__doc__.split("\n")[0])
     worker.add_argument("--trl-checkpointing", default="default", choices=("default", "on", "off"))
-    add_common(parser)
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--pairs", type=int, default=3, help="alternating TRL/tunegap rounds per method")
     parser.add_argument("--trl-checkpointing", default="default", choices=("default", "on", "off"),
@@ -166,9 +160,7 @@ def main(argv=None):
         return
 
     here = Path(__file__).resolve().parent
-    common = [f"--model={args.model}", f"--init={args.init}", f"--steps={args.steps}", f"--batch={args.batch}",
-              f"--seq-len={args.seq_len}", f"--precision={args.precision}", f"--threads={args.threads}",
-              f"--eval-examples={args.eval_examples}", f"--device={args.device}"]
+    common = worker_argv(args)
     methods = args.methods.split(",")
     ours = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]
     print(f"vs_trl: {args.model} ({args.init}), {args.batch} examples x <= {args.seq_len} tokens per step, "

@@ -34,8 +34,9 @@ class _Counter(TorchDispatchMode):
 
     Why not FlopCounterMode itself: it also tracks modules, with hooks on every module's inputs and outputs,
     and with activation checkpointing on that kept the counted step's activations alive, so the checkpointed
-    run's peak memory was that of an uncheckpointed one (default model, LoRA with selective checkpointing:
-    2.47 GiB counted against 1.85 GiB uncounted, measured). The totals are the same.
+    run's peak memory was that of an uncheckpointed one (default model, full SFT with
+    --activation-checkpointing, 4 steps: peak RSS 3.89 GiB with it, 2.95 GiB with this, measured; the jump
+    came at the counted last step). The totals are the same.
     """
 
     def __init__(self):
