@@ -1,7 +1,7 @@
 """Training throughput of tunegap's own loop: tokens/s, s/step, peak memory and MFU, full and LoRA.
 
     .venv/bin/python benchmarks/train_throughput.py                       # default model, 8 x 128, full + LoRA
-    .venv/bin/python benchmarks/train_throughput.py --methods lora --steps 12 --checkpointing both
+    .venv/bin/python benchmarks/train_throughput.py --methods lora --steps 12 --variants default,ckpt,compile
     python3 benchmarks/train_throughput.py --device cuda --model <folder> --init scratch   # on a GPU
 
 Each run is a fresh subprocess (so one run's retained memory cannot inflate the next) that calls
@@ -41,14 +41,15 @@ LR = {"lora": 2e-4, "full": 2e-5}  # LoRA's usual rate; full SFT at TRL's defaul
 
 # --- shared by vs_trl.py ----------------------------------------------------------------------------------
 
-def base_config(args, method: str, name: str, runs_dir: str, checkpointing: bool = False):
-    """The one TrainConfig every trainer in these benchmarks is measured on."""
+def base_config(args, method: str, name: str, runs_dir: str, checkpointing: bool = False, compile: str = "off"):
+    """The one TrainConfig every trainer in these benchmarks is measured on (tunegap's own compile and
+    checkpointing settings are the worker's; other trainers ignore them)."""
     from tunegap.config import TrainConfig
 
     return TrainConfig(model=args.model, init=args.init, method=method, data="support", seq_len=args.seq_len,
                        batch_size=args.batch, max_steps=args.steps, lr=LR[method], precision=args.precision,
                        eval_examples=args.eval_examples, generate_examples=0, runs_dir=runs_dir, name=name,
-                       progress=False, threads=args.threads, activation_checkpointing=checkpointing,
+                       progress=False, threads=args.threads, activation_checkpointing=checkpointing, compile=compile,
                        train_examples=args.steps * args.batch,
                        forgetting=False)  # an after-training analysis: minutes, and nothing to do with speed
 
@@ -174,12 +175,16 @@ def tunegap_worker(args) -> dict:
         torch.set_num_threads(args.threads)
     peaks = peaks_dict(args.device)
     with tempfile.TemporaryDirectory(prefix="tunegap-bench-") as tmp:
-        config = base_config(args, args.method, "bench", tmp, args.checkpointing == "on")
+        config = base_config(args, args.method, "bench", tmp, args.checkpointing == "on", args.compile)
+        first_step_s = compiled = None
         if args.device == "cpu":
             from tunegap.train import train
 
             stamps: list[float] = []
             ledger = train(config, on_step=lambda step: stamps.append(time.perf_counter()))
+            compiled = ledger["compiled"].startswith("on")
+            with open(Path(tmp) / "bench" / "metrics.jsonl") as rows:  # step 1's time includes any compile
+                first_step_s = next(r["seconds"] for r in map(json.loads, rows) if r.get("step") == 1)
             data = prepare(config, load_model(config.model, init=config.init, seed=config.seed)[1])
             shape, precision = ModelShape(**ledger["shape"]), ledger["precision"]
             peak = ledger["costs"]["peak_memory_bytes"]["value"]
@@ -192,7 +197,7 @@ def tunegap_worker(args) -> dict:
     steps = step_examples(config, data)
     result = summarise(stamps, useful_flops(config, shape, method, steps), loss_tokens(steps))
     return {**result, "trainer": "tunegap", "loop": loop, "method": args.method, "precision": precision,
-            "checkpointing": args.checkpointing == "on", "peak_bytes": peak, "eval_loss": eval_loss,
+            "checkpointing": args.checkpointing == "on", "compiled": bool(compiled), "first_step_s": first_step_s, "peak_bytes": peak, "eval_loss": eval_loss,
             "peaks": peaks, "threads": torch.get_num_threads()}
 
 
@@ -271,8 +276,30 @@ def bench_parser(description: str):
     worker = parser.add_subparsers(dest="cmd").add_parser("_worker")
     add_common(worker)
     worker.add_argument("--method", required=True)
+    worker.add_argument("--checkpointing", default="off", choices=("on", "off"))
+    worker.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
     add_common(parser)
     return parser, worker
+
+
+# tunegap's settings a benchmark can set side by side: "default" is what `tunegap finetune` does unasked
+# (--compile auto, which leaves a run this short eager)
+VARIANTS = {"default": [], "ckpt": ["--checkpointing=on"], "compile": ["--compile=on"],
+            "compile+ckpt": ["--compile=on", "--checkpointing=on"]}
+
+
+def variants(spec: str) -> list[str]:
+    names = [v.strip() for v in spec.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise SystemExit(f"--variants: unknown {unknown or spec!r}; choose from {','.join(VARIANTS)}")
+    return names
+
+
+def variant(result: dict) -> str:
+    """The VARIANTS name of a tunegap run's result."""
+    parts = (["compile"] if result.get("compiled") else []) + (["ckpt"] if result["checkpointing"] else [])
+    return "+".join(parts) or "default"
 
 
 def worker_argv(args) -> list[str]:
@@ -284,10 +311,9 @@ def worker_argv(args) -> list[str]:
 
 def main(argv=None):
     parser, worker = bench_parser(__doc__.split("\n")[0])
-    worker.add_argument("--checkpointing", default="off", choices=("on", "off"))
     parser.add_argument("--methods", default="lora,full")
-    parser.add_argument("--checkpointing", default="off", choices=("off", "on", "both"),
-                        help="activation checkpointing: off, on, or both (to show its time and memory cost)")
+    parser.add_argument("--variants", default="default",
+                        help=f"tunegap settings to run side by side, comma-separated: {','.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (medians reported)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -295,33 +321,34 @@ def main(argv=None):
         print(json.dumps(tunegap_worker(args)), flush=True)
         return
 
-    variants = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]
+    names = variants(args.variants)
     common = worker_argv(args)
     print(f"train_throughput: {args.model} ({args.init}), {args.batch} examples x <= {args.seq_len} tokens per step, "
           f"{args.steps} steps per run, {args.repeats} run(s) each, device {args.device}", flush=True)
     results = []
     for _ in range(args.repeats):
         for method in args.methods.split(","):
-            for ckpt in variants:
-                r = run_worker([__file__, "_worker", *common, f"--method={method}", f"--checkpointing={ckpt}"],
-                               args.timeout)
+            for name in names:
+                r = run_worker([__file__, "_worker", *common, f"--method={method}", *VARIANTS[name]], args.timeout)
                 results.append(r)
-                print(f"  ran {method} checkpointing={ckpt}: {r['s_per_step']:.2f} s/step", flush=True)
+                print(f"  ran {method} {name}: {r['s_per_step']:.2f} s/step (step 1: {r['first_step_s']:.1f} s)",
+                      flush=True)
     peaks = {"fp32": max(r["peaks"]["fp32"] for r in results), "bf16": max(r["peaks"]["bf16"] for r in results),
              "device": results[0]["peaks"]["device"]}
     print(f"\nmeasured matmul peaks (best of each run's measurement): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s on {peaks['device']} ({results[0]['threads']} threads)")
-    print(f"{'method':6} {'ckpt':5} {'prec':5} {'s/step':>7} {'loss tok/s':>10} {'peak mem':>10} "
+    print(f"{'method':6} {'variant':12} {'prec':5} {'step 1 s':>8} {'s/step':>7} {'loss tok/s':>10} {'peak mem':>10} "
           f"{'MFU fp32':>8} {'MFU bf16':>8} {'held-out loss':>13}   (all measured; MFU = formula FLOPs / "
-          "measured time / measured peak)")
+          "measured time / measured peak; step 1 includes any compile)")
     for method in args.methods.split(","):
-        for ckpt in variants:
-            rs = [r for r in results if r["method"] == method and r["checkpointing"] == (ckpt == "on")]
-            med = {k: statistics.median(r[k] for r in rs)
-                   for k in ("s_per_step", "loss_tokens_per_s", "peak_bytes", "model_flops_per_s", "eval_loss")}
+        for name in names:
+            rs = [r for r in results if r["method"] == method and variant(r) == name]
+            med = {k: statistics.median(r[k] for r in rs) for k in
+                   ("s_per_step", "loss_tokens_per_s", "peak_bytes", "model_flops_per_s", "eval_loss", "first_step_s")}
             m32, m16 = mfu(med, peaks)
-            print(f"{method:6} {ckpt:5} {rs[0]['precision']:5} {med['s_per_step']:7.2f} {med['loss_tokens_per_s']:10.1f} "
-                  f"{gib(med['peak_bytes']):>10} {100 * m32:7.1f}% {100 * m16:7.1f}% {med['eval_loss']:13.4f}")
+            print(f"{method:6} {name:12} {rs[0]['precision']:5} {med['first_step_s']:8.1f} {med['s_per_step']:7.2f} "
+                  f"{med['loss_tokens_per_s']:10.1f} {gib(med['peak_bytes']):>10} {100 * m32:7.1f}% {100 * m16:7.1f}% "
+                  f"{med['eval_loss']:13.4f}")
     print(f"loop: {results[0]['loop']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"peaks": peaks, "runs": results}, indent=2))

@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (LR, base_config, bench_parser, gib, heldout, loss_tokens, mfu, peaks_dict,  # noqa: E402
-                              run_worker, step_examples, summarise, useful_flops, worker_argv)
+from train_throughput import (LR, VARIANTS, base_config, bench_parser, gib, heldout, loss_tokens, mfu,  # noqa: E402
+                              peaks_dict, run_worker, step_examples, summarise, useful_flops, variant, variants,
+                              worker_argv)
 
 TARGETS = {"lora": 2.0, "full": 1.5}  # issue 7: tunegap/TRL loss-bearing tokens/s
 
@@ -134,7 +135,7 @@ def trl_worker(args) -> dict:
 
 
 def label(r: dict) -> str:
-    return r["trainer"] + ("+ckpt" if r["trainer"] == "tunegap" and r["checkpointing"] else "")
+    return "trl" if r["trainer"] == "trl" else "tunegap" + ("" if variant(r) == "default" else "+" + variant(r))
 
 
 def main(argv=None):
@@ -144,9 +145,10 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=3, help="alternating TRL/tunegap rounds per method")
     parser.add_argument("--trl-checkpointing", default="default", choices=("default", "on", "off"),
                         help="TRL's gradient checkpointing (its default is on)")
-    parser.add_argument("--checkpointing", default="off", choices=("off", "on", "both"),
-                        help="tunegap's activation checkpointing (its default is off); 'both' runs tunegap twice "
-                             "per round, to set its speed and its memory beside TRL's")
+    parser.add_argument("--variants", default="default,compile",
+                        help=f"tunegap settings run in every round, comma-separated: {','.join(VARIANTS)} "
+                             "(default: what `tunegap finetune` does unasked, which leaves a run this short eager, "
+                             "and --compile on)")
     parser.add_argument("--json", help="also write every run's numbers here (after each run)")
     parser.add_argument("--report", help="only print the table of an earlier --json file")
     args = parser.parse_args(argv)
@@ -162,7 +164,7 @@ def main(argv=None):
     here = Path(__file__).resolve().parent
     common = worker_argv(args)
     methods = args.methods.split(",")
-    ours = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]
+    ours = variants(args.variants)
     print(f"vs_trl: {args.model} ({args.init}), {args.batch} examples x <= {args.seq_len} tokens per step, "
           f"{args.steps} optimizer steps per run, {args.pairs} alternating rounds per method, device {args.device}; "
           f"lr {', '.join(f'{m} {LR[m]:g}' for m in methods)}", flush=True)
@@ -171,8 +173,8 @@ def main(argv=None):
         for pair in range(args.pairs):
             jobs = [[str(here / "vs_trl.py"), "_worker", *common, f"--method={method}",
                      f"--trl-checkpointing={args.trl_checkpointing}"]]
-            jobs += [[str(here / "train_throughput.py"), "_worker", *common, f"--method={method}",
-                      f"--checkpointing={c}"] for c in ours]
+            jobs += [[str(here / "train_throughput.py"), "_worker", *common, f"--method={method}", *VARIANTS[v]]
+                     for v in ours]
             for argv_ in jobs:
                 r = run_worker(argv_, args.timeout)
                 r["pair"] = pair
@@ -220,9 +222,20 @@ def report(runs: list[dict], methods: list[str]) -> None:
                   f"(target >= {TARGETS[method]}: {verdict(speed >= TARGETS[method])}), peak memory x{mem:.2f} "
                   f"(target <= 1: {verdict(mem <= 1.0)}), held-out loss x{loss:.4f} "
                   f"(target within 2%: {verdict(abs(loss - 1) <= 0.02)})")
-        if method == "lora" and "tunegap" in med:
-            m16 = mfu(med["tunegap"], peaks)[1]
-            print(f"lora   tunegap MFU vs the measured bf16 peak {100 * m16:.1f}% (target >= 50%: {verdict(m16 >= 0.5)})")
+        if method == "lora":
+            for t in labels[1:]:
+                m16 = mfu(med[t], peaks)[1]
+                print(f"lora   {t} MFU vs the measured bf16 peak {100 * m16:.1f}% (target >= 50%: {verdict(m16 >= 0.5)})")
+        for t in labels[1:]:
+            first = [r["first_step_s"] for r in by[t] if r.get("first_step_s")]
+            if first and any(r.get("compiled") for r in by[t]):
+                eager_first = [r["first_step_s"] for r in by.get("tunegap", []) if r.get("first_step_s")]
+                extra = statistics.median(first) - (statistics.median(eager_first) if eager_first
+                                                    else med[t]["s_per_step"])
+                saved = med.get("tunegap", {}).get("s_per_step", 0) - med[t]["s_per_step"]
+                repay = f", repaid after {extra / saved:.0f} steps" if saved > 0 else ""
+                print(f"{method:6} {t}: step 1 took {statistics.median(first):.1f} s (median), about {extra:.0f} s "
+                      f"of one-time compile{repay} (measured)")
 
 
 if __name__ == "__main__":

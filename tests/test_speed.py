@@ -161,3 +161,77 @@ def test_fp32_attention_keeps_packed_rows_separate_and_runs_outside_autocast():
         reference(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     hook.remove()
     assert seen == [torch.float32, torch.bfloat16]  # autocast alone would have run the attention in bf16
+
+
+def test_loss_positions_are_exactly_the_loss_bearing_targets():
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for n in (5, 9, 13, 2, 7):
+        labels = torch.randint(3, 50, (n,), generator=g).tolist()
+        cut = int(torch.randint(0, n, (1,), generator=g))
+        examples.append(Example(list(range(3, 3 + n)), [IGNORE] * cut + labels[cut:]))
+    for pack in (True, False):
+        batch = make_batch(examples, capacity=20, pad_id=0, pack=pack)
+        expected = (batch.targets.flatten() != IGNORE).nonzero().squeeze(1)
+        assert torch.equal(batch.loss_positions, expected)
+        assert batch.n_loss_tokens == len(expected) > 0
+
+
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_a_fake_tensor_replay_counts_the_flops_of_the_real_step_and_touches_nothing(name):
+    """The compiled run's counted FLOPs come from this replay: it must equal a real eager step's count."""
+    from tunegap.costs.counted import count_flops, count_on_fake_tensors
+    from tunegap.precision import fp32_attention
+
+    model, _ = load_model("tiny")
+    method = make_method(name)
+    model = method.prepare(model, ModelShape.from_hf_config(model.config))
+    fp32_attention(base_model(model))
+    examples = [Example(list(range(3, 3 + n)), [IGNORE] * 3 + list(range(6, 3 + n))) for n in (9, 14, 6)]
+    batch = make_batch(examples, capacity=24, pad_id=0)
+    ctx = Context(model, base_model(model), method, 0, autocast_factory("bf16"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trained]
+    replayed = count_on_fake_tensors(lambda: torch.autograd.grad(sum_loss(ctx, batch) / batch.n_loss_tokens, trained))
+    assert all(p.grad is None for p in trained)
+    assert all(torch.equal(a, b) for a, b in zip(before, trained))
+    with count_flops() as counter:
+        (sum_loss(ctx, batch) / batch.n_loss_tokens).backward()
+    assert replayed == counter.get_total_flops() > 0
+
+
+def test_compile_is_decided_from_the_setting_the_method_and_the_estimated_time():
+    from tunegap import compiling
+    from tunegap.config import ConfigError
+
+    lora, prefix = make_method("lora"), make_method("prefix")
+    assert compiling.decide("off", method=lora, distributed=False, estimated_seconds=1e6) == (False, "off (--compile off)")
+    with pytest.raises(ConfigError, match="torchrun"):
+        compiling.decide("on", method=lora, distributed=True, estimated_seconds=1e6)
+    on, why = compiling.decide("auto", method=prefix, distributed=False, estimated_seconds=1e6)
+    assert not on and "virtual tokens" in why
+    if compiling.why_not(lora, distributed=False) is None:
+        on, why = compiling.decide("auto", method=lora, distributed=False, estimated_seconds=60)
+        assert not on and "1.0 min" in why
+        assert compiling.decide("auto", method=lora, distributed=False,
+                                estimated_seconds=compiling.AUTO_MIN_SECONDS)[0]
+
+
+@pytest.mark.skipif(__import__("tunegap.compiling", fromlist=["why_not"]).why_not(make_method("lora"), False)
+                    is not None, reason="torch.compile cannot run here (no C++ compiler)")
+def test_a_compiled_run_trains_like_the_eager_one_and_counts_the_same_flops(tmp_path):
+    """Regional compile (tunegap/compiling.py) changes kernels, not the numbers: the same losses to float
+    rounding, the same counted FLOPs (from the fake-tensor replay), and eager layers again afterwards."""
+    import json
+
+    ledgers, losses = {}, {}
+    for setting in ("off", "on"):
+        config = tiny_config(tmp_path, name=setting, compile=setting, max_steps=3)
+        ledgers[setting] = train(config)
+        rows = (tmp_path / "runs" / setting / "metrics.jsonl").read_text().splitlines()
+        losses[setting] = [json.loads(r)["loss"] for r in rows if "grad_norm" in json.loads(r)]
+    assert ledgers["on"]["compiled"].startswith("on") and ledgers["off"]["compiled"].startswith("off")
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+    counted = {k: v["costs"]["flops_counted_sampled"]["value"] for k, v in ledgers.items()}
+    assert counted["on"] == counted["off"] > 0
+    assert ledgers["on"]["metrics"]["eval_loss"] == pytest.approx(ledgers["off"]["metrics"]["eval_loss"], rel=1e-4)

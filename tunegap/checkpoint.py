@@ -28,8 +28,8 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def config_hash(config: dict, ignore=("resume", "progress", "name", "runs_dir", "threads", "allow_pickle")
-                ) -> str:
+def config_hash(config: dict, ignore=("resume", "progress", "name", "runs_dir", "threads", "allow_pickle",
+                                      "compile")) -> str:
     """Settings that change the result; a resume under different ones is refused."""
     stable = {k: v for k, v in sorted(config.items()) if k not in ignore}
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]

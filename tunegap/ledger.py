@@ -116,7 +116,7 @@ def build_ledger(*, run_name: str, status: str, config: dict, method: dict, shap
                  precision: str, params_total: int, params_trainable: int, weights_bytes: int,
                  gradient_bytes: int, optimizer_bytes: int, totals: Totals, data_stats: dict,
                  peak_memory: int, peak_memory_how: str, wall_seconds: float, gpu: str, gpu_price: float,
-                 gpu_flops_per_s: float, metrics: dict, environment_info: dict) -> dict:
+                 gpu_flops_per_s: float, metrics: dict, environment_info: dict, compiled: str = "off") -> dict:
     """Assemble ledger.json; pure, so tests can check each figure against its inputs."""
     train_s = max(totals.train_seconds, 1e-9)
     best_peak = peaks.get("best_flops_per_s") or max(peaks.get("fp32_flops_per_s", 0), peaks.get("bf16_flops_per_s", 0))
@@ -170,6 +170,7 @@ def build_ledger(*, run_name: str, status: str, config: dict, method: dict, shap
         "method": method,
         "shape": shape,
         "precision": precision,
+        "compiled": compiled,  # "on (...)" / "off (...)": torch.compile of the decoder layers, and why
         "peaks": peaks,
         "dollar_assumptions": {"gpu": gpu, "price_per_hour_usd": gpu_price, "gpu_flops_per_s": gpu_flops_per_s,
                                "assumed_mfu": assumed_mfu},
@@ -213,7 +214,8 @@ def format_quantity(entry: dict) -> str:
 def format_ledger(ledger: dict) -> str:
     """A readable table of a ledger's costs and metrics, every number with its unit and provenance."""
     lines = [f"run {ledger['run']} [{ledger['status']}]  method={ledger['method']['name']}  "
-             f"model={ledger['config']['model']}  precision={ledger['precision']}"]
+             f"model={ledger['config']['model']}  precision={ledger['precision']}"
+             f"{'  compiled' if str(ledger.get('compiled', '')).startswith('on') else ''}"]
     width = max(len(k) for k in ledger["costs"])
     for key, entry in ledger["costs"].items():
         lines.append(f"  {key:<{width}}  {format_quantity(entry)}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from . import compiling
 from .config import ConfigError, TrainConfig
 from .costs.flops import ZERO, Flops, train_step_flops
 from .costs.shape import ModelShape
@@ -21,6 +22,7 @@ from .distributed import start as start_parallel
 from .data.packing import IGNORE, Batch, make_batch
 from .io import append_line, atomic_write_json
 from .losses import linear_cross_entropy
+from .compiling import decompile, eager
 from .precision import can_store_frozen_low, fp32_attention, frozen_linears_to
 from .ledger import (Totals, build_ledger, environment, format_ledger, optimizer_state_bytes, peak_rss_bytes,
                      reset_peak_rss, write_ledger)
@@ -61,20 +63,24 @@ def sum_loss(ctx: Context, batch: Batch):
     import torch
     import torch.nn.functional as F
 
-    mask = batch.targets != IGNORE
+    where = batch.loss_positions  # flat indices of the loss-bearing positions (data.packing.make_batch)
+    if where is None:
+        where = (batch.targets.flatten() != IGNORE).nonzero().squeeze(1)
+    targets = batch.targets.flatten().index_select(0, where)
+    at_loss = lambda t: t.flatten(0, 1).index_select(0, where)  # noqa: E731  [rows, width, ...] -> [n_loss, ...]
     with ctx.autocast():
         if ctx.method.changes_sequence:
             logits = ctx.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                use_cache=False).logits[:, -batch.width:]
-            logits = logits[mask]
+            logits = at_loss(logits)
         else:
             hidden = ctx.base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                             attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
             head = ctx.base.get_output_embeddings()
             if isinstance(head, torch.nn.Linear) and head.bias is None:  # fused + chunked: no logits tensor
-                return linear_cross_entropy(hidden[mask], head.weight, batch.targets[mask])
-            logits = head(hidden[mask])
-    return F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum")
+                return linear_cross_entropy(at_loss(hidden), head.weight, targets)
+            logits = head(at_loss(hidden))
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def step_flops(shape: ModelShape, trainable, ctx: Context, batch: Batch, checkpointing: bool) -> Flops:
@@ -226,7 +232,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
             old = json.loads(saved.read_text())
             if ckpt.config_hash(old) != ckpt.config_hash(config_dict):
                 changed = sorted(k for k in config_dict if k in old and old[k] != config_dict[k]
-                                 and k not in ("resume", "progress", "threads"))
+                                 and k not in ("resume", "progress", "threads", "compile"))
                 raise TrainingError(f"{saved}: --resume with changed settings {changed}; use the original ones "
                                     "or a new --name")
     elif (folder / "ledger.json").exists() or par.list_checkpoints(checkpoints):
@@ -286,6 +292,8 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
     warmup = config.warmup_steps or max(1, round(0.05 * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps, warmup))
     order = DataOrder(len(data.train), config.batch_size, config.seed)
+    compiled_layers, compile_why = _maybe_compile(config, method, par.enabled, base, steps, shape, trainable,
+                                                      mean_tokens, peaks, precision, is_main=par.is_main)
 
     totals = Totals()
     if par.is_main:
@@ -332,7 +340,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
             peak_memory=peak_rss_bytes(), peak_memory_how="measured",
             wall_seconds=earlier_wall + time.perf_counter() - started,
             gpu=config.gpu, gpu_price=config.gpu_price, gpu_flops_per_s=gpu_flops_per_s(config.gpu),
-            metrics=metrics, environment_info=environment()))
+            metrics=metrics, environment_info=environment(), compiled=compile_why))
 
     @contextlib.contextmanager
     def writing(what: str):
@@ -382,7 +390,13 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
             n_loss, step_examples, step_tokens, step_padding, flops = par.step_sums(
                 n_loss, step_examples, step_tokens, step_padding, flops)
         count = step == 1 or step == steps or (sample_every and step % sample_every == 0)
-        counter_cm = _flop_counter() if count else contextlib.nullcontext(None)
+        counted = None
+        if count and compiled_layers:  # compiled kernels are invisible to a dispatch mode: count a fake replay
+            from .costs.counted import count_on_fake_tensors
+
+            counted = count_on_fake_tensors(lambda: [torch.autograd.grad(sum_loss(ctx, b) / max(n_loss, 1), trained)
+                                                     for b in batches])
+        counter_cm = _flop_counter() if count and not compiled_layers else contextlib.nullcontext(None)
         loss_sum = 0.0
         with counter_cm as counter:
             for m, batch in enumerate(batches):
@@ -424,14 +438,17 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
         totals.flops = totals.flops + flops
         totals.step_seconds.append(seconds)
         if counter is not None:
-            totals.counted_flops += par.total(counter.get_total_flops())
+            counted = counter.get_total_flops()
+        if counted is not None:
+            totals.counted_flops += par.total(counted)
             totals.formula_flops_on_counted_steps += flops.hardware
             totals.counted_steps.append(step)
         row = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                "tokens": totals.tokens, "loss_tokens": totals.loss_tokens, "flops": totals.flops.total,
                "seconds": seconds, "tokens_per_s": step_tokens / seconds}
         if config.eval_every and step % config.eval_every == 0 and step < steps:
-            eval_loss = par.heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
+            with eager():  # no compile for no_grad shapes
+                eval_loss = par.heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
             row["eval_loss"] = eval_loss
         if par.is_main:
             with writing("metrics.jsonl"):
@@ -447,6 +464,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
             on_step(step)
     bar.close()
     train_peak = par.peak_memory(peak_rss_bytes(), optimizer)  # distributed: every rank's, the largest returned
+    decompile(compiled_layers)  # evaluation and generation run eagerly
     if low_frozen:  # back to fp32 (exactly the bf16 values training used) for evaluation and generation
         frozen_linears_to(base, torch.float32, keep=[base.get_output_embeddings()])
 
@@ -505,6 +523,28 @@ def _remove_temporaries(folder: Path) -> None:
     for p in folder.iterdir():
         if p.name.startswith(".") and p.name != ".lock":
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def _maybe_compile(config, method, distributed: bool, base, steps: int, shape, trainable, mean_tokens: float,
+                   peaks, precision: str, *, is_main: bool) -> tuple[list, str]:
+    """Compile the decoder layers when --compile asks for it (tunegap/compiling.py); the compiled layers."""
+    from .estimate import DEFAULT_MFU
+
+    step = train_step_flops(shape, trainable, sequences=config.batch_size * config.grad_accum,
+                            seq_len=max(1, round(mean_tokens)), checkpointing=config.activation_checkpointing)
+    peak = peaks.bf16_flops_per_s if precision == "bf16" else peaks.fp32_flops_per_s
+    estimated = steps * (step.total + step.recompute) / (peak * DEFAULT_MFU)
+    on, why = compiling.decide(config.compile, method=method, distributed=distributed, estimated_seconds=estimated,
+                               decoder=base.get_decoder())
+    if on:
+        failure = compiling.check_compiler()
+        if failure and config.compile == "on":
+            raise ConfigError(f"--compile on: torch.compile fails here: {failure}")
+        if failure:
+            on, why = False, f"off (auto: torch.compile fails here: {failure})"
+    if is_main and on:  # an auto "off" is in the ledger's "compiled" field, not worth a line
+        print(f"compile: {why}", flush=True)
+    return (compiling.compile_layers(base.get_decoder()) if on else []), why
 
 
 def _flop_counter():

@@ -60,3 +60,21 @@ def count_flops():
     """`with count_flops() as counter: ...; counter.get_total_flops()`, attention on CPU included."""
     with _Counter() as counter:
         yield counter
+
+
+def count_on_fake_tensors(step) -> int:
+    """FLOPs of `step()` (forward and backward of a training step) replayed on fake tensors.
+
+    For a compiled run: Inductor's kernels run below the dispatcher, and with any dispatch mode active
+    torch.compile falls back to eager, whose step would raise the run's peak memory. Under
+    `FakeTensorMode` every op is dispatched with its real shapes (so every formula applies) and nothing is
+    computed or allocated; `step` must take gradients with `torch.autograd.grad`, never `.backward()`,
+    which would store fake gradients on the real parameters. A test checks the count equals the eager one.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..compiling import eager
+
+    with eager(), FakeTensorMode(allow_non_fake_inputs=True), count_flops() as counter:
+        step()
+    return counter.get_total_flops()
