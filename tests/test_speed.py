@@ -177,16 +177,19 @@ def test_loss_positions_are_exactly_the_loss_bearing_targets():
         assert batch.n_loss_tokens == len(expected) > 0
 
 
-@pytest.mark.parametrize("name", ["lora", "full"])
-def test_a_fake_tensor_replay_counts_the_flops_of_the_real_step_and_touches_nothing(name):
-    """The compiled run's counted FLOPs come from this replay: it must equal a real eager step's count."""
+@pytest.mark.parametrize("name,math", [("lora", False), ("full", False), ("lora", True)])
+def test_a_fake_tensor_replay_counts_the_flops_of_the_real_step_and_touches_nothing(name, math):
+    """The compiled run's counted FLOPs come from this replay: it must equal a real eager step's count, and
+    the formula's, with the attention kernel compiled runs use (math: no score recompute in backward)."""
     from tunegap.costs.counted import count_flops, count_on_fake_tensors
     from tunegap.precision import fp32_attention
+    from tunegap.train import step_flops
 
     model, _ = load_model("tiny")
     method = make_method(name)
-    model = method.prepare(model, ModelShape.from_hf_config(model.config))
-    fp32_attention(base_model(model))
+    shape = ModelShape.from_hf_config(model.config)
+    model = method.prepare(model, shape)
+    assert fp32_attention(base_model(model), math=math)
     examples = [Example(list(range(3, 3 + n)), [IGNORE] * 3 + list(range(6, 3 + n))) for n in (9, 14, 6)]
     batch = make_batch(examples, capacity=24, pad_id=0)
     ctx = Context(model, base_model(model), method, 0, autocast_factory("bf16"))
@@ -198,6 +201,9 @@ def test_a_fake_tensor_replay_counts_the_flops_of_the_real_step_and_touches_noth
     with count_flops() as counter:
         (sum_loss(ctx, batch) / batch.n_loss_tokens).backward()
     assert replayed == counter.get_total_flops() > 0
+    formula = step_flops(shape, method.trainable(shape), ctx, batch, checkpointing=False)
+    assert replayed == pytest.approx(formula.hardware, rel=1e-9)
+    assert (formula.recompute == 0) == math
 
 
 def test_compile_is_decided_from_the_setting_the_method_and_the_estimated_time():

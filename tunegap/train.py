@@ -23,7 +23,7 @@ from .data.packing import IGNORE, Batch, make_batch
 from .io import append_line, atomic_write_json
 from .losses import linear_cross_entropy
 from .compiling import decompile, eager
-from .precision import can_store_frozen_low, fp32_attention, frozen_linears_to
+from .precision import FP32_ATTENTION, FP32_MATH_ATTENTION, can_store_frozen_low, fp32_attention, frozen_linears_to
 from .ledger import (Totals, build_ledger, environment, format_ledger, optimizer_state_bytes, peak_rss_bytes,
                      reset_peak_rss, write_ledger)
 from .methods import make_method
@@ -85,8 +85,10 @@ def sum_loss(ctx: Context, batch: Batch):
 
 def step_flops(shape: ModelShape, trainable, ctx: Context, batch: Batch, checkpointing: bool) -> Flops:
     logit_tokens = None if ctx.method.changes_sequence else batch.n_loss_tokens
+    math_attention = getattr(ctx.base.config, "_attn_implementation", None) == FP32_MATH_ATTENTION
     return train_step_flops(shape, trainable, sequences=batch.rows, seq_len=batch.width,
-                            logit_tokens=logit_tokens, checkpointing=checkpointing)
+                            logit_tokens=logit_tokens, checkpointing=checkpointing,
+                            attention_rescore=not math_attention)
 
 
 def heldout_loss(ctx: Context, examples, batch_size: int, seq_len: int) -> float | None:
@@ -464,7 +466,9 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
             on_step(step)
     bar.close()
     train_peak = par.peak_memory(peak_rss_bytes(), optimizer)  # distributed: every rank's, the largest returned
-    decompile(compiled_layers)  # evaluation and generation run eagerly
+    if compiled_layers:  # evaluation and generation run eagerly, with the eager attention kernel
+        decompile(compiled_layers)
+        fp32_attention(base)
     if low_frozen:  # back to fp32 (exactly the bf16 values training used) for evaluation and generation
         frozen_linears_to(base, torch.float32, keep=[base.get_output_embeddings()])
 
@@ -544,7 +548,11 @@ def _maybe_compile(config, method, distributed: bool, base, steps: int, shape, t
             on, why = False, f"off (auto: torch.compile fails here: {failure})"
     if is_main and on:  # an auto "off" is in the ledger's "compiled" field, not worth a line
         print(f"compile: {why}", flush=True)
-    return (compiling.compile_layers(base.get_decoder()) if on else []), why
+    if not on:
+        return [], why
+    if getattr(base.config, "_attn_implementation", None) == FP32_ATTENTION:
+        fp32_attention(base, math=True)  # fused by Inductor: faster than the flash kernel once compiled
+    return compiling.compile_layers(base.get_decoder()), why
 
 
 def _flop_counter():

@@ -75,7 +75,7 @@ def _lora(fan_in: int, fan_out: int, rank: int, tokens: float, *, input_grad: bo
 
 def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int, seq_len: int,
                      logit_tokens: float | None = None, causal: bool = False,
-                     checkpointing: bool = False) -> Flops:
+                     checkpointing: bool = False, attention_rescore: bool = True) -> Flops:
     """FLOPs of one forward+backward over `sequences` rows of `seq_len` tokens.
 
     `logit_tokens`: positions where the vocabulary projection runs (tunegap computes logits only where
@@ -85,6 +85,8 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
     `checkpointing`: full activation checkpointing per block (Chen et al. 2016; Korthikanti et al. 2022,
     Sec. 5): every block whose backward runs repeats its forward once, added to `recompute` (HFU, not MFU).
     The head and blocks below the lowest trained one are not recomputed.
+    `attention_rescore`: the attention kernel recomputes the scores in backward (flash kernels, the
+    default); False for SDPA's math backend, which keeps the probabilities instead (compiled CPU runs).
     """
     prompt = trainable.prompt_tokens
     s_q = seq_len + prompt
@@ -115,7 +117,8 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
         qkv_grad = qkv_grad or trainable.prefix_tokens > 0
         s_k = s_q + trainable.prefix_tokens
         attn = 4.0 * sequences * s_q * s_k * shape.num_heads * shape.head_dim * (0.5 if causal else 1.0)
-        total = total + Flops(attn, 2 * attn if qkv_grad else 0.0, 0.0, attn / 2 if qkv_grad else 0.0)
+        total = total + Flops(attn, 2 * attn if qkv_grad else 0.0, 0.0,
+                              attn / 2 if qkv_grad and attention_rescore else 0.0)
         flops, o_grad = project(layer, "o", qkv_grad)
         total = total + flops
         stream_grad = stream_grad or o_grad
