@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py                  # LoRA on the default model, steps 3-6
     .venv/bin/python benchmarks/profile_step.py --method full --model tiny
+    .venv/bin/python benchmarks/profile_step.py --compile on      # the compiled step (tunegap/compiling.py)
 
 Self time per step of each group of ops, measured; the groups are those of benchmarks/RESULTS.md.
 """
@@ -29,6 +30,10 @@ def group(event, rank: int, vocab: int) -> str:
         return "matmul, projections"
     if "scaled_dot_product" in event.key or "flash_attention" in event.key:
         return "attention kernel (forward + backward)"
+    if event.key in ("aten::bmm", "aten::baddbmm"):
+        return "attention, math backend's batched matmuls"
+    if "CompiledFxGraph" in event.key or "Compiled" in event.key:
+        return "compiled fused kernels (norms, rotary, SiLU, casts, residuals)"
     if event.key in CASTS:
         return "dtype casts / copies"
     if event.key in ELEMENTWISE:
@@ -42,6 +47,7 @@ def main(argv=None):
     parser.add_argument("--method", default="lora")
     parser.add_argument("--first", type=int, default=3, help="first profiled step (earlier ones warm up)")
     parser.add_argument("--steps", type=int, default=4, help="profiled steps")
+    parser.add_argument("--compile", default="off", choices=("auto", "on", "off"))
     args = parser.parse_args(argv)
 
     from torch.profiler import profile
@@ -60,15 +66,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(model=args.model, method=args.method, data="support", seq_len=128, batch_size=8,
                              max_steps=args.first + args.steps, lr=2e-4, eval_examples=8, generate_examples=0,
-                             forgetting=False, runs_dir=tmp, name="profile", progress=False)
+                             forgetting=False, runs_dir=tmp, name="profile", progress=False, compile=args.compile)
         ledger = train(config, on_step=on_step)
     vocab = ledger["shape"]["vocab_size"]
     totals: collections.Counter = collections.Counter()
     for event in prof.key_averages(group_by_input_shape=True):
         totals[group(event, config.rank, vocab)] += event.self_cpu_time_total / args.steps / 1e6
     total = sum(totals.values())
-    print(f"{args.method} on {args.model}: {total:.2f} s/step of profiled self time (measured, steps "
-          f"{args.first}-{args.first + args.steps - 1})")
+    print(f"{args.method} on {args.model} ({ledger['compiled']}): {total:.2f} s/step of profiled self time "
+          f"(measured, steps {args.first}-{args.first + args.steps - 1})")
     for name, seconds in totals.most_common():
         print(f"  {name:52} {seconds:6.3f} s  {100 * seconds / total:5.1f}%")
 

@@ -1,7 +1,10 @@
 """tunegap's training loop against Hugging Face TRL's SFTTrainer + PEFT, same model, data and settings.
 
     .venv/bin/pip install -e '.[bench]'                  # TRL is a benchmark-only dependency
-    .venv/bin/python benchmarks/vs_trl.py                # LoRA then full SFT, 3 alternating pairs each
+    .venv/bin/python benchmarks/vs_trl.py                # LoRA then full SFT, 3 alternating rounds each:
+                                                         # TRL, tunegap's defaults, tunegap --compile on
+    .venv/bin/python benchmarks/vs_trl.py --variants default,ckpt     # tunegap eager, without and with
+                                                                      # activation checkpointing
     .venv/bin/python benchmarks/vs_trl.py --methods lora --pairs 5 --steps 12 --json vs_trl.json
     python3 benchmarks/vs_trl.py --device cuda --model <folder> --init scratch     # on a GPU
 
@@ -179,7 +182,7 @@ def main(argv=None):
                 r = run_worker(argv_, args.timeout)
                 r["pair"] = pair
                 runs.append(r)
-                print(f"  {method} round {pair + 1}: {label(r):12} {r['s_per_step']:7.2f} s/step "
+                print(f"  {method} round {pair + 1}: {label(r):15} {r['s_per_step']:7.2f} s/step "
                       f"{r['loss_tokens_per_s']:7.1f} loss tok/s  peak {gib(r['peak_bytes'])}  "
                       f"held-out {r['eval_loss']:.4f}", flush=True)
                 if args.json:
@@ -195,7 +198,7 @@ def report(runs: list[dict], methods: list[str]) -> None:
           f"TRL {trl_version}")
     print("medians over rounds; all values measured; MFU = formula model FLOPs (loss-bearing work) / measured time "
           "/ measured peak")
-    print(f"{'method':6} {'trainer':12} {'prec':5} {'ckpt':5} {'s/step':>7} {'loss tok/s':>10} {'peak mem':>10} "
+    print(f"{'method':6} {'trainer':15} {'prec':5} {'ckpt':5} {'s/step':>7} {'loss tok/s':>10} {'peak mem':>10} "
           f"{'MFU fp32':>8} {'MFU bf16':>8} {'held-out':>9}")
     keys = ("s_per_step", "loss_tokens_per_s", "peak_bytes", "model_flops_per_s", "eval_loss")
     verdict = lambda ok: "met" if ok else "MISSED"
@@ -207,7 +210,7 @@ def report(runs: list[dict], methods: list[str]) -> None:
         for t, rs in by.items():
             med[t] = {k: statistics.median(r[k] for r in rs) for k in keys}
             m32, m16 = mfu(med[t], peaks)
-            print(f"{method:6} {t:12} {rs[0]['precision']:5} {'on' if rs[0]['checkpointing'] else 'off':5} "
+            print(f"{method:6} {t:15} {rs[0]['precision']:5} {'on' if rs[0]['checkpointing'] else 'off':5} "
                   f"{med[t]['s_per_step']:7.2f} {med[t]['loss_tokens_per_s']:10.1f} {gib(med[t]['peak_bytes']):>10} "
                   f"{100 * m32:7.1f}% {100 * m16:7.1f}% {med[t]['eval_loss']:9.4f}")
         for t in labels[1:]:

@@ -4,10 +4,12 @@ Why regional: the layers share one code path, so one compiled graph serves all 3
 compilation" recipe); compiling the whole model costs minutes on two cores for the same kernels.
 What it buys on the CPU: Inductor fuses each layer's elementwise work (RMSNorm, rotary, SiLU x up, residual
 adds, casts) into a few C++ loops and its partitioner keeps fewer activations for backward (it recomputes the
-cheap ones). Measured on the default model, 2-core Zen 4, bf16, 8 x 128-token examples per step (medians
-of steps 3-10): LoRA 2.47-2.70 -> 2.11-2.18 s/step and 2.6 -> 2.0 GiB peak RSS; full SFT 2.84 -> 2.63 s/step
-and 4.09 -> 3.43 GiB. The price is a one-time compile of 20-50 s (less with Inductor's on-disk cache warm),
-which is why `--compile auto` turns it on only for runs long enough to repay it.
+cheap ones); attention goes through SDPA's math backend, which Inductor fuses too (`precision`).
+Measured on the default model, 2-core Zen 4, bf16, 8 x 128-token examples per step, 3 alternating rounds
+(`benchmarks/vs_trl.py`, medians): LoRA 2.28 -> 1.98 s/step and 2.43 -> 2.00 GiB peak RSS; full SFT
+3.08 -> 2.71 s/step and 4.06 -> 3.38 GiB. The price is a one-time compile, 9-20 s more for step 1 with
+Inductor's on-disk cache warm (about 45 s cold), which is why `--compile auto` turns it on only for runs
+long enough to repay it.
 
 A compiled layer runs kernels no `TorchDispatchMode` can see, so the ledger's counted FLOPs of a compiled
 run come from replaying the step on fake tensors (`costs.counted.count_on_fake_tensors`).

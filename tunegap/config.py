@@ -61,8 +61,8 @@ class TrainConfig:
     threads: int = _f(0, "torch threads (0 = all cores)")
     activation_checkpointing: bool = _f(False, "recompute activations in backward: 0.6x (LoRA) / 0.75x (full) the "
                                                "peak memory for 1.3x the step time (default model, CPU, measured)")
-    compile: str = _f("auto", "torch.compile each decoder layer: 0.8x (LoRA) / 0.93x (full) the step time and "
-                              "0.8x the peak memory for a one-time 20-50 s compile (default model, CPU, measured); "
+    compile: str = _f("auto", "torch.compile each decoder layer: 0.8-0.9x the step time and 0.83x the peak memory "
+                              "(LoRA and full SFT, default model, CPU, measured) for a one-time 10-25 s compile; "
                               "auto compiles runs estimated at 10 minutes or more", choices=("auto", "on", "off"))
     nproc: int = _f(1, "processes on this node: N > 1 re-launches the command under torchrun (one per GPU, or "
                        "CPU processes with gloo); several nodes: launch with torchrun itself")
