@@ -22,7 +22,6 @@ from .distributed import start as start_parallel
 from .data.packing import IGNORE, Batch, make_batch
 from .io import append_line, atomic_write_json
 from .losses import linear_cross_entropy
-from .compiling import decompile, eager
 from .precision import FP32_ATTENTION, FP32_MATH_ATTENTION, can_store_frozen_low, fp32_attention, frozen_linears_to
 from .ledger import (Totals, build_ledger, environment, format_ledger, optimizer_state_bytes, peak_rss_bytes,
                      reset_peak_rss, write_ledger)
@@ -449,7 +448,7 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
                "tokens": totals.tokens, "loss_tokens": totals.loss_tokens, "flops": totals.flops.total,
                "seconds": seconds, "tokens_per_s": step_tokens / seconds}
         if config.eval_every and step % config.eval_every == 0 and step < steps:
-            with eager():  # no compile for no_grad shapes
+            with compiling.eager():  # no compile for no_grad shapes
                 eval_loss = par.heldout_loss(ctx, data.eval, config.batch_size, config.seq_len)
             row["eval_loss"] = eval_loss
         if par.is_main:
@@ -467,8 +466,9 @@ def _train(config: TrainConfig, *, on_step, held: list) -> dict:
     bar.close()
     train_peak = par.peak_memory(peak_rss_bytes(), optimizer)  # distributed: every rank's, the largest returned
     if compiled_layers:  # evaluation and generation run eagerly, with the eager attention kernel
-        decompile(compiled_layers)
-        fp32_attention(base)
+        compiling.decompile(compiled_layers)
+        if getattr(base.config, "_attn_implementation", None) == FP32_MATH_ATTENTION:
+            fp32_attention(base)
     if low_frozen:  # back to fp32 (exactly the bf16 values training used) for evaluation and generation
         frozen_linears_to(base, torch.float32, keep=[base.get_output_embeddings()])
 
