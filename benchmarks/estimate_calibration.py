@@ -110,7 +110,9 @@ def _worker(args) -> dict:
     model = method.prepare(model, shape)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if args.checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from tunegap.train import checkpoint_activations
+
+        checkpoint_activations(base)
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-5, foreach=True)

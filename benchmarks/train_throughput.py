@@ -210,7 +210,8 @@ def device_loop(config, device: str):
     from tunegap.data.sources import prepare
     from tunegap.methods import make_method
     from tunegap.models import load_model
-    from tunegap.train import Context, DataOrder, autocast_factory, base_model, lr_lambda, sum_loss
+    from tunegap.train import (Context, DataOrder, autocast_factory, base_model, checkpoint_activations, lr_lambda,
+                               sum_loss)
 
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model, init=config.init, seed=config.seed)
@@ -224,7 +225,7 @@ def device_loop(config, device: str):
 
         frozen_linears_to(base, torch.bfloat16, keep=[base.get_output_embeddings()])
     if config.activation_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(base)
     model.train()
     data = prepare(config, tokenizer)
     ctx = Context(model, base, method, tokenizer.pad_token_id, autocast_factory(precision, device))

@@ -241,3 +241,27 @@ def test_a_compiled_run_trains_like_the_eager_one_and_counts_the_same_flops(tmp_
     counted = {k: v["costs"]["flops_counted_sampled"]["value"] for k, v in ledgers.items()}
     assert counted["on"] == counted["off"] > 0
     assert ledgers["on"]["metrics"]["eval_loss"] == pytest.approx(ledgers["off"]["metrics"]["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["full", "lora", "adapter", "ia3"])
+def test_checkpointed_step_counts_exactly_the_formulas_flops(name):
+    """The formula's recompute is the block forward minus its last matmul (checkpoint's early stop), and
+    `checkpoint_activations` leaves the frozen embeddings' output without grad (no first-block input gradient)."""
+    from tunegap.costs.counted import count_flops
+    from tunegap.train import checkpoint_activations, step_flops
+
+    model, _ = load_model("tiny")
+    method = make_method(name)
+    shape = ModelShape.from_hf_config(model.config)
+    model = method.prepare(model, shape)
+    checkpoint_activations(base_model(model))
+    model.train()
+    examples = [Example(list(range(3, 3 + n)), [IGNORE] * 3 + list(range(6, 3 + n))) for n in (9, 14, 6)]
+    batch = make_batch(examples, capacity=24, pad_id=0)
+    ctx = Context(model, base_model(model), method, 0, autocast_factory("fp32"))
+    with count_flops() as counter:
+        (sum_loss(ctx, batch) / batch.n_loss_tokens).backward()
+    formula = step_flops(shape, method.trainable(shape), ctx, batch, checkpointing=True)
+    assert formula.recompute > 0
+    assert counter.get_total_flops() == pytest.approx(formula.hardware, rel=1e-9)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
