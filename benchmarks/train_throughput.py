@@ -157,6 +157,11 @@ def mfu(result: dict, peaks: dict) -> tuple[float, float]:
     return result["model_flops_per_s"] / peaks["fp32"], result["model_flops_per_s"] / peaks["bf16"]
 
 
+def seconds(s: float | None) -> str:
+    """A step-1 time (None where the worker has none: the CUDA loop)."""
+    return "-" if s is None else f"{s:.1f} s"
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -197,8 +202,8 @@ def tunegap_worker(args) -> dict:
     steps = step_examples(config, data)
     result = summarise(stamps, useful_flops(config, shape, method, steps), loss_tokens(steps))
     return {**result, "trainer": "tunegap", "loop": loop, "method": args.method, "precision": precision,
-            "checkpointing": args.checkpointing == "on", "compiled": bool(compiled), "first_step_s": first_step_s, "peak_bytes": peak, "eval_loss": eval_loss,
-            "peaks": peaks, "threads": torch.get_num_threads()}
+            "checkpointing": args.checkpointing == "on", "compiled": bool(compiled), "first_step_s": first_step_s,
+            "peak_bytes": peak, "eval_loss": eval_loss, "peaks": peaks, "threads": torch.get_num_threads()}
 
 
 def device_loop(config, device: str):
@@ -332,7 +337,7 @@ def main(argv=None):
             for name in names:
                 r = run_worker([__file__, "_worker", *common, f"--method={method}", *VARIANTS[name]], args.timeout)
                 results.append(r)
-                print(f"  ran {method} {name}: {r['s_per_step']:.2f} s/step (step 1: {r['first_step_s']:.1f} s)",
+                print(f"  ran {method} {name}: {r['s_per_step']:.2f} s/step (step 1: {seconds(r['first_step_s'])})",
                       flush=True)
     peaks = {"fp32": max(r["peaks"]["fp32"] for r in results), "bf16": max(r["peaks"]["bf16"] for r in results),
              "device": results[0]["peaks"]["device"]}
@@ -344,10 +349,12 @@ def main(argv=None):
     for method in args.methods.split(","):
         for name in names:
             rs = [r for r in results if r["method"] == method and variant(r) == name]
-            med = {k: statistics.median(r[k] for r in rs) for k in
-                   ("s_per_step", "loss_tokens_per_s", "peak_bytes", "model_flops_per_s", "eval_loss", "first_step_s")}
+            med = {k: statistics.median(r[k] for r in rs)
+                   for k in ("s_per_step", "loss_tokens_per_s", "peak_bytes", "model_flops_per_s", "eval_loss")}
+            first = [r["first_step_s"] for r in rs if r["first_step_s"] is not None]
             m32, m16 = mfu(med, peaks)
-            print(f"{method:6} {name:12} {rs[0]['precision']:5} {med['first_step_s']:8.1f} {med['s_per_step']:7.2f} "
+            print(f"{method:6} {name:12} {rs[0]['precision']:5} "
+                  f"{seconds(statistics.median(first) if first else None):>8} {med['s_per_step']:7.2f} "
                   f"{med['loss_tokens_per_s']:10.1f} {gib(med['peak_bytes']):>10} {100 * m32:7.1f}% {100 * m16:7.1f}% "
                   f"{med['eval_loss']:13.4f}")
     print(f"loop: {results[0]['loop']}")

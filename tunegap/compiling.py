@@ -17,7 +17,6 @@ run come from replaying the step on fake tensors (`costs.counted.count_on_fake_t
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 
 from .config import ConfigError
@@ -39,16 +38,12 @@ def blocks(decoder) -> list:
 
 def why_not(method, distributed: bool, decoder=None) -> str | None:
     """The reason this run cannot be compiled, or None."""
-    import torch
-
     if decoder is not None and not blocks(decoder):
         return "no list of repeated decoder blocks found in this model"
     if distributed:
         return "not under torchrun (DDP/FSDP run eagerly here)"
     if method.changes_sequence:
         return f"{method.name} passes virtual tokens through every layer's cache"
-    if not hasattr(torch, "compiler") or not hasattr(torch.compiler, "set_stance"):
-        return f"torch {torch.__version__} has no torch.compiler.set_stance"
     if shutil.which("g++") is None and shutil.which("c++") is None:
         return "no C++ compiler (g++) on PATH for Inductor's CPU kernels"
     return None
@@ -98,11 +93,9 @@ def decompile(layers) -> None:
 
 
 def eager():
-    """Run compiled modules eagerly inside this block (held-out loss during training)."""
+    """Run compiled modules eagerly inside this block (held-out loss during training, the FLOP count's replay)."""
     import torch
 
-    if not hasattr(torch, "compiler") or not hasattr(torch.compiler, "set_stance"):
-        return contextlib.nullcontext()
     return torch.compiler.set_stance("force_eager")
 
 

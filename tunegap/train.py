@@ -19,7 +19,7 @@ from .config import ConfigError, TrainConfig
 from .costs.flops import ZERO, Flops, train_step_flops
 from .costs.shape import ModelShape
 from .distributed import start as start_parallel
-from .data.packing import IGNORE, Batch, make_batch
+from .data.packing import Batch, make_batch
 from .io import append_line, atomic_write_json
 from .losses import linear_cross_entropy
 from .precision import FP32_ATTENTION, FP32_MATH_ATTENTION, can_store_frozen_low, fp32_attention, frozen_linears_to
@@ -63,8 +63,6 @@ def sum_loss(ctx: Context, batch: Batch):
     import torch.nn.functional as F
 
     where = batch.loss_positions  # flat indices of the loss-bearing positions (data.packing.make_batch)
-    if where is None:
-        where = (batch.targets.flatten() != IGNORE).nonzero().squeeze(1)
     targets = batch.targets.flatten().index_select(0, where)
     at_loss = lambda t: t.flatten(0, 1).index_select(0, where)  # noqa: E731  [rows, width, ...] -> [n_loss, ...]
     with ctx.autocast():

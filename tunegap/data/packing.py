@@ -21,11 +21,14 @@ class Batch:
     attention_mask: "torch.Tensor | None"  # only for unpacked (padded) batches
     n_examples: int
     n_tokens: int  # real tokens, padding excluded
-    n_loss_tokens: int
     # flat indices (into rows x width) of the loss-bearing positions: selecting them with `index_select`
     # instead of a boolean mask keeps every shape known before the step runs, which is what lets
-    # `costs.counted.count_step_flops` replay a step on fake tensors (a mask's `nonzero` has no known shape)
-    loss_positions: "torch.Tensor | None" = None
+    # `costs.counted.count_on_fake_tensors` replay a step on fake tensors (a mask's `nonzero` has no known shape)
+    loss_positions: "torch.Tensor"
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return len(self.loss_positions)
 
     @property
     def rows(self) -> int:
@@ -79,10 +82,8 @@ def make_batch(examples, *, capacity: int, pad_id: int, pack: bool = True) -> Ba
         pos.append(row_pos + list(range(pad)))
         tgt.append(row_tgt + [IGNORE] * pad)
     targets = torch.tensor(tgt)
-    loss_positions = (targets.flatten() != IGNORE).nonzero().squeeze(1)
     return Batch(
         input_ids=torch.tensor(ids), position_ids=torch.tensor(pos), targets=targets,
-        attention_mask=None if pack else torch.tensor(mask),
-        n_examples=len(examples), n_tokens=sum(lengths), n_loss_tokens=len(loss_positions),
-        loss_positions=loss_positions,
+        attention_mask=None if pack else torch.tensor(mask), n_examples=len(examples), n_tokens=sum(lengths),
+        loss_positions=(targets.flatten() != IGNORE).nonzero().squeeze(1),
     )
