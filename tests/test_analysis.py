@@ -137,7 +137,7 @@ def test_forgetting_runs_only_for_real_pretrained_weights(tmp_path):
 
 def test_train_loop_writes_forgetting_into_the_ledger_for_a_pretrained_folder(tmp_path, monkeypatch):
     from conftest import tiny_config
-    from tunegap.train import train
+    from tunegap.trainer import train
 
     monkeypatch.setenv("TUNEGAP_CACHE", str(tmp_path / "cache"))  # the base model's replies are cached there
     model, tokenizer = load_model("tiny", seed=0)

@@ -19,14 +19,14 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from tunegap.config import ConfigError, TrainConfig
-from tunegap.distributed import CommClock, Parallel, start, torchrun_command, without_option
-from tunegap.train import TrainingError, train
+from tunegap.strategies import CommClock, SingleDevice, Torchrun, start, torchrun_command, without_option
+from tunegap.trainer import TrainingError, train
 
 # one script, run by every rank: train each config in turn; in the run named `kill`, rank 1 kills itself
 WORKER = textwrap.dedent("""
     import json, os, signal, sys
     from tunegap.config import TrainConfig
-    from tunegap.train import train
+    from tunegap.trainer import train
 
     job = json.loads(open(sys.argv[1]).read())
     for values in job["configs"]:
@@ -113,7 +113,7 @@ def test_communication_clock_counts_overlapping_collectives_once():
 
 
 def test_single_process_parallel_changes_nothing():
-    par = Parallel()
+    par = SingleDevice()
     assert not par.enabled and par.is_main
     assert par.shard([3, 1, 2]) == [3, 1, 2] and par.total((4, 2.5)) == (4, 2.5) and par.gather(7) == [7]
     ledger = {"costs": {}}
@@ -121,7 +121,7 @@ def test_single_process_parallel_changes_nothing():
 
 
 def test_global_batch_is_split_between_ranks_or_refused():
-    par = Parallel(mode="ddp", rank=1, world_size=2)
+    par = Torchrun(mode="ddp", rank=1, world_size=2)
     assert par.shard([10, 11, 12, 13]) == [12, 13]
     with pytest.raises(ConfigError, match="--batch-size 5: is the global micro-batch"):
         par.check_batch(5)

@@ -27,7 +27,7 @@ import torch
 from conftest import tiny_config
 from tunegap import checkpoint as ckpt
 from tunegap.runs import RunPathError, index_run, list_runs, run_folder
-from tunegap.train import TrainingError, train
+from tunegap.trainer import TrainingError, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -369,7 +369,7 @@ class _InfGrad(torch.autograd.Function):
 def _fault_at_step(monkeypatch, step: int, fault) -> None:
     """Apply `fault` to the summed loss of optimizer step `step` (one micro-batch per step here); the
     model, data and loop are the real ones."""
-    import tunegap.train as train_module
+    import tunegap.objectives.next_token as train_module
 
     real, calls = train_module.sum_loss, [0]
 

@@ -16,7 +16,10 @@ from tunegap.losses import linear_cross_entropy
 from tunegap.methods import make_method
 from tunegap.models import load_model
 from tunegap.precision import can_store_frozen_low, frozen_linears_to
-from tunegap.train import Context, autocast_factory, base_model, sum_loss, train
+from tunegap.models import base_model
+from tunegap.objectives import Context, sum_loss
+from tunegap.precision import autocast_factory
+from tunegap.trainer import train
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +186,7 @@ def test_a_fake_tensor_replay_counts_the_flops_of_the_real_step_and_touches_noth
     the formula's, with the attention kernel compiled runs use (math: no score recompute in backward)."""
     from tunegap.costs.counted import count_flops, count_on_fake_tensors
     from tunegap.precision import fp32_attention
-    from tunegap.train import step_flops
+    from tunegap.objectives.next_token import step_flops
 
     model, _ = load_model("tiny")
     method = make_method(name)
@@ -248,7 +251,8 @@ def test_checkpointed_step_counts_exactly_the_formulas_flops(name):
     """The formula's recompute is the block forward minus its last matmul (checkpoint's early stop), and
     `checkpoint_activations` leaves the frozen embeddings' output without grad (no first-block input gradient)."""
     from tunegap.costs.counted import count_flops
-    from tunegap.train import checkpoint_activations, step_flops
+    from tunegap.models import checkpoint_activations
+    from tunegap.objectives.next_token import step_flops
 
     model, _ = load_model("tiny")
     method = make_method(name)

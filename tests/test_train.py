@@ -15,7 +15,7 @@ from tunegap.data.packing import make_batch
 from tunegap.data.render import Example
 from tunegap.methods import METHODS, LoRA, make_method
 from tunegap.models import count_parameters, load_model
-from tunegap.train import TrainingError, train
+from tunegap.trainer import TrainingError, train
 
 
 def test_lora_rank8_on_4096_square_matrix_trains_65536_parameters():

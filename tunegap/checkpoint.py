@@ -5,12 +5,12 @@ Layout (torchtune's split of weights from recipe state, nanochat's step-numbered
   checkpoints/step-000040/state.pt                optimizer, scheduler, RNG (loaded with weights_only=True)
   checkpoints/step-000040/progress.json           step, ledger totals, config hash
 A checkpoint is built in a hidden temporary folder and renamed into place, so a folder named step-* is
-always complete; resume takes the newest one.
+always complete; resume takes the newest one. A torchrun job writes the same folders with
+torch.distributed.checkpoint instead (`DistributedBackend`); the trainer sees one `Checkpointer` either way.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,9 +18,11 @@ import tempfile
 from pathlib import Path
 
 from .io import fsync_dir
+from .runs import run_identity
 
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "state.pt", "progress.json")  # a step-* folder holds all three or is ignored
+DCP_FILES = (".metadata", "state.pt", "progress.json")  # a distributed step-* folder holds these (and shards)
 ASIDE = ".old"
 
 
@@ -28,11 +30,9 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def config_hash(config: dict, ignore=("resume", "progress", "name", "runs_dir", "threads", "allow_pickle",
-                                      "compile")) -> str:
-    """Settings that change the result; a resume under different ones is refused."""
-    stable = {k: v for k, v in sorted(config.items()) if k not in ignore}
-    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+def config_hash(config: dict) -> str:
+    """Settings that change the result; a resume under different ones is refused (`runs.run_identity`)."""
+    return run_identity(config)
 
 
 def trainable_state(model) -> dict:
@@ -169,3 +169,145 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, expect_config_ha
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     return progress
 
+
+
+class LocalBackend:
+    """One process's checkpoints: safetensors for the trained tensors, torch.save for the rest."""
+
+    def list(self, folder: Path) -> list[Path]:
+        return list_checkpoints(folder)
+
+    def save(self, folder: Path, step: int, **state) -> Path:
+        return save_checkpoint(folder, step, **state)
+
+    def load(self, path: Path, **state) -> dict:
+        return load_checkpoint(path, **state)
+
+
+class DistributedBackend:
+    """torch.distributed.checkpoint (DCP) for a torchrun job: the trained tensors and the optimizer state,
+    written by their owners (replicated state once, by rank 0; FSDP shards by each rank into the same folder).
+    Rank 0 adds state.pt (scheduler, every rank's RNG) and progress.json, then renames the staging folder into
+    place, so a crash mid-save leaves no step-* folder behind. DCP reshards on load, to any world size."""
+
+    def __init__(self, module, trained_names: set, *, rank: int, world_size: int, clock, mode: str):
+        self.module, self.trained, self.rank, self.world_size = module, trained_names, rank, world_size
+        self.clock, self.mode = clock, mode  # the strategy's communication clock, saved and restored
+
+    def list(self, folder: Path) -> list[Path]:
+        """Complete DCP checkpoints, and single-process ones (which `load` then refuses with a clear message)."""
+        if not folder.is_dir():
+            return []
+        dcp = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(PREFIX)
+               and all((p / f).is_file() for f in DCP_FILES)]
+        return sorted(set(list_checkpoints(folder)) | set(dcp), key=lambda p: p.name)
+
+    def _state(self, optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, optimizer)  # allocates optimizer state to load into
+        return {"model": {k: v for k, v in model_sd.items() if k in self.trained}, "optim": optim_sd}
+
+    def _gather(self, value) -> list:
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def save(self, folder: Path, step: int, *, model, optimizer, scheduler, progress: dict, keep: int):
+        import torch
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+        final = folder / f"{PREFIX}{step:06d}"
+        box = [None]
+        if self.rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            box = [tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder)]
+        dist.broadcast_object_list(box, src=0)
+        staging = Path(box[0])
+        planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)  # replicated state: rank 0 writes it
+        dcp.save(self._state(optimizer), checkpoint_id=str(staging), planner=planner)
+        rngs, comm = self._gather(torch.get_rng_state()), self._gather(self.clock.fold())
+        if self.rank == 0:
+            try:
+                torch.save({"scheduler": scheduler.state_dict(), "rng": rngs, "communication_s": comm},
+                           staging / "state.pt")
+                (staging / "progress.json").write_text(json.dumps(
+                    {**progress, "format": "torch.distributed.checkpoint", "world_size": self.world_size,
+                     "mode": self.mode}, indent=2))
+                publish(staging, final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            prune(self.list(folder), keep)
+        dist.barrier()
+        return final if self.rank == 0 else None
+
+    def load(self, path: Path, *, model, optimizer, scheduler, expect_config_hash: str | None = None) -> dict:
+        """Restore a DCP checkpoint (any world size: DCP reshards), the scheduler and this rank's RNG."""
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        progress = self._progress(path, expect_config_hash)
+        state = self._state(optimizer)
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException with per-rank tracebacks
+            raise CheckpointError(f"{path}: cannot load into this model/method: "
+                                  f"{str(err).splitlines()[0]}") from None
+        set_state_dict(self.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))
+        try:
+            extra = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{path / 'state.pt'}: refused to load: {str(err).splitlines()[0]}") from None
+        scheduler.load_state_dict(extra["scheduler"])
+        if len(extra["rng"]) == self.world_size:
+            torch.set_rng_state(extra["rng"][self.rank])
+        comm = extra.get("communication_s") or []
+        if len(comm) == self.world_size:
+            self.clock.seconds = float(comm[self.rank])
+        return progress
+
+    @staticmethod
+    def _progress(path: Path, expect_config_hash: str | None) -> dict:
+        if not (path / ".metadata").is_file():
+            if (path / "trainable.safetensors").is_file():
+                raise CheckpointError(f"{path}: written by a single-process run; resume it without torchrun "
+                                      "(or start a new --name)")
+            raise CheckpointError(f"{path}: not a torch.distributed.checkpoint folder (no .metadata)")
+        try:
+            progress = json.loads((path / "progress.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path / 'progress.json'}: unreadable: {err}") from None
+        if expect_config_hash is not None and progress.get("config_hash") != expect_config_hash:
+            raise CheckpointError(f"{path}: written under different settings (config hash "
+                                  f"{progress.get('config_hash')}, this run {expect_config_hash}); refusing to mix runs")
+        return progress
+
+
+class Checkpointer:
+    """The trainer's one interface to a run's checkpoints, whichever backend writes them."""
+
+    def __init__(self, folder: Path, backend, *, keep: int, is_main: bool = True):
+        self.folder, self.backend, self.keep, self.is_main = folder, backend, keep, is_main
+
+    def clean(self) -> None:
+        """Put back or remove what a kill left mid-write (the main process only: it alone renames)."""
+        if self.is_main:
+            clean_staging(self.folder)
+
+    def existing(self) -> list[Path]:
+        return self.backend.list(self.folder)
+
+    def save(self, step: int, *, model, optimizer, scheduler, progress: dict):
+        return self.backend.save(self.folder, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 progress=progress, keep=self.keep)
+
+    def load(self, path: Path, *, model, optimizer, scheduler, expect_config_hash: str) -> dict:
+        return self.backend.load(path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 expect_config_hash=expect_config_hash)

@@ -29,13 +29,14 @@ def _user_errors() -> tuple:
     from .data.loaders import DataError
     from .methods import MethodError
     from .models import ModelError
+    from .outputs import RunLoadError
     from .runs import RunPathError
     from .safety import UnsafeFileError
-    from .train import TrainingError
+    from .trainer import TrainingError
 
     # OSError: a full disk, a permission, a missing path; each is the user's to fix and says which file
     errors = [ConfigError, DataError, MethodError, ModelError, RunPathError, TrainingError, CheckpointError,
-              UserError, UnsafeFileError, OSError]
+              RunLoadError, UserError, UnsafeFileError, OSError]
     try:
         from .estimate import EstimateError
 
@@ -46,8 +47,8 @@ def _user_errors() -> tuple:
 
 
 def cmd_train(args) -> int:
-    from .distributed import relaunch, shutdown, under_torchrun
-    from .train import print_summary, train
+    from .strategies import relaunch, shutdown, under_torchrun
+    from .trainer import print_summary, train
 
     config = config_from_args(args)
     if config.nproc > 1 and not under_torchrun():  # --nproc N: this same command line, under torchrun
@@ -77,27 +78,13 @@ def cmd_runs(args) -> int:
 
 
 def _load_for_eval(args):
-    """A base model by name/path, or a finished run's trained model (adapter or weights)."""
+    """A base model by name/path, or a finished run's trained model (its adapter unmerged, or its weights)."""
     from .models import load_model
-    from .runs import load_ledger, run_folder
+    from .outputs import load_run
 
     if args.run:
-        ledger = load_ledger(args.run, args.runs_dir)
-        folder = run_folder(args.runs_dir, ledger["run"]) if not (args.run and "/" in args.run) else __import__(
-            "pathlib").Path(args.run)
-        config = ledger["config"]
-        if (folder / "adapter").is_dir():
-            from peft import PeftModel
-
-            from .safety import weights_format
-
-            weights_format(folder / "adapter", allow_pickle=args.allow_pickle, what="adapter weights")
-            model, tokenizer = load_model(config["model"], init=config["init"], seed=config["seed"])
-            return PeftModel.from_pretrained(model, folder / "adapter"), tokenizer, config
-        if (folder / "model").is_dir():
-            model, tokenizer = load_model(str(folder / "model"), allow_pickle=args.allow_pickle)
-            return model, tokenizer, config
-        raise UserError(f"{folder}: no saved adapter or model to evaluate")
+        run = load_run(args.run, args.runs_dir, merge=False, allow_pickle=args.allow_pickle)
+        return run.model, run.tokenizer, run.ledger["config"]
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     return model, tokenizer, {"model": args.model}
 

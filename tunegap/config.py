@@ -12,9 +12,10 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from .errors import ConfigError
+from .methods import METHODS
 
-class ConfigError(ValueError):
-    """A setting that cannot work, reported before any work starts."""
+__all__ = ["ConfigError", "TrainConfig", "add_config_arguments", "config_from_args", "dumps"]
 
 
 def _f(default, help: str, **kw):
@@ -29,7 +30,9 @@ class TrainConfig:
     model: str = _f("smollm2-135m", "model: smollm2-135m (embedded default), a tiny preset, or a local HF folder")
     init: str = _f("pretrained", "pretrained weights, or 'scratch' for fresh random weights (pretraining)",
                    choices=("pretrained", "scratch"))
-    method: str = _f("lora", "full | lora | freeze | ia3 | prompt | prefix | adapter")
+    method: str = _f("lora", "a registered method (tunegap.methods.METHODS): " + " | ".join(METHODS))
+    objective: str = _f("next-token", "what training minimises: next-token (SFT on replies, pretraining on a "
+                                      "corpus); more in tunegap/objectives/")
     rank: int = _f(8, "LoRA rank r")
     alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha/r)")
     dropout: float = _f(0.0, "LoRA dropout")
@@ -64,6 +67,8 @@ class TrainConfig:
     compile: str = _f("auto", "torch.compile each decoder layer: 0.8-0.9x the step time and 0.83x the peak memory "
                               "(LoRA and full SFT, default model, CPU, measured) for a one-time 10-25 s compile; "
                               "auto compiles runs estimated at 10 minutes or more", choices=("auto", "on", "off"))
+    device: str = _f("auto", "where one process trains: auto takes a CUDA GPU when torch sees one, else the CPU",
+                     choices=("auto", "cpu", "cuda"))
     nproc: int = _f(1, "processes on this node: N > 1 re-launches the command under torchrun (one per GPU, or "
                        "CPU processes with gloo); several nodes: launch with torchrun itself")
     parallel: str = _f("ddp", "under torchrun: ddp replicates the model on every process, fsdp shards weights, "
@@ -89,6 +94,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_types()
+        if self.method not in METHODS:  # read now, so a method registered after import is accepted
+            raise ConfigError(f"--method: unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         positive = ("rank", "freeze_layers", "virtual_tokens", "adapter_dim", "seq_len", "batch_size",
                     "grad_accum", "eval_examples", "nproc")
         for name in positive:
@@ -143,6 +150,8 @@ class TrainConfig:
         return tuple(t.strip() for t in self.targets.split(",") if t.strip())
 
     def method_options(self) -> dict:
+        """Every method setting under the methods' own field names; `make_method` passes each method the
+        ones it declares, so any registered method takes its options from here."""
         return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.target_list,
                     layers=self.freeze_layers, virtual_tokens=self.virtual_tokens, dim=self.adapter_dim)
 

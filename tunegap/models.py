@@ -177,3 +177,19 @@ def count_parameters(model) -> tuple[int, int]:
     """(total, trainable); `parameters()` already yields a tied matrix once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def checkpoint_activations(base) -> None:
+    """Hugging Face's activation checkpointing, non-reentrant (torch.utils.checkpoint's recommended mode).
+
+    transformers also hooks the embeddings so that their output requires grad, which only reentrant
+    checkpointing needs; with frozen embeddings that hook makes autograd compute the first block's input
+    gradient for nothing (2-layer LoRA model: counted FLOPs 1.027x the formula with the hook, 1.0 without).
+    """
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.disable_input_require_grads()

@@ -106,3 +106,19 @@ def can_store_frozen_low(method, precision: str, distributed: bool) -> bool:
     """bf16 autocast, one process (FSDP wants one dtype per sharded group), and a method that saves only
     what it adds (LoRA, IA3, prompt/prefix, bottleneck adapters), never the base it froze."""
     return precision == "bf16" and not distributed and (method.saves_adapter or method.name == "adapter")
+
+
+def choose_precision(config, peaks) -> str:
+    """`--precision auto` takes whichever of fp32 and bf16 this machine measured faster (Zen 3 emulates bf16)."""
+    return peaks.best_precision if config.precision == "auto" else config.precision
+
+
+def autocast_factory(precision: str, device: str = "cpu"):
+    """A context-manager factory: bf16 autocast on `device`, or nothing for fp32."""
+    import contextlib
+
+    import torch
+
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext

@@ -2,27 +2,25 @@
 
 An analysis writes `<out>/results.json` (every number with its unit and how it was obtained), PNG charts and
 `<out>/section.json` (a `tunegap.report.Section`), so `tunegap report` can gather it with the others.
-Analyses that train go through `tunegap.train.train` and name each run after a hash of its settings, so a
-second analysis asking for the same run (the rank sweep's full fine-tune and the forgetting analysis's, say)
-reuses it instead of training it again.
+Analyses that train go through the one trainer and name each run after its settings' identity
+(`runs.run_identity`), so a second analysis asking for the same run (the rank sweep's full fine-tune and the
+forgetting analysis's, say) reuses it instead of training it again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
 
+from .. import outputs, trainer
 from ..config import ConfigError, TrainConfig
 
 # Report order: the gap experiment (a Section's default order, 50) first, then the essay's reasons in its order
 # (representations, low rank, optimisation), then its caveats (forgetting, knowledge).
 ORDER = {"probe": 60, "rank": 70, "sweep": 75, "convergence": 80, "forgetting": 90, "knowledge": 95}
 QUICK_MODEL = "tiny"  # --quick: a 2-layer random Llama; numbers exercise the code, they say nothing about LLMs
-IGNORED_FIELDS = ("resume", "progress", "name", "runs_dir", "threads")
 
 
 class AnalysisError(ConfigError):
@@ -46,33 +44,10 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 # --------------------------------------------------------------------------- training through the one loop
 
-def settings_hash(config: TrainConfig) -> str:
-    """Hash of the settings that change a run's result (name, folder, threads, progress bar excluded)."""
-    values = {k: v for k, v in sorted(config.to_dict().items()) if k not in IGNORED_FIELDS}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
-
-
 def run_or_reuse(config: TrainConfig, prefix: str) -> tuple[Path, dict]:
-    """Train `config` as run `<prefix>-<hash>`, or return the finished run of the same settings.
-
-    A half-finished run of the same settings (killed) resumes from its newest checkpoint.
-    """
-    from dataclasses import replace
-
-    from ..runs import run_folder
-    from ..train import train
-
-    name = f"{prefix}-{settings_hash(config)}"
-    folder = run_folder(config.runs_dir, name)
-    ledger_path = folder / "ledger.json"
-    if ledger_path.is_file():
-        ledger = json.loads(ledger_path.read_text())
-        if ledger.get("status") == "completed":
-            print(f"tunegap: reusing finished run {folder} (same settings)", flush=True)
-            return folder, ledger
-    resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step-*"))
-    ledger = train(replace(config, name=name, resume=resume))
-    return folder, ledger
+    """Train `config` as run `<prefix>-<identity>` through the one trainer, or reuse the finished run of the same
+    settings (`trainer.run_or_reuse`)."""
+    return trainer.run_or_reuse(config, prefix=prefix)
 
 
 def read_metrics(folder: Path) -> list[dict]:
@@ -99,36 +74,25 @@ def ema(values: list[float], beta: float = 0.8) -> list[float]:
 # --------------------------------------------------------------------------- a run's weights
 
 def load_run(folder: str | Path) -> tuple[Path, dict]:
-    folder = Path(folder)
-    path = folder / "ledger.json"
-    if not path.is_file():
-        raise AnalysisError(f"{folder}: not a finished tunegap run (no ledger.json)")
-    ledger = json.loads(path.read_text())
-    if ledger.get("status") != "completed":
-        raise AnalysisError(f"{folder}: run status is {ledger.get('status')!r}, not 'completed'")
-    return folder, ledger
+    """(folder, ledger) of a completed run; an unfinished one is a one-line AnalysisError."""
+    try:
+        return outputs.finished_run(folder)
+    except outputs.RunLoadError as err:
+        raise AnalysisError(str(err)) from None
 
 
 def load_base(config: dict):
     """The model a run started from: same name, init and seed (a random preset is redrawn identically)."""
-    from ..models import load_model
-
-    return load_model(config["model"], init=config.get("init", "pretrained"), seed=config.get("seed", 0))
+    return outputs.load_start(config)
 
 
 def tuned_model(folder: Path, config: dict):
-    """The run's trained model as a plain transformers model: LoRA/IA3 adapters merged, full/freeze weights loaded."""
-    from ..models import load_model
-
-    if (folder / "adapter").is_dir():
-        from peft import PeftModel
-
-        base, tokenizer = load_base(config)
-        model = PeftModel.from_pretrained(base, folder / "adapter")
-        return model.merge_and_unload(), tokenizer
-    if (folder / "model").is_dir():
-        return load_model(str(folder / "model"))
-    raise AnalysisError(f"{folder}: no saved adapter/ or model/ (the bottleneck adapter cannot be merged)")
+    """The run's trained model as a plain transformers model (adapters merged), via `outputs.load_run`."""
+    try:
+        run = outputs.load_run(folder, merge=True)
+    except outputs.RunLoadError as err:
+        raise AnalysisError(str(err)) from None
+    return run.model, run.tokenizer
 
 
 def weight_delta(base, tuned) -> dict:

@@ -8,8 +8,8 @@ Two measurements, both on sets the project ships (`tunegap.data.support`):
   * capability: greedy answers to 40 easy questions, right when an accepted answer appears; reported with the
     base model's score and the share of the base's right answers the tuned model keeps.
 
-`measure_forgetting(base, tuned, tokenizer)` is the reusable piece; the training loop calls
-`forgetting_after_training` after every fine-tune of real pretrained weights (`--forgetting`, on by default),
+`measure_forgetting(base, tuned, tokenizer)` (`tunegap.forgetting`) is the reusable piece; the trainer's
+forgetting callback runs it after every fine-tune of real pretrained weights (`--forgetting`, on by default),
 which writes `forgetting_kl` and `general_accuracy` into the ledger's metrics.
 
 `tunegap analyze forgetting` compares full fine-tuning, LoRA at several ranks and freezing at equal task
@@ -24,218 +24,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..methods import make_method
+from ..objectives import Context, heldout_loss
+from ..forgetting import (autocast_for, base_reference, cached_base_reference, forgetting_after_training,
+                          has_real_weights, measure_forgetting, reply_kl, resolve_precision)
 from .common import (ORDER, QUICK_MODEL, AnalysisError, figure, fmt, interpolate_, load_base, md_table, q,
                      quick_aware, run_or_reuse, save_figure, tuned_model, weight_delta, write_outputs)
 
 ALPHAS = (0.5, 1.0)  # then secant steps to the equal-quality point: every held-out loss costs a pass over the set
 
-
-# --------------------------------------------------------------------------- the measurement
-
-def _replies(base, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-             autocast=contextlib.nullcontext) -> list[tuple[list[int], int]]:
-    """Base model's greedy reply to each prompt: (prompt + reply token ids, index of the first reply token)."""
-    import torch
-
-    from ..data.render import tokenize_prompt
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [tokenize_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    out: list[tuple[list[int], int]] = []
-    with torch.no_grad(), autocast():
-        for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i:i + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            gen = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            for prompt, row in zip(chunk, gen[:, width:].tolist()):
-                reply = []
-                for t in row:
-                    reply.append(t)
-                    if t == tokenizer.eos_token_id:
-                        break
-                out.append((prompt + reply, len(prompt)))
-    return out
-
-
-def _logprobs(model, sequences: list[list[int]], pad: int, autocast=contextlib.nullcontext):
-    """Log-softmax of the model's logits for right-padded sequences, in fp32: [batch, time, vocab]."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    with autocast():
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -width:]  # prompt tuning prepends
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def reply_kl(base, tuned, sequences: list[tuple[list[int], int]], pad: int, batch_size: int = 8,
-             autocast=contextlib.nullcontext) -> list[tuple[float, int]]:
-    """Per sequence: (sum over reply positions of KL(p_base || p_tuned) in nats, positions scored).
-
-    Position t-1 predicts token t; the positions scored are those predicting the reply's tokens. Under bf16
-    autocast both models round the same way, so a model compared with itself still gives exactly 0.
-    """
-    import torch
-
-    results = []
-    with torch.no_grad():
-        for i in range(0, len(sequences), batch_size):
-            chunk = sequences[i:i + batch_size]
-            lp_base = _logprobs(base, [s for s, _ in chunk], pad, autocast)
-            lp_tuned = _logprobs(tuned, [s for s, _ in chunk], pad, autocast)
-            kl = (lp_base.exp() * (lp_base - lp_tuned)).sum(-1)  # [batch, time]
-            for row, (seq, start) in enumerate(chunk):
-                positions = slice(max(start - 1, 0), len(seq) - 1)
-                values = kl[row, positions]
-                results.append((float(values.sum()), int(values.numel())))
-    return results
-
-
-def answers_correct(model, tokenizer, questions: list[dict], max_new_tokens: int = 24,
-                    autocast=contextlib.nullcontext) -> list[bool]:
-    from ..data.support import answer_matches
-    from ..evaluate import generate
-
-    texts = generate(model, tokenizer, [[{"role": "user", "content": item["question"]}] for item in questions],
-                     max_new_tokens=max_new_tokens, autocast=autocast)[0]
-    return [answer_matches(item, text) for item, text in zip(questions, texts)]
-
-
-def measure_forgetting(base, tuned, tokenizer, *, prompts: list[str] | None = None,
-                       questions: list[dict] | None = None, reply_tokens: int = 24, answer_tokens: int = 24,
-                       reference: dict | None = None, autocast=contextlib.nullcontext) -> dict:
-    """Drift (KL, nats/token) and capability (general-question accuracy) of `tuned` relative to `base`.
-
-    `reference` (from `base_reference`) saves regenerating the base model's replies and answers when the same
-    base is compared with several tuned models. Both models must share the tokenizer.
-    """
-    from ..data.support import general_prompts, general_questions
-
-    started = time.perf_counter()
-    prompts = general_prompts() if prompts is None else prompts
-    questions = general_questions() if questions is None else questions
-    reference = reference or base_reference(base, tokenizer, prompts=prompts, questions=questions,
-                                            reply_tokens=reply_tokens, answer_tokens=answer_tokens, autocast=autocast)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    states = [(m, m.training) for m in (base, tuned)]
-    for m, _ in states:
-        m.eval()
-    try:
-        per_prompt = reply_kl(base, tuned, reference["sequences"], pad, autocast=autocast)
-        tuned_right = answers_correct(tuned, tokenizer, questions, answer_tokens, autocast) if questions else []
-    finally:
-        for m, was in states:
-            m.train(was)
-    total = sum(s for s, _ in per_prompt)
-    count = sum(n for _, n in per_prompt)
-    base_right = reference["base_right"]
-    kept = [t for b, t in zip(base_right, tuned_right) if b]
-    return {
-        "forgetting_kl": total / max(count, 1),
-        "forgetting_kl_max_prompt": max((s / n for s, n in per_prompt if n), default=0.0),
-        "forgetting_kl_tokens": count,
-        "general_accuracy": sum(tuned_right) / len(tuned_right) if tuned_right else None,
-        "general_accuracy_base": sum(base_right) / len(base_right) if base_right else None,
-        "general_retained": sum(kept) / len(kept) if kept else None,
-        "general_questions": len(questions),
-        "forgetting_prompts": len(prompts),
-        "forgetting_seconds": time.perf_counter() - started,
-    }
-
-
-def base_reference(base, tokenizer, *, prompts: list[str] | None = None, questions: list[dict] | None = None,
-                   reply_tokens: int = 24, answer_tokens: int = 24, autocast=contextlib.nullcontext) -> dict:
-    """What the base model says (its greedy replies) and which general questions it gets right."""
-    from ..data.support import general_prompts, general_questions
-
-    prompts = general_prompts() if prompts is None else prompts
-    questions = general_questions() if questions is None else questions
-    was = base.training
-    base.eval()
-    try:
-        sequences = _replies(base, tokenizer, prompts, reply_tokens, autocast=autocast)
-        right = answers_correct(base, tokenizer, questions, answer_tokens, autocast) if questions else []
-    finally:
-        base.train(was)
-    return {"sequences": sequences, "base_right": right}
-
-
-def has_real_weights(config) -> bool:
-    """Forgetting means something only for pretrained weights: not scratch runs, not the random presets."""
-    from ..models import ARCH_PRESETS, TINY_PRESETS
-
-    return config.init == "pretrained" and config.model not in TINY_PRESETS and config.model not in ARCH_PRESETS
-
-
-def forgetting_after_training(config, model, tokenizer, data_kind: str) -> dict:
-    """The training loop's hook: measure forgetting of a finished SFT fine-tune of real weights (else {}).
-
-    Runs after the weights are saved; a failure is recorded as `forgetting_error` in the ledger rather than
-    losing the finished run.
-    """
-    if not getattr(config, "forgetting", True) or data_kind != "sft" or not has_real_weights(config):
-        return {}
-    from ..models import load_model
-
-    try:
-        base, _ = load_model(config.model, init=config.init, seed=config.seed)
-        precision = _precision(config.precision)
-        autocast = _autocast(precision)
-        reference = cached_base_reference(config.model, base, tokenizer, precision=precision)
-        result = measure_forgetting(base, model, tokenizer, autocast=autocast, reference=reference)
-    except (RuntimeError, ValueError, OSError) as err:
-        return {"forgetting_error": str(err).splitlines()[0] if str(err) else type(err).__name__}
-    print(f"tunegap: forgetting: KL(base‖tuned) {result['forgetting_kl']:.4g} nats/token on "
-          f"{result['forgetting_prompts']} general prompts; general questions the base model answers right "
-          f"still right: {_pct(result['general_retained'])} (accuracy {_pct(result['general_accuracy'])}, "
-          f"base {_pct(result['general_accuracy_base'])}) (measured, {result['forgetting_seconds']:.0f} s)",
-          flush=True)
-    return result
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.0f}%"
-
-
-def cached_base_reference(model_name: str, base, tokenizer, *, precision: str = "fp32", reply_tokens: int = 24,
-                          answer_tokens: int = 24) -> dict:
-    """`base_reference` for the shipped prompts and questions, kept on disk per base model.
-
-    The base model's replies and answers do not change between fine-tunes of it, and generating them is
-    two thirds of the measurement; the key covers the weights files (path, size, mtime), the sets and the
-    precision, so a changed model or set is measured afresh.
-    """
-    import hashlib
-    import json
-
-    from ..data.support import general_prompts, general_questions
-    from ..io import atomic_write_json
-    from ..models import DEFAULT_MODEL, cache_dir, default_model_folder
-
-    folder = default_model_folder() if model_name == DEFAULT_MODEL else Path(model_name)
-    weights = sorted((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
-    prompts, questions = general_prompts(), general_questions()
-    key = hashlib.sha256(json.dumps([weights, prompts, questions, reply_tokens, answer_tokens,
-                                     precision]).encode()).hexdigest()[:16]
-    path = cache_dir() / "forgetting" / f"{key}.json"
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            return {"sequences": [(list(s), int(start)) for s, start in data["sequences"]],
-                    "base_right": [bool(x) for x in data["base_right"]]}
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache file is measured afresh
-    reference = base_reference(base, tokenizer, prompts=prompts, questions=questions, reply_tokens=reply_tokens,
-                               answer_tokens=answer_tokens, autocast=_autocast(precision))
-    atomic_write_json(path, reference)
-    return reference
-
-
-# --------------------------------------------------------------------------- the analysis
 
 def method_configs(base, ranks: list[int], full_lr: float, freeze_lr: float) -> dict:
     """The arms: full fine-tuning, LoRA at each rank (alpha = 2r: the update scale alpha/r stays 2), freezing."""
@@ -259,25 +56,7 @@ def base_train_config(*, model: str, steps: int, runs_dir: str, quick: bool, see
                        generate_examples=16, runs_dir=runs_dir, seed=seed, progress=progress, keep_checkpoints=1)
 
 
-def _precision(precision: str) -> str:
-    """The training loop's choice: bf16 only where this CPU's measured bf16 matmul is faster."""
-    if precision == "auto":
-        from ..costs.hardware import measure_peaks
-
-        return measure_peaks().best_precision
-    return precision
-
-
-def _autocast(precision: str):
-    from ..train import autocast_factory
-
-    return autocast_factory(_precision(precision))
-
-
 def _eval_loss(model, tokenizer, examples, batch_size: int, seq_len: int, autocast=contextlib.nullcontext) -> float:
-    from ..methods import make_method
-    from ..train import Context, heldout_loss
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ctx = Context(model, model, make_method("full"), pad, autocast)
     return heldout_loss(ctx, examples, batch_size, seq_len)
@@ -317,7 +96,7 @@ def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: i
     base.eval()
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
     examples = prepare(base_cfg, tokenizer).eval
-    autocast = _autocast(base_cfg.precision)
+    autocast = autocast_for(base_cfg.precision)
     kw = dict(reply_tokens=24, answer_tokens=24, autocast=autocast)
     if quick:  # a random 2-layer model: a handful of prompts and questions exercise the same code
         from ..data.support import general_prompts, general_questions

@@ -93,7 +93,7 @@ def analyze_knowledge(*, out: str | Path, model: str = "smollm2-135m", method: s
     from ..costs.shape import ModelShape
     from ..data.support import fictional_facts, general_prompts, general_questions
     from ..evaluate import generate
-    from .forgetting import _autocast, measure_forgetting
+    from ..forgetting import autocast_for, measure_forgetting
 
     started = time.perf_counter()
     out = Path(out)
@@ -124,7 +124,7 @@ def analyze_knowledge(*, out: str | Path, model: str = "smollm2-135m", method: s
     with_notes = [[{"role": "user", "content": retrieval_prompt(qn, [facts[i]["statement"] for i in top])}]
                   for (_, qn), top in zip(questions, retrieved)]
 
-    autocast = _autocast(config.precision)
+    autocast = autocast_for(config.precision)
 
     def run_arm(model_, conversations):
         t0 = time.perf_counter()

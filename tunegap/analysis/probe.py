@@ -184,7 +184,7 @@ def probe_model(model, tokenizer, data: dict, autocast=contextlib.nullcontext) -
 def analyze_probe(*, out: str | Path, model: str = "smollm2-135m", n: int = 100, control: bool = True,
                   quick: bool = False, seed: int = 0) -> dict:
     from ..models import load_model
-    from ..train import autocast_factory
+    from ..precision import autocast_factory
 
     started = time.perf_counter()
     out = Path(out)

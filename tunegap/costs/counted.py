@@ -73,8 +73,6 @@ def count_on_fake_tensors(step) -> int:
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..compiling import eager
-
-    with eager(), FakeTensorMode(allow_non_fake_inputs=True), count_flops() as counter:
+    with torch.compiler.set_stance("force_eager"), FakeTensorMode(allow_non_fake_inputs=True), count_flops() as counter:
         step()
     return counter.get_total_flops()

@@ -13,6 +13,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
+
+# Model-FLOPs utilisation assumed where none was measured: the estimator's default and the trainer's --compile
+# auto decision. An assumption, below what large tuned runs publish (PaLM 540B: 46.2%, Chowdhery et al. 2022,
+# Table 3).
+DEFAULT_MFU = 0.40
+
 
 @dataclass(frozen=True)
 class Peaks:
@@ -90,8 +97,6 @@ def given_peaks(device: str = "cpu") -> Peaks | None:
     raw = {k: os.environ.get(v) for k, v in PEAK_ENV.items()}
     if not any(raw.values()):
         return None
-    from ..config import ConfigError
-
     values = {}
     for key, text in raw.items():
         try:

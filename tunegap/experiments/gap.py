@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_json, read_jsonl
+from ..trainer import run_or_reuse
 
 YEAR_S = 365.25 * 24 * 3600
 
@@ -80,21 +80,8 @@ def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
 
 
 def run_arm(train_config) -> dict:
-    """Train one arm, or reuse its finished ledger when the config is unchanged."""
-    from ..checkpoint import config_hash
-    from ..train import train
-
-    folder = Path(train_config.runs_dir) / train_config.name
-    ledger_path = folder / "ledger.json"
-    wanted = config_hash({**train_config.to_dict(), "name": train_config.name})
-    if ledger_path.is_file():
-        ledger = json.loads(ledger_path.read_text())
-        if ledger.get("status") == "completed" and config_hash(ledger["config"]) == wanted:
-            print(f"tunegap: reusing arm {train_config.name} (same config, already run)", flush=True)
-            return ledger
-    if folder.exists():
-        shutil.rmtree(folder)  # the experiment owns its arms: a changed or unfinished arm is redone
-    return train(train_config)
+    """Train one arm, or reuse its finished ledger when the settings are unchanged (`trainer.run_or_reuse`)."""
+    return run_or_reuse(train_config, name=train_config.name)[1]
 
 
 def icl_arms(config: GapConfig, shape) -> dict:
@@ -105,8 +92,10 @@ def icl_arms(config: GapConfig, shape) -> dict:
     from ..data.support import generate_support
     from ..evaluate import support_metrics
     from ..models import load_model
-    from ..train import Context, autocast_factory, base_model, heldout_loss
     from ..methods import Full
+    from ..models import base_model
+    from ..objectives import Context, heldout_loss
+    from ..precision import autocast_factory
 
     model, tokenizer = load_model(config.model, seed=config.seed)
     precision = measure_peaks().best_precision
@@ -119,7 +108,7 @@ def icl_arms(config: GapConfig, shape) -> dict:
     arms = {}
     for k in config.k_shots:
         metrics = support_metrics(model, tokenizer, records, shots=train_records[:k],
-                                  max_new_tokens=config.max_new_tokens)  # no autocast: see train.py
+                                  max_new_tokens=config.max_new_tokens)  # no autocast: see callbacks/task_metrics.py
         per_query = generation_flops(shape, round(metrics["mean_prompt_tokens"]), max(1, round(metrics["mean_new_tokens"])))
         arms[f"icl-{k}"] = {
             "k": k, "metrics": {key: v for key, v in metrics.items() if key != "samples"},

@@ -1,11 +1,11 @@
-"""The one training loop on PyTorch's own distributed engine: torchrun, DDP, FSDP2, torch.distributed.checkpoint.
+"""The trainer's step on PyTorch's own distributed engine: torchrun, DDP, FSDP2, torch.distributed.checkpoint.
 
-Nothing here is home-made parallelism. `train.train` asks a `Parallel` object for the few things that
-differ between one process and many, and a single process gets the identity of each:
+Nothing here is home-made parallelism. The trainer asks its strategy for the few things that differ between
+one process and many (`strategies.single.SingleDevice` gives the identity of each); this one is a torchrun rank:
 
   * launch: `torchrun` (torch.distributed.run) starts the processes and sets RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT; `start` reads them and calls `init_process_group` (gloo on CPU, NCCL on CUDA).
-    `tunegap finetune --nproc N` only re-executes itself under torchrun (`relaunch`).
+    `tunegap finetune --nproc N` only re-executes itself under torchrun (`launch.relaunch`).
   * data: `--batch-size B` is the global micro-batch. Every rank draws the same global micro-batch from
     `DataOrder` and takes its own contiguous slice of B/world examples (`shard`), so a run on N processes
     sees exactly the examples, in the same steps, that one process would.
@@ -15,9 +15,9 @@ differ between one process and many, and a single process gets the identity of e
     global batch B equals one process with batch B up to float summation order (a test checks it).
   * model: DDP (`DistributedDataParallel`) replicates; FSDP2 (`fully_shard`, Zhao et al. 2023, "PyTorch
     FSDP") shards every decoder block and then the rest (embeddings, final norm, head) as the root unit. Both
-    wrap a small `LossModule` whose forward is `train.sum_loss`, so the hooks DDP/FSDP rely on run around the
+    wrap a small `LossModule` whose forward is the objective's loss, so the hooks DDP/FSDP rely on run around the
     exact computation the single-process loop runs.
-  * checkpoints: `torch.distributed.checkpoint` (DCP) writes model (trained tensors only) and optimizer
+  * checkpoints: `torch.distributed.checkpoint` (DCP, `checkpoint.DistributedBackend`) writes model (trained tensors only) and optimizer
     state; replicated state is written once, by rank 0 (DDP), sharded state by its owner (FSDP: each rank
     writes its own shard file into the same folder; multi-node runs need a shared filesystem). Rank 0 alone
     writes progress.json, the scheduler and every rank's RNG state (gathered), then renames the folder into
@@ -30,74 +30,25 @@ differ between one process and many, and a single process gets the identity of e
     collective (see `CommClock`).
 """
 
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-from .config import ConfigError
-
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-DCP_FILES = (".metadata", "state.pt", "progress.json")  # a distributed step-* folder holds these (and shards)
+from ..checkpoint import DistributedBackend
+from ..config import ConfigError
+from ..costs.flops import Flops
+from ..ledger import peak_rss_bytes, q
+from ..methods import decoder_layers
+from ..objectives import heldout_sums
 
 
 class DistributedError(RuntimeError):
     """The distributed machinery disagrees with itself (e.g. gathered FSDP weights do not fit the rebuilt model)."""
-
-
-def under_torchrun(environ=os.environ) -> bool:
-    return all(k in environ for k in TORCHRUN_ENV)
-
-
-# --- launching ------------------------------------------------------------------------------------------
-
-def torchrun_command(nproc: int, argv: list[str], *, python: str = sys.executable) -> list[str]:
-    """`torchrun --standalone --nproc-per-node N -m tunegap ARGV`: one node, a free port picked by torchrun.
-
-    Several nodes need torchrun's rendezvous flags (--nnodes, --rdzv-backend c10d, --rdzv-endpoint HOST:PORT,
-    --rdzv-id), so they are launched with torchrun itself (docs/distributed.md), not through --nproc.
-    """
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "--max-restarts=0", "-m", "tunegap", *argv]
-
-
-def without_option(argv: list[str], flag: str) -> list[str]:
-    """`argv` less `flag VALUE` / `flag=VALUE`: torchrun's own parser would take `--nproc` for an ambiguous
-    abbreviation of its --nproc-per-node even after `-m tunegap`, so the workers never see it (each records
-    the number of processes it really runs with instead)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == flag:
-            skip = True
-        elif not arg.startswith(flag + "="):
-            out.append(arg)
-    return out
-
-
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run this same command line under torchrun with `nproc` processes and return torchrun's exit code."""
-    command = torchrun_command(nproc, without_option(argv, "--nproc"))
-    print(f"tunegap: launching {nproc} processes: {' '.join(command[1:])}", flush=True)
-    try:
-        code = subprocess.call(command)
-    except KeyboardInterrupt:
-        code = 130
-    if code != 0:
-        print(f"tunegap: error: the distributed job failed (torchrun exit code {code}; the failing rank's own "
-              "message is above); rerun the same command with --resume to continue from the last checkpoint",
-              file=sys.stderr, flush=True)
-    return code
 
 
 # --- measuring communication -----------------------------------------------------------------------------
@@ -192,31 +143,33 @@ def _fsdp_comms(clock: CommClock):
 
 # --- the loss as a module, so DDP/FSDP hooks surround it --------------------------------------------------
 
-def _loss_module(ctx):
+def _loss_module(model, loss_fn):
     import torch
 
     class LossModule(torch.nn.Module):
-        """`train.sum_loss` as a module: DDP's and FSDP's forward/backward hooks need a module call."""
+        """The objective's loss as a module: DDP's and FSDP's forward/backward hooks need a module call.
+        Returns the summed loss; the batch's metric sums wait in `metrics` (DDP looks only at tensors)."""
 
         def __init__(self):
             super().__init__()
-            self.model = ctx.model
+            self.model = model
+            self.metrics = {}
 
         def forward(self, batch):
-            from .train import sum_loss
-
-            return sum_loss(ctx, batch)
+            out = loss_fn(batch)
+            self.metrics = out.metrics
+            return out.total
 
     return LossModule()
 
 
-# --- the object the loop talks to -------------------------------------------------------------------------
+# --- the strategy ----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Parallel:
-    """How this process takes part in the run; `Parallel()` is a single process and changes nothing."""
+class Torchrun:
+    """This process as one rank of a torchrun job, DDP or FSDP2 (`mode`)."""
 
-    mode: str = "single"  # single | ddp | fsdp
+    mode: str = "ddp"  # ddp | fsdp
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -225,15 +178,13 @@ class Parallel:
     device: str = "cpu"
     clock: CommClock = dataclasses.field(default_factory=CommClock)
     module: object = None  # the DDP- or FSDP-wrapped LossModule
-    ctx: object = None
+    model: object = None  # what the optimizer trains
     rank_peaks: list | None = None  # per-rank figures for the ledger, refreshed every step
     rank_comm: list | None = None
     rank_states: list | None = None
     train_peaks: list | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "single"
+    enabled = True  # several processes: the trainer sums its counts over them
 
     @property
     def is_main(self) -> bool:
@@ -256,15 +207,12 @@ class Parallel:
     # -- collectives --------------------------------------------------------------------------------
 
     def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
-            dist.barrier()
+        dist.barrier()
 
     def total(self, value):
-        """Sum of `value` (a number, or a tuple of numbers) over ranks; identity for one process."""
-        if not self.enabled:
-            return value
+        """Sum of `value` (a number, or a tuple of numbers) over ranks."""
         import torch
         import torch.distributed as dist
 
@@ -279,9 +227,7 @@ class Parallel:
         return tuple(out) if many else out[0]
 
     def gather(self, value) -> list:
-        """Every rank's `value` (picklable), in rank order; [value] for one process."""
-        if not self.enabled:
-            return [value]
+        """Every rank's `value` (picklable), in rank order."""
         import torch.distributed as dist
 
         out = [None] * self.world_size
@@ -291,8 +237,6 @@ class Parallel:
     def from_main(self, fn, *args):
         """`fn(*args)` computed on rank 0 only and sent to every rank (e.g. the measured matmul peaks, which
         would be wrong if every rank measured at once on shared cores, and must agree across ranks)."""
-        if not self.enabled:
-            return fn(*args)
         import torch.distributed as dist
 
         box = [fn(*args) if self.is_main else None]
@@ -310,35 +254,36 @@ class Parallel:
             raise ConfigError(f"--batch-size {batch_size}: is the global micro-batch and must divide evenly "
                               f"between the {self.world_size} processes")
 
-    def wrap(self, ctx) -> None:
-        """Wrap the model for DDP or FSDP2 (in place for FSDP: its parameters become sharded DTensors)."""
-        self.ctx = ctx
-        if not self.enabled:
-            return
+    def optimizer_options(self) -> dict:
+        """The sharded DTensors of a distributed run take AdamW's foreach path (no fused kernel for them)."""
+        return {"foreach": True}
+
+    def wrap(self, model, loss_fn) -> None:
+        """Wrap the model for DDP or FSDP2 (in place for FSDP: its parameters become sharded DTensors);
+        `loss_fn(batch)` returns the objective's `LossOutput`."""
+        self.model = model
         if self.mode == "ddp":
             import inspect
 
             import torch.distributed as dist
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            ctx.model.to(self.device)
+            model.to(self.device)
             # buffers (rotary frequencies) are computed identically everywhere: no per-forward broadcast
             quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                      else {"broadcast_buffers": False})
-            self.module = DDP(_loss_module(ctx), device_ids=[self.local_rank] if self.cuda else None,
+            self.module = DDP(_loss_module(model, loss_fn), device_ids=[self.local_rank] if self.cuda else None,
                               gradient_as_bucket_view=True, **quiet)
             self.module.register_comm_hook((self.clock, dist.group.WORLD), _timed_sum_allreduce)
             return
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from .methods import decoder_layers
-
         # one FSDP unit per decoder block (gathered just before use, freed after), the rest as the root unit;
         # fully_shard moves each unit to the mesh's device as it shards it
         mesh = init_device_mesh(self.device_type, (self.world_size,))
-        units = [fully_shard(layer, mesh=mesh) for layer in decoder_layers(ctx.model)]
-        root = fully_shard(_loss_module(ctx), mesh=mesh)
+        units = [fully_shard(layer, mesh=mesh) for layer in decoder_layers(model)]
+        root = fully_shard(_loss_module(model, loss_fn), mesh=mesh)
         comms = _fsdp_comms(self.clock) if hasattr(root, "set_custom_all_gather") else None
         for unit in [*units, root]:
             unit.set_gradient_divide_factor(1.0)  # sum, as the DDP hook does: the loss is already normalised
@@ -352,12 +297,10 @@ class Parallel:
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's contiguous slice of the global micro-batch."""
-        if not self.enabled:
-            return indices
         share = len(indices) // self.world_size
         return indices[self.rank * share:(self.rank + 1) * share]
 
-    def _to_device(self, batch):
+    def to_device(self, batch):
         if not self.cuda:
             return batch
         moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
@@ -366,19 +309,16 @@ class Parallel:
                 moved[name] = value.to(self.device, non_blocking=True)
         return type(batch)(**moved)
 
-    def loss(self, ctx, batch):
-        """Summed loss of this rank's batch, through the DDP/FSDP module so its hooks run."""
-        if not self.enabled:
-            from .train import sum_loss
+    def loss(self, batch):
+        """The objective's `LossOutput` for this rank's batch, through the DDP/FSDP module so its hooks run."""
+        from ..objectives import LossOutput
 
-            return sum_loss(ctx, batch)
-        return self.module(self._to_device(batch))
+        total = self.module(self.to_device(batch))
+        return LossOutput(total, self.module.metrics)
 
     def accumulating(self, no_sync: bool):
         """Skip gradient communication on all but the last micro-batch of a step (DDP no_sync; FSDP2
         `set_requires_gradient_sync`)."""
-        if not self.enabled:
-            return contextlib.nullcontext()
         if self.mode == "ddp":
             return self.module.no_sync() if no_sync else contextlib.nullcontext()
         self.module.set_requires_gradient_sync(not no_sync)
@@ -388,15 +328,11 @@ class Parallel:
         """A DTensor (FSDP's gradient norm) as an ordinary tensor."""
         return value.full_tensor() if hasattr(value, "full_tensor") else value
 
-    def heldout_loss(self, ctx, examples, batch_size: int, seq_len: int):
-        """Mean held-out loss per loss token, each rank evaluating its share of every global batch."""
-        from .train import heldout_loss, heldout_sums
-
-        if not self.enabled:
-            return heldout_loss(ctx, examples, batch_size, seq_len)
+    def heldout(self, objective, ctx, examples, batch_size: int, seq_len: int):
+        """Mean held-out loss per unit (token, pair), each rank evaluating its share of every global batch."""
         if not examples:
             return None
-        total, count = heldout_sums(ctx, examples, batch_size, seq_len, loss=self.loss,
+        total, count = heldout_sums(objective, ctx, examples, batch_size, seq_len, loss=self.loss,
                                     share=lambda chunk: chunk[self.rank::self.world_size])
         total, count = self.total((total, count))
         return total / max(count, 1)
@@ -412,9 +348,6 @@ class Parallel:
         """
         import torch
         import torch.distributed as dist
-
-        from .costs.flops import Flops
-        from .ledger import peak_rss_bytes
 
         self.clock.fold()  # a step boundary: no collective is in flight
         w, r = self.world_size, self.rank
@@ -448,7 +381,7 @@ class Parallel:
     def _state_bytes(self, optimizer) -> int:
         """Bytes of weights, gradients and optimizer state this rank holds (FSDP: its shards)."""
         local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 - a DTensor's shard
-        params = list(self.ctx.model.parameters())
+        params = list(self.model.parameters())
         total = sum(local(p).numel() * p.element_size() for p in params)
         total += sum(local(p).numel() * p.element_size() for p in params if p.requires_grad)
         total += sum(local(v).numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
@@ -457,8 +390,6 @@ class Parallel:
 
     def peak_memory(self, rss: int, optimizer=None) -> int:
         """The training peak of every rank (kept for the ledger); returns the largest. Collective."""
-        if not self.enabled:
-            return rss
         rows = self.gather((self._peak_now(rss), self._state_bytes(optimizer), self.clock.fold()))
         self.rank_peaks = [r[0] for r in rows]
         self.rank_states = [r[1] for r in rows]
@@ -471,10 +402,6 @@ class Parallel:
 
         Not collective: it reads the per-rank figures of the last step (or of the end of training).
         """
-        if not self.enabled:
-            return ledger
-        from .ledger import q
-
         peaks = self.rank_peaks or [0] * self.world_size
         comm = self.rank_comm or [0.0] * self.world_size
         costs = ledger["costs"]
@@ -503,153 +430,42 @@ class Parallel:
         }
         return ledger
 
-    # -- checkpoints (torch.distributed.checkpoint) -------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------------------
 
-    def list_checkpoints(self, folder: Path) -> list[Path]:
-        """Complete checkpoints, newest last: `checkpoint.list_checkpoints` for one process; for a distributed
-        run, folders holding DCP's .metadata, state.pt and progress.json (or a single-process checkpoint, which
-        `load_checkpoint` then refuses with a clear message)."""
-        from . import checkpoint as ckpt
-
-        single = ckpt.list_checkpoints(folder)
-        if not self.enabled:
-            return single
-        if not folder.is_dir():
-            return []
-        dcp = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(ckpt.PREFIX)
-               and all((p / f).is_file() for f in DCP_FILES)]
-        return sorted(set(single) | set(dcp), key=lambda p: p.name)
-
-    def _fqn(self, name: str) -> str:
-        return f"model.{name}"
-
-    def _trained_names(self) -> set[str]:
-        return {self._fqn(n) for n, p in self.ctx.model.named_parameters() if p.requires_grad}
-
-    def save_checkpoint(self, folder: Path, step: int, *, model, optimizer, scheduler, progress: dict,
-                        keep: int) -> Path | None:
-        """DCP checkpoint of the trained tensors and the optimizer; rank 0 adds state.pt and progress.json
-        and renames the staging folder into place, so a crash mid-save leaves no step-* folder behind."""
-        import torch
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        from . import checkpoint as ckpt
-
-        final = folder / f"{ckpt.PREFIX}{step:06d}"
-        staging = None
-        if self.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-            staging = tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder)
-        box = [staging]
-        dist.broadcast_object_list(box, src=0)
-        staging = Path(box[0])
-        model_sd, optim_sd = get_state_dict(self.module, optimizer)
-        trained = self._trained_names()
-        state = {"model": {k: v for k, v in model_sd.items() if k in trained}, "optim": optim_sd}
-        planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)  # replicated state: rank 0 writes it
-        dcp.save(state, checkpoint_id=str(staging), planner=planner)
-        rngs = self.gather(torch.get_rng_state())
-        comm = self.gather(self.clock.fold())
-        if self.is_main:
-            try:
-                torch.save({"scheduler": scheduler.state_dict(), "rng": rngs, "communication_s": comm},
-                           staging / "state.pt")
-                (staging / "progress.json").write_text(json.dumps(
-                    {**progress, "format": "torch.distributed.checkpoint", "world_size": self.world_size,
-                     "mode": self.mode}, indent=2))
-                ckpt.publish(staging, final)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            ckpt.prune(self.list_checkpoints(folder), keep)
-        self.barrier()
-        return final if self.is_main else None
-
-    def load_checkpoint(self, path: Path, *, model, optimizer, scheduler, expect_config_hash: str | None = None
-                        ) -> dict:
-        """Restore a DCP checkpoint (any world size: DCP reshards), the scheduler and this rank's RNG."""
-        import torch
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
-        from .checkpoint import CheckpointError
-
-        if not (path / ".metadata").is_file():
-            if (path / "trainable.safetensors").is_file():
-                raise CheckpointError(f"{path}: written by a single-process run; resume it without torchrun "
-                                      "(or start a new --name)")
-            raise CheckpointError(f"{path}: not a torch.distributed.checkpoint folder (no .metadata)")
-        try:
-            progress = json.loads((path / "progress.json").read_text())
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{path / 'progress.json'}: unreadable: {err}") from None
-        if expect_config_hash is not None and progress.get("config_hash") != expect_config_hash:
-            raise CheckpointError(f"{path}: written under different settings (config hash "
-                                  f"{progress.get('config_hash')}, this run {expect_config_hash}); refusing to mix runs")
-        model_sd, optim_sd = get_state_dict(self.module, optimizer)  # allocates optimizer state to load into
-        trained = self._trained_names()
-        state = {"model": {k: v for k, v in model_sd.items() if k in trained}, "optim": optim_sd}
-        try:
-            dcp.load(state, checkpoint_id=str(path))
-        except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException with per-rank tracebacks
-            raise CheckpointError(f"{path}: cannot load into this model/method: "
-                                  f"{str(err).splitlines()[0]}") from None
-        set_state_dict(self.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=False))
-        try:
-            extra = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
-        except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"{path / 'state.pt'}: refused to load: {str(err).splitlines()[0]}") from None
-        scheduler.load_state_dict(extra["scheduler"])
-        if len(extra["rng"]) == self.world_size:
-            torch.set_rng_state(extra["rng"][self.rank])
-        comm = extra.get("communication_s") or []
-        if len(comm) == self.world_size:
-            self.clock.seconds = float(comm[self.rank])
-        return progress
+    def checkpoint_backend(self):
+        """torch.distributed.checkpoint: each rank writes its shard, rank 0 the rest (`checkpoint.py`)."""
+        trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        return DistributedBackend(self.module, trained, rank=self.rank, world_size=self.world_size,
+                                  clock=self.clock, mode=self.mode)
 
     # -- outputs ------------------------------------------------------------------------------------
 
-    def export(self, ctx, config, shape):
-        """(model, base) with full weights on rank 0's CPU for writing outputs and generating; None elsewhere.
+    def export(self, model, rebuild):
+        """The trained model with full weights on rank 0's CPU, for writing outputs and generating; None elsewhere.
 
         DDP already holds the full model on every rank; FSDP's shards are gathered with a full state dict
-        (offloaded to CPU, rank 0 only) and loaded into a freshly built copy of the same model and method.
+        (offloaded to CPU, rank 0 only) and loaded into `rebuild()`, a freshly built copy of the same model
+        and method.
         """
-        if not self.enabled:
-            return ctx.model, ctx.base
         if self.mode == "ddp":
             if not self.is_main:
                 return None
-            ctx.model.to("cpu")
-            return ctx.model, ctx.base
+            return model.to("cpu")
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
             return None
-        from .methods import make_method
-        from .models import load_model
-        from .train import base_model
-
-        model, _ = load_model(config.model, init=config.init, seed=config.seed,
-                              trust_remote_code=config.trust_remote_code)
-        model = make_method(config.method, **config.method_options()).prepare(model, shape)
-        prefix = self._fqn("")
-        missing, unexpected = model.load_state_dict({k[len(prefix):]: v for k, v in full.items()}, strict=False)
+        model = rebuild()
+        missing, unexpected = model.load_state_dict({k[len("model."):]: v for k, v in full.items()}, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
         if missing or unexpected:
             raise DistributedError(f"gathering the sharded model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         model.eval()
-        return model, base_model(model)
+        return model
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank (the final ledger, so every rank returns the same one)."""
-        if not self.enabled:
-            return obj
         import torch.distributed as dist
 
         box = [obj if self.is_main else None]
@@ -657,13 +473,8 @@ class Parallel:
         return box[0]
 
 
-def start(config) -> Parallel:
-    """A `Parallel` for this process: single unless launched by torchrun, then DDP or FSDP per --parallel."""
-    if not under_torchrun():
-        if config.nproc > 1:
-            raise ConfigError(f"--nproc {config.nproc}: needs a launcher; use `tunegap finetune --nproc "
-                              f"{config.nproc} ...` or `torchrun --nproc-per-node {config.nproc} -m tunegap ...`")
-        return Parallel()
+def start(config) -> Torchrun:
+    """This process's rank of the torchrun job that launched it: DDP or FSDP per --parallel."""
     import torch
     import torch.distributed as dist
 
@@ -677,24 +488,9 @@ def start(config) -> Parallel:
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, device_id=torch.device(device) if cuda else None)
-    par = Parallel(mode=config.parallel, rank=rank, world_size=world, local_rank=local_rank,
+    par = Torchrun(mode=config.parallel, rank=rank, world_size=world, local_rank=local_rank,
                    local_world_size=local_world, backend=dist.get_backend(), device=device)
     par.check_batch(config.batch_size)
     return par
 
 
-def shutdown(finished: bool = False) -> None:
-    """Destroy the process group if this process created one (the CLI calls it on exit).
-
-    After a finished run every rank first waits for the others at a barrier: rank 0 still writes the ledger
-    and the model after the last collective, and a rank tearing its gloo connections down meanwhile was seen
-    to abort rank 0 at exit once (std::terminate, after everything was written). After a failure there is no
-    barrier: the other ranks may be stuck in a collective, and torchrun stops them."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return
-    if dist.is_available() and dist.is_initialized():
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()

@@ -1,0 +1,27 @@
+"""Held-out loss during training and after it, through the strategy (each rank evaluates its share)."""
+
+from __future__ import annotations
+
+from .. import compiling
+from .base import Callback
+
+
+class HeldoutLoss(Callback):
+    """The objective's loss on the held-out set, per unit: every `every` steps (0 = only at the end)."""
+
+    def __init__(self, every: int = 0):
+        self.every = every
+
+    def _measure(self, trainer):
+        config = trainer.config
+        with compiling.eager():  # no compile for no_grad shapes
+            return trainer.strategy.heldout(trainer.objective, trainer.ctx, trainer.data.eval, config.batch_size,
+                                            config.seq_len)
+
+    def on_step_end(self, trainer, step, row):
+        if self.every and step % self.every == 0 and step < trainer.steps:
+            return {"eval_loss": self._measure(trainer)}
+        return {}
+
+    def on_train_end(self, trainer):
+        return {"eval_loss": self._measure(trainer)}

@@ -1,0 +1,111 @@
+"""A finished run's trained model: written once by the trainer, read back by one function everywhere.
+
+Layout inside runs/<name>/:
+  adapter/                          a PEFT adapter (LoRA, IA3, prompt/prefix...): plain `PeftModel.from_pretrained`
+  bottleneck_adapter.safetensors    the hand-written bottleneck adapter's tensors (PEFT has no such method)
+  model/                            full weights as safetensors, with the tokenizer (full SFT, freezing, scratch)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import trainable_state
+from .costs.shape import ModelShape
+from .io import atomic_dir, atomic_write_bytes
+from .methods import make_method
+from .models import load_model
+from .runs import run_folder
+from .safety import weights_format
+
+ADAPTER_DIR, MODEL_DIR, TRAINABLE_FILE = "adapter", "model", "bottleneck_adapter.safetensors"
+
+
+class RunLoadError(ValueError):
+    """A run that cannot be loaded (unfinished, no saved weights); one line naming its folder."""
+
+
+def save_outputs(folder: Path, model, base, tokenizer, method) -> None:
+    """A PEFT adapter for PEFT methods (plain `PeftModel.from_pretrained` loads it), else safetensors weights.
+
+    Each is built in a hidden folder or file and renamed into place: a kill never leaves half a model to load."""
+    from safetensors.torch import save
+
+    if method.saves_adapter:
+        with atomic_dir(folder / ADAPTER_DIR) as staging:
+            model.save_pretrained(staging)  # adapter_config.json + adapter_model.safetensors
+    elif method.name == "adapter":
+        atomic_write_bytes(folder / TRAINABLE_FILE, save(trainable_state(model)))
+    else:
+        with atomic_dir(folder / MODEL_DIR) as staging:
+            base.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+
+
+@dataclass
+class LoadedRun:
+    folder: Path
+    ledger: dict
+    model: object  # a transformers model (merged), or a PeftModel when merge=False
+    tokenizer: object
+
+
+def finished_run(run: str | Path, runs_dir: str | Path = "runs") -> tuple[Path, dict]:
+    """(folder, ledger) of a completed run given by folder path or by name in `runs_dir`."""
+    folder = Path(run)
+    if not (folder / "ledger.json").is_file():
+        folder = run_folder(runs_dir, str(run))
+    path = folder / "ledger.json"
+    if not path.is_file():
+        raise RunLoadError(f"{folder}: not a finished tunegap run (no ledger.json)")
+    ledger = json.loads(path.read_text())
+    if ledger.get("status") != "completed":
+        raise RunLoadError(f"{folder}: run status is {ledger.get('status')!r}, not 'completed'")
+    return folder, ledger
+
+
+def load_start(config: dict, *, allow_pickle: bool = False):
+    """The model a run started from: same name, init and seed (a random preset is redrawn identically)."""
+    return load_model(config["model"], init=config.get("init", "pretrained"), seed=config.get("seed", 0),
+                      trust_remote_code=config.get("trust_remote_code", False), allow_pickle=allow_pickle)
+
+
+def load_run(run: str | Path, runs_dir: str | Path = "runs", *, merge: bool = True,
+             allow_pickle: bool = False) -> LoadedRun:
+    """A finished run's trained model: its adapter on the starting model (merged into plain weights unless
+    merge=False), its full weights, or its bottleneck adapter rebuilt on the starting model."""
+    folder, ledger = finished_run(run, runs_dir)
+    config = ledger["config"]
+    if (folder / ADAPTER_DIR).is_dir():
+        from peft import PeftModel
+
+        weights_format(folder / ADAPTER_DIR, allow_pickle=allow_pickle, what="adapter weights")
+        base, tokenizer = load_start(config, allow_pickle=allow_pickle)
+        model = PeftModel.from_pretrained(base, folder / ADAPTER_DIR)
+        return LoadedRun(folder, ledger, model.merge_and_unload() if merge else model, tokenizer)
+    if (folder / MODEL_DIR).is_dir():
+        model, tokenizer = load_model(str(folder / MODEL_DIR), allow_pickle=allow_pickle)
+        return LoadedRun(folder, ledger, model, tokenizer)
+    if (folder / TRAINABLE_FILE).is_file():
+        return LoadedRun(folder, ledger, *_rebuild_with_tensors(folder / TRAINABLE_FILE, ledger))
+    raise RunLoadError(f"{folder}: no saved adapter/, model/ or {TRAINABLE_FILE} to load")
+
+
+def _rebuild_with_tensors(path: Path, ledger: dict):
+    """The starting model, prepared by the run's method, with the saved trained tensors put back (strict)."""
+    import torch
+    from safetensors.torch import load_file
+
+    base, tokenizer = load_start(ledger["config"])
+    options = {k: v for k, v in ledger["method"].items() if k != "name"}
+    model = make_method(ledger["method"]["name"], **options).prepare(base, ModelShape.from_hf_config(base.config))
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    if set(tensors) - set(params):
+        raise RunLoadError(f"{path}: tensors {sorted(set(tensors) - set(params))[:3]} do not fit the run's model")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    return model.eval(), tokenizer
