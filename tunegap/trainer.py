@@ -440,7 +440,8 @@ class Trainer:
         if self.low_frozen:  # back to fp32 (exactly the bf16 values training used) for evaluation and generation
             frozen_linears_to(base, torch.float32, keep=[base.get_output_embeddings()])
         self.save(self.totals.steps)
-        metrics = {"train_loss": _last_loss(self.metrics_path) if strategy.is_main else None}
+        metrics = {"train_loss": _last_loss(self.metrics_path) if strategy.is_main else None,
+                   **self.objective.end_metrics(self.ctx)}
         for callback in self.callbacks:
             metrics.update(callback.on_train_end(self))
         model = strategy.export(self.ctx.model, self._rebuild)  # FSDP shards gathered to rank 0

@@ -68,6 +68,10 @@ class Objective:
     def step_flops(self, shape, trainable, ctx: Context, batch, *, checkpointing: bool) -> Flops:
         raise NotImplementedError
 
+    def end_metrics(self, ctx: Context) -> dict:
+        """Metrics for the ledger once training ends, on every rank (e.g. FLOPs spent outside the steps)."""
+        return {}
+
     def save_outputs(self, folder, model, base, tokenizer, method) -> bool:
         """Write the trained model in this objective's own format and return True, or False for the default
         (a PEFT adapter or safetensors weights, `tunegap.outputs.save_outputs`)."""
