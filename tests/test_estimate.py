@@ -19,7 +19,7 @@ from tunegap.costs.memory import TrainSetup
 from tunegap.costs.shape import ModelShape, Trainable
 from tunegap.estimate import (COST_UNITS, add_parser, against_run, count_data_tokens, estimate_run, main,
                               parse_count)
-from tunegap.methods import LoRA, MethodError, make_method
+from tunegap.methods import LoRA, MethodError, low_rank_part, make_method
 
 SHARED_KEYS = {"tokens", "loss_tokens", "examples", "optimizer_steps", "params_total", "params_trainable",
                "trainable_share", "weights_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes",
@@ -48,7 +48,7 @@ def test_costs_use_the_ledger_vocabulary():
 
 def test_lora_rank8_on_a_4096_square_matrix_is_65536_params_256x_fewer():
     shape, _ = resolve_model("llama-2-7b")
-    one = Trainable(lora=((0, "q", 8),)).params(shape)
+    one = Trainable(parts=(low_rank_part(shape, 0, "q", 8),)).params(shape)
     assert one == 4096 * 8 + 8 * 4096 == 65_536
     assert 4096 * 4096 / one == 256
 

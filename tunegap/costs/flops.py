@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .parts import PARALLEL, SCALE_INPUT, SERIAL
 from .shape import MLP_MATRICES, ModelShape, Trainable
 
 
@@ -66,26 +67,31 @@ def _matmul(fan_in: int, fan_out: int, tokens: float, *, input_grad: bool, weigh
     return Flops(mm, mm if input_grad else 0.0, mm if weight_grad else 0.0)
 
 
-def _lora(fan_in: int, fan_out: int, rank: int, tokens: float, *, input_grad: bool) -> Flops:
-    """x -> A (k x r) -> B (r x m): both trained, so both weight gradients and B's input gradient always."""
-    down = _matmul(fan_in, rank, tokens, input_grad=input_grad, weight_grad=True)
-    up = _matmul(rank, fan_out, tokens, input_grad=True, weight_grad=True)
-    return down + up
+def _chain(matmuls, tokens: float, *, input_grad: bool) -> list[Flops]:
+    """A part's matmuls in order, every weight trained: the first needs its input gradient only where the
+    site's input carries one; the later ones read a trained matmul's output, so theirs is always needed
+    (LoRA's x -> A -> B, Hu et al. 2021, Eq. 3; a Houlsby adapter's down -> up, Houlsby et al. 2019)."""
+    return [_matmul(mm.fan_in, mm.fan_out, tokens, input_grad=input_grad or i > 0, weight_grad=True)
+            for i, mm in enumerate(matmuls)]
 
 
 def _last_matmul(shape: ModelShape, trainable: Trainable, layer: int, tokens: float) -> float:
     """Forward FLOPs of a block's last matmul, which activation checkpointing does not redo: non-reentrant
     `torch.utils.checkpoint` stops recomputing once every tensor the backward needs is back (its early stop),
-    and after that matmul only the residual add runs, which saves nothing. The last one is the adapter's up
-    projection, else LoRA's B on the down projection, else the down projection itself. (Counted on 2-layer
-    models: the whole-block recompute overstated full SFT's step by 5%, LoRA's by 0.3%.)"""
-    if layer in trainable.adapters:
-        return _matmul(trainable.adapter_dim, shape.hidden_size, tokens, input_grad=False, weight_grad=False).forward
+    and after that matmul only the residual add runs, which saves nothing. The last one is the last matmul of
+    a part after the MLP (an adapter's up projection), else of a part beside the down projection (LoRA's B),
+    else the down projection itself. (Counted on 2-layer models: the whole-block recompute overstated full
+    SFT's step by 5%, LoRA's by 0.3%.)"""
+    after = trainable.parts_at(layer, "mlp_out", SERIAL)
+    if after:
+        last = after[-1].matmuls[-1]
+        return _matmul(last.fan_in, last.fan_out, tokens, input_grad=False, weight_grad=False).forward
     fan_in, fan_out = shape.matrix_dims("down")
     copies = shape.matrix_copies("down")[1]
-    lora = trainable.lora_ranks
-    if (layer, "down") in lora:
-        return _matmul(lora[(layer, "down")], fan_out, tokens * copies, input_grad=False, weight_grad=False).forward
+    beside = trainable.parts_at(layer, "down", PARALLEL)
+    if beside:
+        last = beside[-1].matmuls[-1]
+        return _matmul(last.fan_in, last.fan_out, tokens * copies, input_grad=False, weight_grad=False).forward
     return _matmul(fan_in, fan_out, tokens * copies, input_grad=False, weight_grad=False).forward
 
 
@@ -96,30 +102,30 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
 
     `logit_tokens`: positions where the vocabulary projection runs (tunegap computes logits only where
     the loss needs them; None = every position, as a plain Hugging Face forward does).
-    Gradient flow is tracked through the residual stream layer by layer, so frozen bottoms, LoRA,
-    IA3, prefixes and adapters each get exactly the backward work autograd will do.
+    Gradient flow is tracked through the residual stream layer by layer, so frozen bottoms and every kind
+    of added part (`parts.py`: parallel paths, serial adapters, scales, extra positions) each get exactly
+    the backward work autograd will do.
     `checkpointing`: full activation checkpointing per block (Chen et al. 2016; Korthikanti et al. 2022,
     Sec. 5): every block whose backward runs repeats its forward once, added to `recompute` (HFU, not MFU).
     The head and blocks below the lowest trained one are not recomputed.
     `attention_rescore`: the attention kernel recomputes the scores in backward (flash kernels, the
     default); False for SDPA's math backend, which keeps the probabilities instead (compiled CPU runs).
     """
-    prompt = trainable.prompt_tokens
-    s_q = seq_len + prompt
+    s_q = seq_len + trainable.extra_queries
     tokens = float(sequences * s_q)
     logit_tokens = tokens if logit_tokens is None else float(logit_tokens)
-    lora = trainable.lora_ranks
     total = ZERO
-    stream_grad = trainable.embeddings or prompt > 0  # does the residual stream carry a gradient yet?
+    stream_grad = trainable.input_trains  # does the residual stream carry a gradient yet?
 
     def project(layer: int, m: str, input_grad: bool) -> tuple[Flops, bool]:
         fan_in, fan_out = shape.matrix_dims(m)
-        copies = shape.matrix_copies(m)[1]
+        routed = tokens * shape.matrix_copies(m)[1]
+        input_grad = input_grad or bool(trainable.parts_at(layer, m, SCALE_INPUT))  # a trained vector scales x
         trains = (layer, m) in trainable.dense
-        flops = _matmul(fan_in, fan_out, tokens * copies, input_grad=input_grad, weight_grad=trains)
-        if (layer, m) in lora:
-            flops = flops + _lora(fan_in, fan_out, lora[(layer, m)], tokens * copies, input_grad=input_grad)
-        out_grad = input_grad or trains or (layer, m) in lora or (layer, m) in trainable.scales
+        flops = _matmul(fan_in, fan_out, routed, input_grad=input_grad, weight_grad=trains)
+        for part in trainable.parts_at(layer, m, PARALLEL):
+            flops = flops + sum(_chain(part.matmuls, routed, input_grad=input_grad), ZERO)
+        out_grad = input_grad or trains or trainable.touches(layer, m)
         return flops, out_grad
 
     recomputed = 0.0
@@ -130,8 +136,9 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
         for m in ("q", "k", "v"):
             flops, out_grad = project(layer, m, attn_in)
             total, qkv_grad = total + flops, qkv_grad or out_grad
-        qkv_grad = qkv_grad or trainable.prefix_tokens > 0
-        s_k = s_q + trainable.prefix_tokens
+        extra_keys = trainable.extra_keys(layer)
+        qkv_grad = qkv_grad or extra_keys > 0  # trained keys/values: the attention's backward runs
+        s_k = s_q + extra_keys
         attn = 4.0 * sequences * s_q * s_k * shape.num_heads * shape.head_dim * (0.5 if causal else 1.0)
         total = total + Flops(attn, 2 * attn if qkv_grad else 0.0, 0.0,
                               attn / 2 if qkv_grad and attention_rescore else 0.0)
@@ -147,15 +154,12 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
         for m in MLP_MATRICES[:-1] if shape.gated_mlp else ("up",):
             flops, out_grad = project(layer, m, mlp_in)
             total, hidden_grad = total + flops, hidden_grad or out_grad
-        hidden_grad = hidden_grad or (layer, "down") in trainable.scales
         flops, down_grad = project(layer, "down", hidden_grad)
         total = total + flops
         stream_grad = stream_grad or down_grad
 
-        if layer in trainable.adapters:  # Houlsby bottleneck after the MLP: d -> a -> d, both trained
-            a = trainable.adapter_dim
-            total = total + _matmul(shape.hidden_size, a, tokens, input_grad=stream_grad, weight_grad=True)
-            total = total + _matmul(a, shape.hidden_size, tokens, input_grad=True, weight_grad=True)
+        for part in trainable.parts_at(layer, "mlp_out", SERIAL):  # e.g. Houlsby's d -> a -> d after the MLP
+            total = sum(_chain(part.matmuls, tokens, input_grad=stream_grad), total)
             stream_grad = True
         if checkpointing and stream_grad:  # backward reaches this block, so its forward runs again
             recomputed += total.forward - block_start - _last_matmul(shape, trainable, layer, tokens)
@@ -164,12 +168,6 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
     head_in = stream_grad or trainable.final_norm
     total = total + _matmul(shape.hidden_size, shape.vocab_size, logit_tokens, input_grad=head_in,
                             weight_grad=trainable.trains_head_weight(shape))
-    if trainable.prefix_tokens and trainable.prefix_hidden:  # PEFT's prefix MLP, run once per sequence
-        kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim
-        rows = sequences * trainable.prefix_tokens
-        total = total + _matmul(shape.hidden_size, trainable.prefix_hidden, rows, input_grad=False,
-                                weight_grad=True)
-        total = total + _matmul(trainable.prefix_hidden, kv, rows, input_grad=True, weight_grad=True)
     return total
 
 

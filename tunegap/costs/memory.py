@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 from .catalog import EstimateError
+from .parts import PARALLEL, SCALE_INPUT, SCALE_OUTPUT, SERIAL, Part
 from .shape import ModelShape, Trainable
 
 
@@ -154,7 +155,7 @@ class TensorShape(NamedTuple):
     rows: int
     cols: int
     copies: int = 1
-    added: bool = False  # a new parameter the method adds (LoRA, IA3, adapters, prompts), not a base weight
+    added: bool = False  # a new parameter the method adds (a `Part`'s tensor), not a base weight
 
     @property
     def numel(self) -> int:
@@ -169,17 +170,8 @@ def trainable_tensors(shape: ModelShape, tr: Trainable) -> list[TensorShape]:
         out.append(TensorShape(layer, k, n, shape.matrix_copies(m)[0]))
         if shape.qkv_bias and m in ("q", "k", "v"):
             out.append(TensorShape(layer, n, 1))
-    for (layer, m), r in sorted(tr.lora_ranks.items()):
-        k, n = shape.matrix_dims(m)
-        copies = shape.matrix_copies(m)[0]
-        out += [TensorShape(layer, k, r, copies, True), TensorShape(layer, r, n, copies, True)]
-    for layer, m in sorted(tr.scales):
-        k, n = shape.matrix_dims(m)
-        out.append(TensorShape(layer, k if m == "down" else n, 1, 1, True))
-    a = tr.adapter_dim
-    for layer in sorted(tr.adapters):
-        out += [TensorShape(layer, d, a, 1, True), TensorShape(layer, a, 1, 1, True),
-                TensorShape(layer, a, d, 1, True), TensorShape(layer, d, 1, 1, True)]
+    out += [TensorShape(part.layer, t.rows, t.cols, t.copies, True)
+            for part in sorted((p for p in tr.parts if p.layer is not None), key=Part.sort_key) for t in part.tensors]
     for layer in sorted(tr.norms):
         out += [TensorShape(layer, d, 1), TensorShape(layer, d, 1)]
     if tr.final_norm:
@@ -188,17 +180,8 @@ def trainable_tensors(shape: ModelShape, tr: Trainable) -> list[TensorShape]:
         out.append(TensorShape(None, shape.vocab_size, d))
     if tr.head and not (shape.tied_embeddings and tr.embeddings):
         out.append(TensorShape(None, shape.vocab_size, d))  # untied head, or the tied matrix trained as head
-    if tr.prompt_tokens:
-        out.append(TensorShape(None, tr.prompt_tokens, d, 1, True))
-    if tr.prefix_tokens:
-        kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim
-        if tr.prefix_hidden:
-            ph = tr.prefix_hidden
-            out += [TensorShape(None, tr.prefix_tokens, d, 1, True), TensorShape(None, d, ph, 1, True),
-                    TensorShape(None, ph, 1, 1, True), TensorShape(None, ph, kv, 1, True),
-                    TensorShape(None, kv, 1, 1, True)]
-        else:
-            out.append(TensorShape(None, tr.prefix_tokens, kv, 1, True))
+    out += [TensorShape(None, t.rows, t.cols, t.copies, True)
+            for part in sorted((p for p in tr.parts if p.layer is None), key=Part.sort_key) for t in part.tensors]
     return out
 
 
@@ -283,6 +266,9 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
     Dtypes follow Hugging Face + PEFT: autocast casts a matmul's fp32 input to a bf16 copy per matmul;
     PEFT keeps LoRA adapters in fp32 (autocast_adapter_dtype) and casts a bf16 input to an fp32 copy per
     adapted matrix (`LoraLayer._cast_input_dtype`); IA3 likewise upcasts down's input to its fp32 vector.
+    Added parts are costed by kind (`parts.py`): a parallel path as LoRA, a scaled input as IA3's l_ff, a
+    scaled output as IA3's l_k and l_v, a serial chain as a Houlsby adapter. Checked against autograd for
+    those methods; a part at a site no shipped method uses follows the same rule, unchecked.
     """
     e, f32 = p.activation, 4
     autocast = p.cast_copy > 0
@@ -290,12 +276,10 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
     lora_copies = autocast or p.weight < 4  # does each adapted matrix keep its own copy?
     h, hq = shape.hidden_size, shape.num_heads * shape.head_dim
     hkv, inter = shape.num_kv_heads * shape.head_dim, shape.intermediate_size
-    s_q = seq_len + tr.prompt_tokens
+    s_q = seq_len + tr.extra_queries
     n = sequences * s_q  # token positions in the blocks
-    n_kv = sequences * (s_q + tr.prefix_tokens)
     k_exp = shape.experts_per_token if shape.num_experts else 1
-    lora = tr.lora_ranks
-    stream = tr.embeddings or tr.prompt_tokens > 0  # does the residual stream require a gradient yet?
+    stream = tr.input_trains  # does the residual stream require a gradient yet?
     blocks, checkpoints = [], []
     matrix_params = {m: shape.matrix_dims(m)[0] * shape.matrix_dims(m)[1] * shape.matrix_copies(m)[0]
                      for m in shape.layer_matrices()}
@@ -304,14 +288,22 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
         def trains(m):
             return (layer, m) in tr.dense
 
-        def adapted(m):
-            return (layer, m) in lora
+        def adapted(m):  # a parallel path (LoRA) beside this matrix
+            return bool(tr.parts_at(layer, m, PARALLEL))
 
         def grad_out(m, grad_in):
-            return grad_in or trains(m) or adapted(m) or (layer, m) in tr.scales
+            return grad_in or trains(m) or tr.touches(layer, m)
 
-        def lora_b(ms):  # each LoRA B keeps A's output (rank r), in the adapter's compute dtype
-            return lora_in * sum(lora.get((layer, m), 0) for m in ms)
+        def lora_b(ms):  # each later matmul of a parallel path keeps its input (LoRA's B: A's output, rank r)
+            return lora_in * sum(part.inner_width for m in ms for part in tr.parts_at(layer, m, PARALLEL))
+
+        def scaled(ms, width):
+            """A trained vector's multiply keeps the other operand: a scaled output (IA3's l_k, l_v), in the
+            activation dtype; a scaled input (IA3's l_ff) of a matrix that keeps none, upcast to the fp32 vector."""
+            outputs = e * sum(shape.matrix_dims(m)[1] for m in ms if tr.parts_at(layer, m, SCALE_OUTPUT))
+            inputs = f32 * width * sum(bool(tr.parts_at(layer, m, SCALE_INPUT)) and not (trains(m) or adapted(m))
+                                       for m in ms)
+            return outputs + inputs
 
         def norm_output(ms, width):
             """A norm's output read by the matmuls `ms`, kept for the weight gradients of trained ones and for
@@ -342,30 +334,33 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
         kept = n * norm(stream)
         y_grad = stream or norm_trains
         kept += n * norm_output(("q", "k", "v"), h)
-        kept += n * e * hkv * sum((layer, m) in tr.scales for m in ("k", "v"))  # IA3 keeps the output it scales
-        attn_grad = any(grad_out(m, y_grad) for m in ("q", "k", "v")) or tr.prefix_tokens > 0
+        kept += n * scaled(("q", "k", "v"), h)
+        extra_keys = tr.extra_keys(layer)  # trained keys/values (prefix tuning): the attention's backward runs
+        n_kv = sequences * (s_q + extra_keys)
+        attn_grad = any(grad_out(m, y_grad) for m in ("q", "k", "v")) or extra_keys > 0
         if attn_grad:  # SDPA keeps Q, K, V, its output (o's input too: same storage) and an fp32 logsumexp
             kv_width = hq if math_attention else hkv
             kept += e * (2 * n * hq + 2 * n_kv * kv_width) + f32 * n * shape.num_heads
             if math_attention:  # softmax probabilities, heads x s_q x s_k per sequence
-                kept += f32 * sequences * shape.num_heads * s_q * (s_q + tr.prefix_tokens)
-        kept += n * matmul_input("o", hq, shared=attn_grad)
+                kept += f32 * sequences * shape.num_heads * s_q * (s_q + extra_keys)
+        kept += n * matmul_input("o", hq, shared=attn_grad) + n * scaled(("o",), hq)
         stream = stream or grad_out("o", attn_grad)
 
         kept += n * norm(stream)
         y2_grad = stream or norm_trains
         mlp = ("gate", "up") if shape.gated_mlp else ("up",)
         kept += n * k_exp * norm_output(mlp, h)
+        kept += n * k_exp * scaled(mlp, h)
         hidden_grad = any(grad_out(m, y2_grad) for m in mlp)
         if hidden_grad:  # gated: gate output (SiLU input), SiLU output, up output; plain: the GELU input
             kept += n * k_exp * e * inter * (3 if shape.gated_mlp else 1)
-        scaled_down = (layer, "down") in tr.scales
         kept += n * k_exp * matmul_input("down", inter, shared=False)
-        if scaled_down and not (trains("down") or adapted("down")):
-            kept += n * k_exp * f32 * inter  # IA3: down's input upcast to the fp32 vector it is multiplied by
-        stream = stream or grad_out("down", hidden_grad or scaled_down)
-        if layer in tr.adapters:  # Houlsby adapter keeps the MLP output and the bottleneck before/after GELU
-            kept += n * e * (h + 2 * tr.adapter_dim)
+        kept += n * k_exp * scaled(("down",), inter)
+        stream = stream or grad_out("down", hidden_grad)
+        for part in tr.parts_at(layer, "mlp_out", SERIAL):
+            # a serial chain keeps its input and each inner width twice, before and after the nonlinearity
+            # (Houlsby adapter: the MLP output, the bottleneck before and after GELU)
+            kept += n * e * (part.matmuls[0].fan_in + 2 * part.inner_width)
             stream = True
         if not stream:  # nothing at or below this block trains: backward never reaches it, nothing is kept
             blocks.append(0.0)
@@ -373,8 +368,9 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
             continue
         if autocast:  # autocast's bf16 copy of a weight is kept wherever that matmul's input needs a gradient
             needs = {"q": y_grad, "k": y_grad, "v": y_grad, "o": attn_grad, "gate": y2_grad, "up": y2_grad,
-                     "down": hidden_grad or scaled_down}
-            kept += p.cast_copy * sum(matrix_params[m] for m in shape.layer_matrices() if needs[m])
+                     "down": hidden_grad}
+            kept += p.cast_copy * sum(matrix_params[m] for m in shape.layer_matrices()
+                                      if needs[m] or tr.parts_at(layer, m, SCALE_INPUT))
         blocks.append(kept)
         checkpoints.append(n * p.weight * h)  # the block's input, in the residual stream's dtype
 
@@ -450,7 +446,7 @@ def memory_per_device(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, se
     g = setup.gpus if gpus is None else gpus
     if g < 1:
         raise EstimateError(f"--gpus: must be at least 1, got {g}")
-    positions = setup.micro_batch * (seq_len + tr.prompt_tokens)
+    positions = setup.micro_batch * (seq_len + tr.extra_queries)
     loss_positions = positions if loss_positions is None else loss_positions
     tensors = trainable_tensors(shape, tr)
 

@@ -7,8 +7,10 @@ them to the same formulas in `flops.py` and `memory.py`: one home for every cost
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .parts import PARALLEL, POSITIONS, SCALE_INPUT, SCALE_OUTPUT
 
 ATTN_MATRICES = ("q", "k", "v", "o")
 MLP_MATRICES = ("gate", "up", "down")
@@ -127,33 +129,43 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Trainable:
-    """What a method trains, in the coordinates the formulas use (layer index, matrix name).
+    """What a method trains, in the coordinates the formulas use (layer index, site name).
 
-    dense: base matrices whose weights get gradients. lora: rank per adapted matrix.
-    scales: matrices whose output (or, for "down", input) an IA3 vector rescales.
-    adapters: layers with a bottleneck adapter (d -> adapter_dim -> d) after the MLP.
-    norms: layers whose two norms train; final_norm, embeddings, head: the rest.
-    prompt_tokens: trainable virtual tokens prepended to the input (prompt tuning).
-    prefix_tokens: trainable key/value prefixes in every layer (prefix tuning).
+    The base model's own weights: dense (base matrices whose weights get gradients), norms (layers whose two
+    norms train), final_norm, embeddings, head. What a method adds to it: parts (`parts.Part`: LoRA paths,
+    IA3 vectors, bottleneck adapters, prompt and prefix tables, or any method's own), which the formulas
+    walk by kind and site, never by method name.
     """
 
     dense: frozenset = frozenset()
-    lora: tuple = ()  # ((layer, matrix, rank), ...)
-    scales: frozenset = frozenset()
-    adapters: frozenset = frozenset()
-    adapter_dim: int = 0
     norms: frozenset = frozenset()
     final_norm: bool = False
     embeddings: bool = False
     head: bool = False
-    prompt_tokens: int = 0
-    prefix_tokens: int = 0
-    prefix_hidden: int = 0  # prefix tuning's reparameterisation MLP width (0 = none)
-    extra: dict = field(default_factory=dict, compare=False)
+    parts: tuple = ()
+
+    def parts_at(self, layer: int | None, site: str, *kinds: str) -> tuple:
+        """The parts at one site of one layer (a part with layer None sits in every layer), of `kinds` if given."""
+        return tuple(p for p in self.parts if p.site == site and (p.layer is None or p.layer == layer)
+                     and (not kinds or p.kind in kinds))
+
+    def touches(self, layer: int, matrix: str) -> bool:
+        """Some part adapts or rescales this matrix, so its output requires a gradient."""
+        return bool(self.parts_at(layer, matrix, PARALLEL, SCALE_INPUT, SCALE_OUTPUT))
 
     @property
-    def lora_ranks(self) -> dict:
-        return {(layer, m): r for layer, m, r in self.lora}
+    def extra_queries(self) -> int:
+        """Positions prepended to every sequence (prompt tuning): the blocks see seq_len + this many tokens."""
+        return sum(p.positions for p in self.parts if p.kind == POSITIONS and p.site == "input")
+
+    def extra_keys(self, layer: int) -> int:
+        """Key/value positions the attention of `layer` sees beyond the sequence's own (prefix tuning)."""
+        return sum(p.positions for p in self.parts_at(layer, "kv", POSITIONS))
+
+    @property
+    def input_trains(self) -> bool:
+        """The blocks' input depends on trained parameters, so the residual stream carries a gradient from the start."""
+        return self.embeddings or any(p.site == "input" for p in self.parts)
 
     def params(self, shape: ModelShape) -> int:
         """Trainable parameter count; a test checks it equals the real model's count for every method."""
@@ -164,27 +176,13 @@ class Trainable:
             total += fan_in * fan_out * shape.matrix_copies(m)[0]
             if shape.qkv_bias and m in ("q", "k", "v"):
                 total += fan_out
-        for (layer, m), r in self.lora_ranks.items():
-            fan_in, fan_out = shape.matrix_dims(m)
-            total += r * (fan_in + fan_out) * shape.matrix_copies(m)[0]  # Hu et al. 2021, Sec. 4.1
-        for layer, m in self.scales:
-            fan_in, fan_out = shape.matrix_dims(m)
-            total += fan_in if m == "down" else fan_out  # IA3 (Liu et al. 2022): l_ff scales down's input
-        total += len(self.adapters) * (2 * d * self.adapter_dim + self.adapter_dim + d)  # Houlsby et al. 2019
+        total += sum(p.numel for p in self.parts)
         total += len(self.norms) * 2 * d + (d if self.final_norm else 0)
         if self.embeddings:
             total += shape.embedding_params()
         if self.head:
             total += shape.head_params() if not (shape.tied_embeddings and self.embeddings) else 0
             total += shape.embedding_params() if shape.tied_embeddings and not self.embeddings else 0
-        total += self.prompt_tokens * d
-        if self.prefix_tokens:
-            kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim
-            if self.prefix_hidden:  # PEFT's prefix projection: embedding -> Linear -> Tanh -> Linear
-                total += self.prefix_tokens * d + (d * self.prefix_hidden + self.prefix_hidden
-                                                   + self.prefix_hidden * kv + kv)
-            else:
-                total += self.prefix_tokens * kv
         return total
 
     def trains_head_weight(self, shape: ModelShape) -> bool:

@@ -1,0 +1,54 @@
+"""LoRA through Hugging Face PEFT: a trained low-rank path beside each target matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..costs.parts import PARALLEL, Matmul, Part, Tensor
+from ..costs.shape import HF_MODULE_NAMES
+from .base import ALL_LINEAR, Method, MethodError, register
+
+
+def low_rank_part(shape, layer: int, matrix: str, rank: int) -> Part:
+    """x -> A (k x r) -> B (r x m) beside W0 (k x m): h = W0·x + (alpha/r)·B·A·x (Hu et al. 2021, Eq. 3),
+    r·(k + m) parameters per matrix (Sec. 4.1), one pair per stored MoE expert."""
+    fan_in, fan_out = shape.matrix_dims(matrix)
+    experts = shape.matrix_copies(matrix)[0]
+    return Part(PARALLEL, layer, matrix,
+                tensors=(Tensor("lora_A", fan_in, rank, experts), Tensor("lora_B", rank, fan_out, experts)),
+                matmuls=(Matmul(fan_in, rank), Matmul(rank, fan_out)))
+
+
+@register
+@dataclass
+class LoRA(Method):
+    """W + (alpha/r)·B·A with W frozen (Hu et al. 2021, Eq. 3), through Hugging Face PEFT."""
+
+    name = "lora"
+    saves_adapter = True
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple = ALL_LINEAR
+
+    def check(self, shape):
+        if not self.targets:
+            raise MethodError(f"lora: --targets is empty; choose some of {','.join(ALL_LINEAR)}")
+        unknown = set(self.targets) - set(ALL_LINEAR)
+        if unknown:
+            raise MethodError(f"lora: unknown target matrices {sorted(unknown)}; choose from {ALL_LINEAR}")
+        if self.rank <= 0:
+            raise MethodError(f"lora: --rank must be positive, got {self.rank}")
+        smallest = min(min(shape.matrix_dims(m)) for m in self.targets)
+        if self.rank > smallest:
+            raise MethodError(f"lora: --rank {self.rank} exceeds the smallest target matrix dimension {smallest}")
+
+    def prepare(self, model, shape):
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=self.rank, lora_alpha=self.alpha,
+                            lora_dropout=self.dropout, target_modules=[HF_MODULE_NAMES[t] for t in self.targets])
+        return get_peft_model(model, config)
+
+    def parts(self, shape):
+        return tuple(low_rank_part(shape, i, m, self.rank) for i in range(shape.num_layers) for m in self.targets)
