@@ -35,7 +35,8 @@ COST_UNITS = {
     "flops_forward": "FLOP", "flops_backward": "FLOP", "flops_total": "FLOP", "flops_hardware": "FLOP",
     "wall_time_s": "s", "tokens_per_s": "token/s", "gpu_hours": "GPU-hour", "dollars": "USD",
 }
-METHOD_CHOICES = ("pretrain", "full", "lora", "qlora", "freeze", "prompt", "prefix", "ia3", "adapter")
+# Names the estimator takes beyond the registered methods, and the method each runs as.
+PSEUDO_METHODS = {"pretrain": "full", "qlora": "lora"}
 DEFAULT_MFU = 0.40
 
 
@@ -259,9 +260,14 @@ def resolve_work(*, seq_len: int, rows_per_step: int, tokens: float | None = Non
 
 # --- from parsed arguments -----------------------------------------------------------------------------------
 
+def method_choices() -> tuple[str, ...]:
+    """Every registered method (read when the parser is built, so methods registered later are included)."""
+    return (*PSEUDO_METHODS, *METHODS)
+
+
 def _method_from_args(args) -> tuple[Method, str]:
     name = args.method
-    base = {"pretrain": "full", "qlora": "lora"}.get(name, name)
+    base = PSEUDO_METHODS.get(name, name)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     return make_method(base, rank=args.rank, alpha=args.alpha, targets=targets, layers=args.freeze_layers,
                        virtual_tokens=args.virtual_tokens, dim=args.adapter_dim), name
@@ -511,7 +517,7 @@ def add_parser(subparsers) -> None:
     est = subparsers.add_parser("estimate", help="predict a run's FLOPs, memory, time and dollars (no weights)",
                                 description=__doc__.split("\n\n")[0])
     _add_common(est, seq_len=128)
-    est.add_argument("--method", default="lora", choices=METHOD_CHOICES)
+    est.add_argument("--method", default="lora", choices=method_choices())
     est.add_argument("--freeze-layers", type=int, default=2, help="freeze: top blocks that train")
     est.add_argument("--virtual-tokens", type=int, default=16, help="prompt/prefix tuning tokens")
     est.add_argument("--adapter-dim", type=int, default=16, help="bottleneck adapter width")
