@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import needs_smollm2
 
-from tunegap.analysis.common import AnalysisError, settings_hash
+from tunegap.analysis.common import AnalysisError
 from tunegap.analysis.convergence import analyze_convergence, extrapolate, power_law_fit, steps_to
 from tunegap.analysis.forgetting import (analyze_forgetting, base_reference, has_real_weights, measure_forgetting,
                                          reply_kl)
@@ -340,12 +340,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "--ranks" in capsys.readouterr().err
 
 
-def test_settings_hash_ignores_names_and_folders_only():
+def test_run_identity_ignores_names_and_folders_only():
     from tunegap.config import TrainConfig
+    from tunegap.runs import run_identity
+
+    def identity(config):
+        return run_identity(config.to_dict())
 
     a = TrainConfig(model="tiny", name="a", runs_dir="x", threads=1)
-    assert settings_hash(a) == settings_hash(TrainConfig(model="tiny", name="b", runs_dir="y", threads=2))
-    assert settings_hash(a) != settings_hash(TrainConfig(model="tiny", rank=4))
+    assert identity(a) == identity(TrainConfig(model="tiny", name="b", runs_dir="y", threads=2))
+    assert identity(a) != identity(TrainConfig(model="tiny", rank=4))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ around forward+backward counts the same total as before.
 
 from __future__ import annotations
 
-IGNORE = -100
+IGNORE_INDEX = -100  # the one home of the no-loss label (PyTorch's cross_entropy default ignore_index)
 CHUNK_ROWS = 256  # 256 x 49,152 fp32 logits = 50 MB alive at once, against 80 MB per copy for 400 full rows
 
 
@@ -38,7 +38,7 @@ def _chunk_loss(h, w, y):
 
     logits = (h @ w.t()).float()  # bf16 matmul under autocast, as the unfused head; the softmax is fp32
     lse = torch.logsumexp(logits, dim=-1)
-    valid = y != IGNORE
+    valid = y != IGNORE_INDEX
     safe = torch.where(valid, y, torch.zeros_like(y))
     picked = logits.gather(1, safe[:, None]).squeeze(1)
     return ((lse - picked) * valid).sum(), logits, lse, valid, safe
@@ -89,7 +89,7 @@ class _LinearCrossEntropy:
 
 
 def linear_cross_entropy(hidden, weight, targets, *, chunk_rows: int = CHUNK_ROWS):
-    """Summed cross-entropy (fp32 scalar) of `hidden @ weight.T` against `targets` (IGNORE rows count zero).
+    """Summed cross-entropy (fp32 scalar) of `hidden @ weight.T` against `targets` (IGNORE_INDEX rows count zero).
 
     `hidden` [n, d], `weight` [V, d] (a head's weight), `targets` [n]. Under autocast the matmuls run in the
     autocast dtype, the log-sum-exp in fp32, exactly as `F.cross_entropy(F.linear(h, w).float(), y)` would.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IGNORE = -100
+from ..losses import IGNORE_INDEX as IGNORE
 
 
 @dataclass

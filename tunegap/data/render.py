@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence, overload
 
+from ..losses import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "Example",
@@ -24,8 +26,6 @@ __all__ = [
     "tokenize_corpus",
     "tokenize_prompt",
 ]
-
-IGNORE_INDEX = -100
 
 
 @dataclass

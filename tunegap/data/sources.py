@@ -6,12 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .loaders import DataError, load_corpus, load_sft
+from .loaders import CORPUS_SUFFIXES, DataError, load_corpus, load_sft
 from .render import Example, tokenize_corpus, tokenize_sft
 from .support import generate_support
 
 SUPPORT = "support"
-CORPUS_SUFFIXES = (".txt", ".md")
 
 
 @dataclass
@@ -30,7 +29,7 @@ def data_kind(path: str) -> str:
     p = Path(path)
     if not p.exists():
         raise DataError(path, 0, "file", "no such file or folder (or 'support' for the shipped task)")
-    if p.is_dir() or p.suffix in CORPUS_SUFFIXES:
+    if p.is_dir() or p.suffix.lower() in CORPUS_SUFFIXES:
         return "corpus"
     with open(p, "rb") as f:
         for raw in f:
