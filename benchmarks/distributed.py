@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [(1, "single"), (2, "ddp"), (2, "fsdp")]
-ESTIMATOR_PRECISION = {"fp32": "fp32", "bf16": "bf16-autocast"}  # tunegap.train's names -> costs.memory's
+ESTIMATOR_PRECISION = {"fp32": "fp32", "bf16": "bf16-autocast"}  # the trainer's names -> costs.memory's
 
 
 def run(tmp: Path, nproc: int, parallel: str, args) -> dict:

@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh subprocess (so one run's freed-but-retained memory cannot inflate the
 next): build the model with `tunegap.models.load_model`, apply the method with `method.prepare`, run a few
-steps the way `tunegap.train` does (decoder forward, vocabulary projection at loss positions, summed
+steps the way `tunegap.trainer` does (decoder forward, vocabulary projection at loss positions, summed
 cross-entropy in fp32, backward, AdamW(foreach=True) step, zero_grad(set_to_none=True)) and read the peak
 resident set size. The peak counter is reset after loading, as the training loop does, so loading the
 weights does not count as training memory; the process's own baseline (Python, torch, transformers) does,
@@ -92,7 +92,7 @@ def _build(args):
 
 
 def _worker(args) -> dict:
-    """Runs inside the fresh subprocess: `steps` training steps as tunegap.train runs them."""
+    """Runs inside the fresh subprocess: `steps` training steps as tunegap.trainer runs them."""
     import peft  # noqa: F401  (every tunegap run imports it: part of the process baseline)
     import torch
     import torch.nn.functional as F
@@ -110,7 +110,7 @@ def _worker(args) -> dict:
     model = method.prepare(model, shape)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if args.checkpointing:
-        from tunegap.train import checkpoint_activations
+        from tunegap.models import checkpoint_activations
 
         checkpoint_activations(base)
     model.train()

@@ -53,7 +53,7 @@ def main(argv=None):
     from torch.profiler import profile
 
     from tunegap.config import TrainConfig
-    from tunegap.train import train
+    from tunegap.trainer import train
 
     prof = profile(record_shapes=True)
 

@@ -5,10 +5,9 @@
     python3 benchmarks/train_throughput.py --device cuda --model <folder> --init scratch   # on a GPU
 
 Each run is a fresh subprocess (so one run's retained memory cannot inflate the next) that calls
-`tunegap.train.train` itself on the CPU, exactly as `tunegap finetune` does, and reads back the step
-timestamps, the ledger's training peak memory and the held-out loss. (`train` runs one process on the CPU;
-on CUDA the worker drives the same pieces, `sum_loss`, packing, `DataOrder`, the schedule and fused AdamW,
-in a minimal loop of its own, said so in the output.)
+`tunegap.trainer.train` itself, on the CPU or one GPU (`--device cuda`, no torchrun), exactly as
+`tunegap finetune` does, and reads back the step timestamps, the ledger's training peak memory and the
+held-out loss. There is no second training loop.
 
 What is reported, per run (medians over steps 2..N; step 1 is warm-up):
   s/step          measured wall time from the end of one optimizer step to the end of the next
@@ -50,13 +49,13 @@ def base_config(args, method: str, name: str, runs_dir: str, checkpointing: bool
                        batch_size=args.batch, max_steps=args.steps, lr=LR[method], precision=args.precision,
                        eval_examples=args.eval_examples, generate_examples=0, runs_dir=runs_dir, name=name,
                        progress=False, threads=args.threads, activation_checkpointing=checkpointing, compile=compile,
-                       train_examples=args.steps * args.batch,
+                       train_examples=args.steps * args.batch, device=args.device,
                        forgetting=False)  # an after-training analysis: minutes, and nothing to do with speed
 
 
 def step_examples(config, data) -> list[list]:
     """The examples of each optimizer step, in tunegap's data order (what every trainer is fed)."""
-    from tunegap.train import DataOrder
+    from tunegap.schedule import DataOrder
 
     order = DataOrder(len(data.train), config.batch_size, config.seed)
     return [[data.train[i] for i in order.micro_batch(s)] for s in range(config.max_steps)]
@@ -112,34 +111,6 @@ def peaks_dict(device: str) -> dict:
             "bf16": measure_matmul_flops("bf16", size=size, device=device), "threads": torch.get_num_threads()}
 
 
-def heldout(ctx, examples, batch_size: int, seq_len: int, device: str) -> float:
-    """`tunegap.train.heldout_loss` (on CUDA: the same sum_loss over the same batches, moved to the GPU)."""
-    from tunegap.train import heldout_loss
-
-    if device == "cpu":
-        return heldout_loss(ctx, examples, batch_size, seq_len)
-    import torch
-
-    from tunegap.data.packing import make_batch
-    from tunegap.train import sum_loss
-
-    ctx.model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = to_device(make_batch(examples[i:i + batch_size], capacity=seq_len, pad_id=ctx.pad_id), device)
-            total += float(sum_loss(ctx, batch))
-            count += batch.n_loss_tokens
-    return total / max(count, 1)
-
-
-def to_device(batch, device: str):
-    import dataclasses
-
-    return type(batch)(**{f.name: (v.to(device) if hasattr(v, "to") else v)
-                          for f in dataclasses.fields(batch) for v in [getattr(batch, f.name)]})
-
-
 def run_worker(argv: list[str], timeout: float) -> dict:
     """Run this file (or vs_trl.py) as `_worker ...` in a fresh process; its last stdout line is the JSON result."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -158,7 +129,7 @@ def mfu(result: dict, peaks: dict) -> tuple[float, float]:
 
 
 def seconds(s: float | None) -> str:
-    """A step-1 time (None where the worker has none: the CUDA loop)."""
+    """A step-1 time (None where a worker has none)."""
     return "-" if s is None else f"{s:.1f} s"
 
 
@@ -169,95 +140,35 @@ def gib(n: float) -> str:
 # --- the tunegap worker -----------------------------------------------------------------------------------
 
 def tunegap_worker(args) -> dict:
+    """`tunegap.trainer.train` itself, exactly as `tunegap finetune` runs it, on the CPU or one GPU
+    (`--device cuda`, no torchrun); the step times come from its `on_step` hook."""
     import torch
 
     from tunegap.costs.shape import ModelShape
     from tunegap.data.sources import prepare
     from tunegap.methods import make_method
     from tunegap.models import load_model
+    from tunegap.trainer import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     peaks = peaks_dict(args.device)
     with tempfile.TemporaryDirectory(prefix="tunegap-bench-") as tmp:
         config = base_config(args, args.method, "bench", tmp, args.checkpointing == "on", args.compile)
-        first_step_s = compiled = None
-        if args.device == "cpu":
-            from tunegap.train import train
-
-            stamps: list[float] = []
-            ledger = train(config, on_step=lambda step: stamps.append(time.perf_counter()))
-            compiled = ledger["compiled"].startswith("on")
-            with open(Path(tmp) / "bench" / "metrics.jsonl") as rows:  # step 1's time includes any compile
-                first_step_s = next(r["seconds"] for r in map(json.loads, rows) if r.get("step") == 1)
-            data = prepare(config, load_model(config.model, init=config.init, seed=config.seed)[1])
-            shape, precision = ModelShape(**ledger["shape"]), ledger["precision"]
-            peak = ledger["costs"]["peak_memory_bytes"]["value"]
-            eval_loss = ledger["metrics"]["eval_loss"]
-            loop = "tunegap.train.train (CPU, one process)"
-        else:
-            stamps, shape, data, precision, peak, eval_loss = device_loop(config, args.device)
-            loop = "tunegap pieces on CUDA (sum_loss, packing, DataOrder, schedule, fused AdamW)"
+        stamps: list[float] = []
+        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+        ledger = train(config, on_step=lambda step: (sync(), stamps.append(time.perf_counter())))
+        with open(Path(tmp) / "bench" / "metrics.jsonl") as rows:  # step 1's time includes any compile
+            first_step_s = next(r["seconds"] for r in map(json.loads, rows) if r.get("step") == 1)
+        data = prepare(config, load_model(config.model, init=config.init, seed=config.seed)[1])
     method = make_method(config.method, **config.method_options())
     steps = step_examples(config, data)
-    result = summarise(stamps, useful_flops(config, shape, method, steps), loss_tokens(steps))
-    return {**result, "trainer": "tunegap", "loop": loop, "method": args.method, "precision": precision,
-            "checkpointing": args.checkpointing == "on", "compiled": bool(compiled), "first_step_s": first_step_s,
-            "peak_bytes": peak, "eval_loss": eval_loss, "peaks": peaks, "threads": torch.get_num_threads()}
-
-
-def device_loop(config, device: str):
-    """tunegap's step on a GPU: the same pieces `train` uses, without the ledger, checkpoints or run folder."""
-    import torch
-
-    from tunegap.costs.shape import ModelShape
-    from tunegap.data.packing import make_batch
-    from tunegap.data.sources import prepare
-    from tunegap.methods import make_method
-    from tunegap.models import load_model
-    from tunegap.train import (Context, DataOrder, autocast_factory, base_model, checkpoint_activations, lr_lambda,
-                               sum_loss)
-
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, init=config.init, seed=config.seed)
-    shape = ModelShape.from_hf_config(model.config)
-    method = make_method(config.method, **config.method_options())
-    model = method.prepare(model, shape).to(device)
-    base = base_model(model)
-    precision = "bf16" if config.precision in ("auto", "bf16") else "fp32"
-    if precision == "bf16" and method.saves_adapter:
-        from tunegap.precision import frozen_linears_to
-
-        frozen_linears_to(base, torch.bfloat16, keep=[base.get_output_embeddings()])
-    if config.activation_checkpointing:
-        checkpoint_activations(base)
-    model.train()
-    data = prepare(config, tokenizer)
-    ctx = Context(model, base, method, tokenizer.pad_token_id, autocast_factory(precision, device))
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    warmup = config.warmup_steps or max(1, round(0.05 * config.max_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, config.max_steps, warmup))
-    order = DataOrder(len(data.train), config.batch_size, config.seed)
-    cuda = device == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    stamps = []
-    for step in range(config.max_steps):
-        batch = to_device(make_batch([data.train[i] for i in order.micro_batch(step)], capacity=config.seq_len,
-                                     pad_id=ctx.pad_id), device)
-        loss = sum_loss(ctx, batch)
-        (loss / max(batch.n_loss_tokens, 1)).backward()
-        torch.nn.utils.clip_grad_norm_(trained, config.clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-    peak = torch.cuda.max_memory_allocated() if cuda else 0
-    eval_loss = heldout(ctx, data.eval, config.batch_size, config.seq_len, device)
-    return stamps, shape, data, precision, peak, eval_loss
+    result = summarise(stamps, useful_flops(config, ModelShape(**ledger["shape"]), method, steps), loss_tokens(steps))
+    return {**result, "trainer": "tunegap", "loop": f"tunegap.trainer.train (one process, {args.device})",
+            "method": args.method, "precision": ledger["precision"], "checkpointing": args.checkpointing == "on",
+            "compiled": ledger["compiled"].startswith("on"), "first_step_s": first_step_s,
+            "peak_bytes": ledger["costs"]["peak_memory_bytes"]["value"], "eval_loss": ledger["metrics"]["eval_loss"],
+            "peaks": peaks, "threads": torch.get_num_threads()}
 
 
 # --- the driver -------------------------------------------------------------------------------------------

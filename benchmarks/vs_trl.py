@@ -25,7 +25,7 @@ The two trainers get exactly the same work:
 
 Runs alternate TRL, tunegap, TRL, tunegap, ... in fresh processes (machine load drifts; alternating pairs
 share it), and the table reports medians over the pairs and the median of the per-pair ratios tunegap/TRL.
-The held-out loss of both comes from the same function, `tunegap.train.heldout_loss`, on the same held-out
+The held-out loss of both comes from the same function, the one-device strategy's `heldout`, on the same held-out
 examples. Tokens/s counts loss-bearing tokens; MFU uses the same model-FLOP count for both (see
 train_throughput.py) against the best matmul peak measured in any of the runs.
 """
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (LR, VARIANTS, base_config, bench_parser, gib, heldout, loss_tokens, mfu,  # noqa: E402
+from train_throughput import (LR, VARIANTS, base_config, bench_parser, gib, loss_tokens, mfu,  # noqa: E402
                               peaks_dict, run_worker, step_examples, summarise, useful_flops, variant, variants,
                               worker_argv)
 
@@ -60,7 +60,11 @@ def trl_worker(args) -> dict:
     from tunegap.ledger import peak_rss_bytes, reset_peak_rss
     from tunegap.methods import make_method
     from tunegap.models import load_model
-    from tunegap.train import Context, autocast_factory, base_model, choose_precision, lr_lambda
+    from tunegap.models import base_model
+    from tunegap.objectives import Context, NextToken
+    from tunegap.precision import autocast_factory, choose_precision
+    from tunegap.schedule import lr_lambda
+    from tunegap.strategies import SingleDevice
 
     threads = args.threads or __import__("os").cpu_count() or 1
     torch.set_num_threads(threads)
@@ -130,7 +134,9 @@ def trl_worker(args) -> dict:
         trained = trainer.model
         ctx = Context(trained, base_model(trained), method, tokenizer.pad_token_id,
                       autocast_factory(precision, args.device))
-        eval_loss = heldout(ctx, data.eval, config.batch_size, config.seq_len, args.device)
+        one_device, objective = SingleDevice(args.device), NextToken()
+        one_device.wrap(trained, lambda batch: objective.loss(ctx, batch))
+        eval_loss = one_device.heldout(objective, ctx, data.eval, config.batch_size, config.seq_len)
     result = summarise(stamps, useful_flops(config, shape, method, steps), loss_tokens(steps))
     return {**result, "trainer": "trl", "trl_version": trl_version, "method": args.method, "precision": precision,
             "checkpointing": gc_on, "peak_bytes": peak["bytes"], "eval_loss": eval_loss, "peaks": peaks,
