@@ -111,7 +111,7 @@ def test_run_or_reuse_reuses_the_same_settings_and_replaces_changed_ones(tmp_pat
     config = tiny_config(tmp_path, max_steps=2)
     folder, first = run_or_reuse(config, name="arm")
     _, again = run_or_reuse(config, name="arm")
-    assert again == json.loads(json.dumps(first)) and "reusing finished run" in capsys.readouterr().out
+    assert again == json.loads(json.dumps(first)) and "reusing run arm (same settings" in capsys.readouterr().out
     _, changed = run_or_reuse(dataclasses.replace(config, max_steps=3), name="arm")
     assert changed["costs"]["optimizer_steps"]["value"] == 3 and folder.name == "arm"
 

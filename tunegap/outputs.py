@@ -55,8 +55,8 @@ class LoadedRun:
 def finished_run(run: str | Path, runs_dir: str | Path = "runs") -> tuple[Path, dict]:
     """(folder, ledger) of a completed run given by folder path or by name in `runs_dir`."""
     folder = Path(run)
-    if not (folder / "ledger.json").is_file():
-        folder = run_folder(runs_dir, str(run))
+    if not (folder / "ledger.json").is_file() and not folder.is_absolute() and len(folder.parts) == 1:
+        folder = run_folder(runs_dir, str(run))  # a plain name: the run of that name in runs_dir
     path = folder / "ledger.json"
     if not path.is_file():
         raise RunLoadError(f"{folder}: not a finished tunegap run (no ledger.json)")

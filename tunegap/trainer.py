@@ -55,7 +55,8 @@ def train(config: TrainConfig, *, method=None, objective=None, callbacks=None, o
     return Trainer(config, method=method, objective=objective, callbacks=callbacks).run(on_step=on_step)
 
 
-def run_or_reuse(config: TrainConfig, *, name: str | None = None, prefix: str = "run") -> tuple[Path, dict]:
+def run_or_reuse(config: TrainConfig, *, name: str | None = None, prefix: str = "run", what: str = "run"
+                 ) -> tuple[Path, dict]:
     """Train `config` as run `name` (default `<prefix>-<identity>`), or return the finished run of the same
     settings. A run of the same settings that was killed resumes from its newest checkpoint; a run of that
     name with other settings is replaced (the caller owns the name)."""
@@ -66,7 +67,7 @@ def run_or_reuse(config: TrainConfig, *, name: str | None = None, prefix: str = 
     if saved is not None and run_identity(saved) == wanted:
         ledger = _read_json(folder / "ledger.json")
         if ledger and ledger.get("status") == "completed":
-            print(f"tunegap: reusing finished run {folder} (same settings)", flush=True)
+            print(f"tunegap: reusing {what} {name} (same settings, already run: {folder})", flush=True)
             return folder, ledger
         resume = any((folder / "checkpoints").glob("step-*"))
     else:

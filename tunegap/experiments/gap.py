@@ -81,7 +81,7 @@ def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
 
 def run_arm(train_config) -> dict:
     """Train one arm, or reuse its finished ledger when the settings are unchanged (`trainer.run_or_reuse`)."""
-    return run_or_reuse(train_config, name=train_config.name)[1]
+    return run_or_reuse(train_config, name=train_config.name, what="arm")[1]
 
 
 def icl_arms(config: GapConfig, shape) -> dict:

@@ -178,6 +178,7 @@ class Torchrun:
     device: str = "cpu"
     clock: CommClock = dataclasses.field(default_factory=CommClock)
     module: object = None  # the DDP- or FSDP-wrapped LossModule
+    loss_module: object = None  # the LossModule itself (DDP hides it as .module; FSDP2 shards it in place)
     model: object = None  # what the optimizer trains
     rank_peaks: list | None = None  # per-rank figures for the ledger, refreshed every step
     rank_comm: list | None = None
@@ -272,7 +273,8 @@ class Torchrun:
             # buffers (rotary frequencies) are computed identically everywhere: no per-forward broadcast
             quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                      else {"broadcast_buffers": False})
-            self.module = DDP(_loss_module(model, loss_fn), device_ids=[self.local_rank] if self.cuda else None,
+            self.loss_module = _loss_module(model, loss_fn)
+            self.module = DDP(self.loss_module, device_ids=[self.local_rank] if self.cuda else None,
                               gradient_as_bucket_view=True, **quiet)
             self.module.register_comm_hook((self.clock, dist.group.WORLD), _timed_sum_allreduce)
             return
@@ -283,7 +285,8 @@ class Torchrun:
         # fully_shard moves each unit to the mesh's device as it shards it
         mesh = init_device_mesh(self.device_type, (self.world_size,))
         units = [fully_shard(layer, mesh=mesh) for layer in decoder_layers(model)]
-        root = fully_shard(_loss_module(model, loss_fn), mesh=mesh)
+        self.loss_module = _loss_module(model, loss_fn)
+        root = fully_shard(self.loss_module, mesh=mesh)
         comms = _fsdp_comms(self.clock) if hasattr(root, "set_custom_all_gather") else None
         for unit in [*units, root]:
             unit.set_gradient_divide_factor(1.0)  # sum, as the DDP hook does: the loss is already normalised
@@ -314,7 +317,7 @@ class Torchrun:
         from ..objectives import LossOutput
 
         total = self.module(self.to_device(batch))
-        return LossOutput(total, self.module.metrics)
+        return LossOutput(total, self.loss_module.metrics)
 
     def accumulating(self, no_sync: bool):
         """Skip gradient communication on all but the last micro-batch of a step (DDP no_sync; FSDP2
