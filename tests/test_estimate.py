@@ -17,8 +17,10 @@ from tunegap.costs.catalog import (EstimateError, gpu_catalog, gpu_peak_flops, m
 from tunegap.costs.flops import train_step_flops
 from tunegap.costs.memory import TrainSetup
 from tunegap.costs.shape import ModelShape, Trainable
-from tunegap.estimate import (COST_UNITS, add_parser, against_run, count_data_tokens, estimate_run, main,
-                              parse_count)
+from tunegap.estimate import (COST_UNITS, against_run, count_data_tokens, estimate_run, parse_count)
+from tunegap.cli import main
+from tunegap.estimate import add_parser as estimate_parser
+from tunegap.multipliers import add_parser as gap_parser
 from tunegap.methods import LoRA, MethodError, low_rank_part, make_method
 
 SHARED_KEYS = {"tokens", "loss_tokens", "examples", "optimizer_steps", "params_total", "params_trainable",
@@ -178,7 +180,9 @@ def test_errors_are_valueerror_subclasses():
 
 def test_add_parser_registers_estimate_and_gap():
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
+    subparsers = parser.add_subparsers(dest="command")
+    estimate_parser(subparsers)
+    gap_parser(subparsers)
     args = parser.parse_args(["estimate", "--model", "llama-3.1-8b", "--tokens", "5M"])
     assert callable(args.func) and args.tokens == 5e6
     assert callable(parser.parse_args(["gap"]).func)
@@ -217,7 +221,7 @@ def test_data_file_counts_tokens(tmp_path):
 
 def test_import_and_estimate_take_under_a_second_without_torch():
     code = ("import sys, time; t = time.perf_counter(); import tunegap.estimate as e; "
-            "from tunegap.gap import gap; "
+            "from tunegap.multipliers import gap; "
             "e.main(['estimate', '--model', 'llama-3.1-405b', '--method', 'full', '--tokens', '1B', "
             "'--zero', '3', '--gpus', '256', '--json']); "
             "print(time.perf_counter() - t, 'torch' in sys.modules, file=sys.stderr)")

@@ -9,8 +9,8 @@ import pytest
 
 from tunegap.costs.catalog import EstimateError, resolve_device, resolve_model
 from tunegap.costs.memory import TrainSetup
-from tunegap.estimate import main
-from tunegap.gap import decompose, gap, plot_gap
+from tunegap.cli import main
+from tunegap.multipliers import decompose, gap, plot_gap
 
 H100 = resolve_device("H100-SXM")
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from browser import needs_browser, open_report
-from tunegap.experiments.gap import GapConfig, break_even, run_gap_experiment
+from tunegap.experiments.gap_experiment import GapConfig, break_even, run_gap_experiment
 
 
 @pytest.fixture(scope="module")

@@ -50,10 +50,12 @@ def imported_modules(path: Path) -> set[str]:
                 target = node.module or ""
             if not target.startswith("tunegap"):
                 continue
-            found.add(target)
-            found |= {f"{target}.{a.name}" for a in node.names if is_package(target) and
-                      ((PACKAGE.parent / Path(*target.split(".")) / f"{a.name}.py").is_file() or
-                       is_package(f"{target}.{a.name}"))}
+            submodules = {f"{target}.{a.name}" for a in node.names if is_package(target) and
+                          ((PACKAGE.parent / Path(*target.split(".")) / f"{a.name}.py").is_file() or
+                           is_package(f"{target}.{a.name}"))}
+            found |= submodules
+            if len(submodules) < len(node.names):  # names defined in the module (or package) itself
+                found.add(target)
     return {m for m in found if m != name}
 
 

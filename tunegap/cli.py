@@ -156,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=int, default=96)
         p.set_defaults(func=func)
 
-    from . import estimate, experiments
+    from . import estimate, experiments, multipliers
 
     estimate.add_parser(sub)
+    multipliers.add_parser(sub)
     experiments.add_parser(sub)
     __import__("tunegap.analysis", fromlist=["add_parser"]).add_parser(sub)  # analyze, sweep lora-rank, report
     return parser

@@ -280,7 +280,7 @@ def _default_precision(device: Device) -> str:
     return "bf16-mixed" if device.peak_flops_per_s.get("bf16") else "fp16-mixed"
 
 
-def _setup_from_args(args, device: Device, method_name: str) -> TrainSetup:
+def setup_from_args(args, device: Device, method_name: str) -> TrainSetup:
     prec = args.precision if args.precision != "auto" else _default_precision(device)
     if method_name == "qlora" and prec in ("fp32", "bf16-autocast") and args.precision == "auto":
         prec = "bf16-mixed"
@@ -289,7 +289,7 @@ def _setup_from_args(args, device: Device, method_name: str) -> TrainSetup:
                       base_format="nf4" if method_name == "qlora" else "same", mfu=args.mfu)
 
 
-def _data_counts(args) -> dict | None:
+def data_counts(args) -> dict | None:
     if not args.data:
         return None
     tokenizer = None
@@ -309,10 +309,10 @@ def estimate(args) -> dict:
     shape, preset = resolve_model(args.model)
     device = resolve_device(args.gpu, catalog=args.catalog, price=args.price)
     method, name = _method_from_args(args)
-    setup = _setup_from_args(args, device, name)
+    setup = setup_from_args(args, device, name)
     work = resolve_work(seq_len=args.seq_len, rows_per_step=setup.micro_batch * setup.grad_accum * setup.gpus,
                         tokens=args.tokens, examples=args.examples, epochs=args.epochs,
-                        example_tokens=args.example_tokens, data=_data_counts(args))
+                        example_tokens=args.example_tokens, data=data_counts(args))
     if not 0 < args.loss_fraction <= 1:
         raise EstimateError(f"--loss-fraction: must be in (0, 1], got {args.loss_fraction}")
     result = estimate_run(shape, method, tokens=work["tokens"], sequences=work["sequences"], seq_len=work["seq_len"],
@@ -461,7 +461,7 @@ def format_against(report: dict) -> str:
 
 # --- the command line ----------------------------------------------------------------------------------------
 
-def _add_common(p: argparse.ArgumentParser, *, seq_len: int) -> None:
+def add_common_arguments(p: argparse.ArgumentParser, *, seq_len: int) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help=f"a preset ({', '.join(model_presets())}), a config.json, or a model folder")
     p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sequence (row)")
@@ -500,23 +500,11 @@ def cmd_estimate(args) -> int:
     return 0
 
 
-def cmd_gap(args) -> int:
-    from .gap import format_gap, gap_from_args, plot_gap
-
-    result = gap_from_args(args)
-    if args.png:
-        plot_gap(result, args.png)
-    print(json.dumps(result, indent=2, default=str) if args.json else format_gap(result))
-    if args.png and not args.json:
-        print(f"chart: {args.png}")
-    return 0
-
-
 def add_parser(subparsers) -> None:
-    """Register `estimate` and `gap` on an argparse subparsers object (tunegap.cli calls this)."""
+    """Register `estimate` on an argparse subparsers object (tunegap.cli calls this; `gap` is multipliers.py's)."""
     est = subparsers.add_parser("estimate", help="predict a run's FLOPs, memory, time and dollars (no weights)",
                                 description=__doc__.split("\n\n")[0])
-    _add_common(est, seq_len=128)
+    add_common_arguments(est, seq_len=128)
     est.add_argument("--method", default="lora", choices=method_choices())
     est.add_argument("--freeze-layers", type=int, default=2, help="freeze: top blocks that train")
     est.add_argument("--virtual-tokens", type=int, default=16, help="prompt/prefix tuning tokens")
@@ -527,18 +515,9 @@ def add_parser(subparsers) -> None:
     est.add_argument("--runs-dir", default="runs")
     est.set_defaults(func=cmd_estimate)
 
-    gp = subparsers.add_parser("gap", help="pretraining vs fine-tuning the same model, decomposed into multipliers")
-    _add_common(gp, seq_len=512)
-    gp.add_argument("--pretrain-tokens", type=parse_count, help="default: the preset's published count")
-    gp.add_argument("--pretrain-seq-len", type=int, help="default: the preset's pretraining context")
-    gp.add_argument("--pretrain-batch-tokens", type=parse_count,
-                    help="tokens per pretraining optimizer step (default: the preset's, else 4M)")
-    gp.add_argument("--png", help="write the decomposition chart here")
-    gp.set_defaults(func=cmd_gap, examples_default=10000, zero=3)  # ZeRO-3: the memory floor of each arm
-
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tunegap.estimate estimate ...` / `... gap ...` without the rest of the CLI."""
+    """`python -m tunegap.estimate estimate ...` without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="tunegap")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

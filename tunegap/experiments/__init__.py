@@ -15,7 +15,7 @@ def _ints(text: str) -> tuple:
 
 def cmd_gap(args) -> int:
     from ..config import ConfigError
-    from .gap import GapConfig, run_gap_experiment
+    from .gap_experiment import GapConfig, run_gap_experiment
 
     try:
         ranks = _ints(args.ranks) if args.ranks else None

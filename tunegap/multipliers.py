@@ -1,4 +1,5 @@
-"""`tunegap gap`: pretraining and fine-tuning of the same model side by side, the ratio taken apart.
+"""The gap's multipliers (`tunegap gap`): pretraining and fine-tuning of the same model, estimated side by side,
+the ratio taken apart. (The measured version, arms really trained, is `experiments/gap_experiment.py`.)
 
 Four arms go through the same `estimate_run`: pretraining (every weight, random start, the published token
 count), full fine-tuning, LoRA and QLoRA on the fine-tuning data. For each fine-tuning arm the ratio
@@ -19,12 +20,16 @@ Other axes, which do not multiply into cost (each is reported on its own):
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from dataclasses import replace
 
 from .costs.catalog import Device, EstimateError, resolve_device, resolve_model
 from .costs.memory import TrainSetup
 from .costs.shape import ModelShape
+from .estimate import add_common_arguments, data_counts, estimate_run, parse_count, resolve_work, setup_from_args
+from .ledger import format_quantity
 from .methods import ALL_LINEAR, Full, LoRA
 
 DEFAULT_PRETRAIN_BATCH_TOKENS = 4e6  # Llama 2's 4M tokens per step (Touvron et al. 2023, Table 1), when unpublished
@@ -45,8 +50,6 @@ def gap(shape: ModelShape, pretrain_tokens: float, *, finetune_tokens: float, se
     `setup` is the fine-tuning setup (micro-batch in rows of `seq_len`, GPUs, ZeRO, MFU, precision);
     pretraining uses the same with bf16-mixed precision and `pretrain_batch_tokens` per optimizer step.
     """
-    from .estimate import estimate_run
-
     setup = setup or TrainSetup(precision="bf16-mixed", zero=3)
     if not pretrain_tokens or pretrain_tokens <= 0:
         raise EstimateError("pretraining tokens must be positive (this preset publishes none: pass --pretrain-tokens)")
@@ -115,20 +118,18 @@ def decompose(pre: dict, arm: dict) -> dict:
 
 def gap_from_args(args) -> dict:
     """`tunegap gap` arguments -> `gap(...)`."""
-    from .estimate import _data_counts, _setup_from_args, resolve_work
-
     shape, preset = resolve_model(args.model)
     device = resolve_device(args.gpu, catalog=args.catalog, price=args.price)
     pretrain_tokens = args.pretrain_tokens or (preset.pretrain_tokens if preset else None)
     if not pretrain_tokens:
         raise EstimateError(f"{args.model}: no published pretraining token count; pass --pretrain-tokens")
-    setup = _setup_from_args(args, device, "full")  # the arms set their own method and base format
+    setup = setup_from_args(args, device, "full")  # the arms set their own method and base format
     examples = args.examples
     if args.tokens is None and examples is None and not args.data:
         examples = args.examples_default
     work = resolve_work(seq_len=args.seq_len, rows_per_step=setup.micro_batch * setup.grad_accum * setup.gpus,
                         tokens=args.tokens, examples=examples, epochs=args.epochs,
-                        example_tokens=args.example_tokens, data=_data_counts(args))
+                        example_tokens=args.example_tokens, data=data_counts(args))
     batch = args.pretrain_batch_tokens or (preset.pretrain_batch_tokens if preset else None) \
         or DEFAULT_PRETRAIN_BATCH_TOKENS
     result = gap(shape, pretrain_tokens, finetune_tokens=work["tokens"], seq_len=args.seq_len, hardware=device,
@@ -147,8 +148,6 @@ def _x(value) -> str:
 
 
 def format_gap(result: dict) -> str:
-    from .ledger import format_quantity
-
     arms, ratios = result["arms"], result["ratios"]
     name = result["model"].get("display") or result["model"]["name"]
     lines = [f"tunegap gap: {name} on {result['hardware']['name']} (every number is an estimate)",
@@ -227,3 +226,25 @@ def plot_gap(result: dict, path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(str(path))
+
+
+def cmd_gap(args) -> int:
+    result = gap_from_args(args)
+    if args.png:
+        plot_gap(result, args.png)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_gap(result))
+    if args.png and not args.json:
+        print(f"chart: {args.png}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `gap` on an argparse subparsers object (tunegap.cli calls this)."""
+    gp = subparsers.add_parser("gap", help="pretraining vs fine-tuning the same model, decomposed into multipliers")
+    add_common_arguments(gp, seq_len=512)
+    gp.add_argument("--pretrain-tokens", type=parse_count, help="default: the preset's published count")
+    gp.add_argument("--pretrain-seq-len", type=int, help="default: the preset's pretraining context")
+    gp.add_argument("--pretrain-batch-tokens", type=parse_count,
+                    help="tokens per pretraining optimizer step (default: the preset's, else 4M)")
+    gp.add_argument("--png", help="write the decomposition chart here")
+    gp.set_defaults(func=cmd_gap, examples_default=10000, zero=3)  # ZeRO-3: the memory floor of each arm

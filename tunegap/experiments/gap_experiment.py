@@ -247,7 +247,7 @@ def run_gap_experiment(config: GapConfig) -> dict:
         },
         "wall_seconds": time.perf_counter() - started,
     }
-    from .gap_report import verdicts, write_gap_report
+    from .gap_experiment_report import verdicts, write_gap_report
 
     results["verdicts"] = verdicts(results)
     atomic_write_json(out / "results.json", results)
