@@ -305,9 +305,8 @@ class Trainer:
                                           checkpointing=self.config.activation_checkpointing) for b in batches), ZERO)
         counts = (sum(b.n_examples for b in batches), sum(b.n_tokens for b in batches),
                   sum(b.rows * b.width - b.n_tokens for b in batches))
-        if strategy.enabled:  # the whole step's counts, summed over ranks: the loss is normalised by all of them
-            norm = strategy.total(norm)
-            n_loss, *counts, flops = strategy.step_sums(n_loss, *counts, flops)
+        # the whole step's counts, summed over ranks (one all-reduce): the loss is normalised by all of them
+        norm, n_loss, *counts, flops = strategy.step_sums(norm, n_loss, *counts, flops)
         counted, loss_sum, metrics = self._forward_backward(step, batches, norm)
         step_loss = strategy.total(loss_sum) / max(norm, 1)
         self._stop_if_not_finite("loss", step_loss, step)

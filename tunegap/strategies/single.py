@@ -83,8 +83,8 @@ class SingleDevice:
     def plain(self, value):
         return value
 
-    def step_sums(self, n_loss, examples, tokens, padding, flops):
-        return n_loss, examples, tokens, padding, flops
+    def step_sums(self, norm, n_loss, examples, tokens, padding, flops):
+        return norm, n_loss, examples, tokens, padding, flops
 
     def heldout(self, objective, ctx, examples, batch_size: int, seq_len: int):
         """Mean held-out loss per unit (token, pair); None without held-out examples."""

@@ -342,8 +342,9 @@ class Torchrun:
 
     # -- memory and the ledger ----------------------------------------------------------------------
 
-    def step_sums(self, n_loss: int, examples: int, tokens: int, padding: int, flops):
-        """The step's counts summed over ranks, in the one all-reduce the loss normalisation needs anyway.
+    def step_sums(self, norm: int, n_loss: int, examples: int, tokens: int, padding: int, flops):
+        """The step's counts (the objective's normaliser first) summed over ranks, in the one all-reduce the
+        loss normalisation needs anyway.
 
         The same vector carries every rank's current peak memory and communication time in its own slot
         (zeros elsewhere, so the sum is the list), which lets any rank write a ledger later without another
@@ -354,19 +355,20 @@ class Torchrun:
 
         self.clock.fold()  # a step boundary: no collective is in flight
         w, r = self.world_size, self.rank
-        v = torch.zeros(8 + 2 * w, dtype=torch.float64)
-        v[:8] = torch.tensor([n_loss, examples, tokens, padding, flops.forward, flops.backward_input,
+        n = 9  # the counts, then every rank's peak and communication time
+        v = torch.zeros(n + 2 * w, dtype=torch.float64)
+        v[:n] = torch.tensor([norm, n_loss, examples, tokens, padding, flops.forward, flops.backward_input,
                               flops.backward_weight, flops.recompute], dtype=torch.float64)
-        v[8 + r] = self._peak_now(peak_rss_bytes())
-        v[8 + w + r] = self.clock.seconds
+        v[n + r] = self._peak_now(peak_rss_bytes())
+        v[n + w + r] = self.clock.seconds
         v = v.to(self.device)
         start = time.perf_counter()
         dist.all_reduce(v)
         self.clock.record(start, time.perf_counter())
         v = v.tolist()
-        self.rank_peaks = [int(x) for x in v[8:8 + w]]
-        self.rank_comm = v[8 + w:]
-        return int(v[0]), int(v[1]), int(v[2]), int(v[3]), Flops(v[4], v[5], v[6], v[7])
+        self.rank_peaks = [int(x) for x in v[n:n + w]]
+        self.rank_comm = v[n + w:]
+        return (*(int(x) for x in v[:5]), Flops(*v[5:9]))
 
     def reset_peak_memory(self) -> None:
         if self.cuda:
