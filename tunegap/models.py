@@ -179,6 +179,20 @@ def count_parameters(model) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
+def stored_bytes(tensor) -> int:
+    """Bytes a tensor really stores: a wrapper subclass (torchao's NF4, say) holds its data in inner tensors,
+    while its own numel and dtype describe the full-precision tensor it stands for."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of every parameter as stored (4-bit NF4 weights count as what they hold, not as fp32)."""
+    return sum(stored_bytes(p) for p in model.parameters())
+
+
 def base_model(model):
     """The transformers model under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

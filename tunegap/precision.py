@@ -34,7 +34,8 @@ def frozen_linears_to(model, dtype, *, keep=()) -> int:
         if not isinstance(module, torch.nn.Linear):
             continue
         w = module.weight
-        if w.requires_grad or id(w) in kept or w.dtype == dtype or not w.is_floating_point():
+        if w.requires_grad or id(w) in kept or w.dtype == dtype or not w.is_floating_point() \
+                or hasattr(w, "__tensor_flatten__"):  # already quantised (QLoRA's NF4): a cast would expand it
             continue
         saved += w.numel() * (w.element_size() - torch.empty((), dtype=dtype).element_size())
         w.data = w.data.to(dtype)

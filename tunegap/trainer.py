@@ -35,7 +35,7 @@ from .io import append_line, atomic_write_json, atomic_write_text, read_jsonl
 from .ledger import (Totals, build_ledger, environment, format_ledger, optimizer_state_bytes, peak_rss_bytes,
                      reset_peak_rss, write_ledger)
 from .methods import make_method
-from .models import base_model, checkpoint_activations, count_parameters, load_model
+from .models import base_model, checkpoint_activations, count_parameters, load_model, parameter_bytes
 from .objectives import Context, make_objective
 from .outputs import save_outputs
 from .precision import (FP32_ATTENTION, FP32_MATH_ATTENTION, autocast_factory, can_store_frozen_low,
@@ -416,7 +416,7 @@ class Trainer:
             run_name=self.name, status=status, config=self.config_dict, method=self.method.to_dict(),
             shape=self.shape.to_dict(), peaks=self.peaks.to_dict(), precision=self.precision,
             params_total=self.params_total, params_trainable=self.params_trainable,
-            weights_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+            weights_bytes=parameter_bytes(model),
             gradient_bytes=sum(p.numel() * p.element_size() for p in self.trained),
             optimizer_bytes=optimizer_state_bytes(self.optimizer), totals=self.totals,
             data_stats={**self.data.stats, "epochs": self.order.epochs_done(self.totals.steps * config.grad_accum),
