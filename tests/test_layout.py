@@ -20,7 +20,7 @@ LAYERS = [
     {"data", "models", "methods", "evaluate", "forgetting"},
     {"objectives", "strategies", "callbacks", "outputs"},
     {"trainer", "estimate", "multipliers"},
-    {"experiments", "analysis"},
+    {"experiments", "analysis", "compare"},
     {"cli", "__main__", "__init__"},
 ]
 

@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=int, default=96)
         p.set_defaults(func=func)
 
-    from . import estimate, experiments, multipliers
+    from . import compare, estimate, experiments, multipliers
 
+    compare.add_parser(sub)
     estimate.add_parser(sub)
     multipliers.add_parser(sub)
     experiments.add_parser(sub)

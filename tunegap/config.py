@@ -73,6 +73,14 @@ class TrainConfig:
                        "CPU processes with gloo); several nodes: launch with torchrun itself")
     parallel: str = _f("ddp", "under torchrun: ddp replicates the model on every process, fsdp shards weights, "
                               "gradients and optimizer state (FSDP2 fully_shard)", choices=("ddp", "fsdp"))
+    # reinforcement learning (--objective grpo, Shao et al. 2024)
+    group_size: int = _f(4, "grpo: replies sampled per prompt; each is judged against its own group's mean reward")
+    kl_beta: float = _f(0.04, "grpo: weight of the KL penalty to the reference model (k3 estimator, DeepSeekMath "
+                              "eq. 4); the reference is the starting model (PEFT: adapters disabled)")
+    temperature: float = _f(1.0, "grpo: sampling temperature of the replies")
+    max_new_tokens: int = _f(96, "grpo: longest sampled reply, in tokens")
+    reward: str = _f("support", "grpo: the reward, a float in [0, 1] per reply: support (the task's own checks: "
+                                "style, product, refusal) or style (greeting, sign-off, structure)")
     # evaluation and outputs
     eval_every: int = _f(0, "evaluate held-out loss every N steps (0 = only at the end)")
     eval_examples: int = _f(64, "held-out examples for the loss")
