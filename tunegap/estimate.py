@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .costs.catalog import Device, EstimateError, model_presets, resolve_device, resolve_model
@@ -35,8 +36,9 @@ COST_UNITS = {
     "flops_forward": "FLOP", "flops_backward": "FLOP", "flops_total": "FLOP", "flops_hardware": "FLOP",
     "wall_time_s": "s", "tokens_per_s": "token/s", "gpu_hours": "GPU-hour", "dollars": "USD",
 }
-# Names the estimator takes beyond the registered methods, and the method each runs as.
-PSEUDO_METHODS = {"pretrain": "full", "qlora": "lora"}
+# Names the estimator takes beyond the registered methods, and the method each runs as ("qlora" is registered:
+# `methods.qlora.QLoRA`, whose base_format "nf4" sets the setup's).
+PSEUDO_METHODS = {"pretrain": "full"}
 DEFAULT_MFU = 0.40
 
 
@@ -63,7 +65,9 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
         raise EstimateError("no work: zero tokens")
     loss_tokens = tokens if loss_tokens is None else float(loss_tokens)
     method.check(shape)
-    if setup.base_format == "nf4" and method.name != "lora":
+    if method.base_format != "same":  # the method stores its base so (QLoRA: NF4), whatever the setup says
+        setup = replace(setup, base_format=method.base_format)
+    if setup.base_format == "nf4" and method.name not in ("lora", "qlora"):
         raise EstimateError(f"a 4-bit NF4 base (QLoRA) needs the lora method, not {method.name}")
     label = label or ("qlora" if setup.base_format == "nf4" else method.name)
     trainable = method.trainable(shape)
@@ -71,10 +75,11 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
     # FLOPs of the whole run (train_step_flops is linear in sequences); logits only at loss positions,
     # except for methods that lengthen the sequence, which project every position (as tunegap.train does)
     logit_tokens = None if method.changes_sequence else loss_tokens
+    calls = math.ceil(sequences / setup.micro_batch)  # forward calls: parts' per-call matmuls run once in each
     flops = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logit_tokens,
-                             checkpointing=setup.checkpointing)
-    plain = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len,
-                             logit_tokens=logit_tokens) if setup.checkpointing else flops
+                             checkpointing=setup.checkpointing, calls=calls)
+    plain = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logit_tokens,
+                             calls=calls) if setup.checkpointing else flops
     recompute = flops.recompute - plain.recompute  # checkpointing's extra forward (HFU, not MFU)
 
     # memory of one device for one micro-batch

@@ -75,6 +75,16 @@ def _chain(matmuls, tokens: float, *, input_grad: bool) -> list[Flops]:
             for i, mm in enumerate(matmuls)]
 
 
+def _per_call(part, calls: int) -> Flops:
+    """A part's once-per-call matmuls (`parts.CallMatmul`), `calls` forward calls: the forward product, one
+    matmul per operand with a gradient, and the product again where the backward recomputes it."""
+    total = ZERO
+    for mm in part.per_call:
+        flops = 2.0 * mm.rows * mm.inner * mm.cols * calls
+        total = total + Flops(flops, 0.0, mm.grads * flops, flops if mm.recomputed else 0.0)
+    return total
+
+
 def _last_matmul(shape: ModelShape, trainable: Trainable, layer: int, tokens: float) -> float:
     """Forward FLOPs of a block's last matmul, which activation checkpointing does not redo: non-reentrant
     `torch.utils.checkpoint` stops recomputing once every tensor the backward needs is back (its early stop),
@@ -97,7 +107,7 @@ def _last_matmul(shape: ModelShape, trainable: Trainable, layer: int, tokens: fl
 
 def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int, seq_len: int,
                      logit_tokens: float | None = None, causal: bool = False,
-                     checkpointing: bool = False, attention_rescore: bool = True) -> Flops:
+                     checkpointing: bool = False, attention_rescore: bool = True, calls: int = 1) -> Flops:
     """FLOPs of one forward+backward over `sequences` rows of `seq_len` tokens.
 
     `logit_tokens`: positions where the vocabulary projection runs (tunegap computes logits only where
@@ -110,6 +120,7 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
     The head and blocks below the lowest trained one are not recomputed.
     `attention_rescore`: the attention kernel recomputes the scores in backward (flash kernels, the
     default); False for SDPA's math backend, which keeps the probabilities instead (compiled CPU runs).
+    `calls`: forward calls those rows come in (micro-batches): parts' per-call matmuls run once per call.
     """
     s_q = seq_len + trainable.extra_queries
     tokens = float(sequences * s_q)
@@ -124,7 +135,7 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
         trains = (layer, m) in trainable.dense
         flops = _matmul(fan_in, fan_out, routed, input_grad=input_grad, weight_grad=trains)
         for part in trainable.parts_at(layer, m, PARALLEL):
-            flops = flops + sum(_chain(part.matmuls, routed, input_grad=input_grad), ZERO)
+            flops = flops + sum(_chain(part.matmuls, routed, input_grad=input_grad), ZERO) + _per_call(part, calls)
         out_grad = input_grad or trains or trainable.touches(layer, m)
         return flops, out_grad
 
@@ -159,7 +170,7 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
         stream_grad = stream_grad or down_grad
 
         for part in trainable.parts_at(layer, "mlp_out", SERIAL):  # e.g. Houlsby's d -> a -> d after the MLP
-            total = sum(_chain(part.matmuls, tokens, input_grad=stream_grad), total)
+            total = sum(_chain(part.matmuls, tokens, input_grad=stream_grad), total) + _per_call(part, calls)
             stream_grad = True
         if checkpointing and stream_grad:  # backward reaches this block, so its forward runs again
             recomputed += total.forward - block_start - _last_matmul(shape, trainable, layer, tokens)

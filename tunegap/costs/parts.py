@@ -17,6 +17,10 @@ Kinds, with the published methods they describe:
                 blocks see more queries and keys (prompt tuning, Lester et al. 2021); at site "kv" they are
                 extra keys and values in the attention of `layer` (None: every layer; prefix tuning, Li &
                 Liang 2021).
+
+Any part may also run `per_call` matmuls (`CallMatmul`): work done once per forward call whatever the token
+count, such as rebuilding a weight from trained factors (LoHa's (B1·A1) ⊙ (B2·A2), Hyeon-Woo et al. 2022,
+Eq. 2) or DoRA's column norm of W0 + B·A (Liu et al. 2024, Eq. 5).
 """
 
 from __future__ import annotations
@@ -63,6 +67,27 @@ class Matmul:
 
 
 @dataclass(frozen=True)
+class CallMatmul:
+    """A matmul a part runs once per forward call, whatever the token count: (rows x inner) @ (inner x cols).
+
+    grads: how many of its two operands get a gradient (0: its result is detached, as DoRA's weight-norm input;
+    2: both are trained factors, as LoHa's w1_a @ w1_b), each an (rows x inner x cols) matmul in backward.
+    recomputed: the backward runs the product again (an autograd Function that saves only the factors, as
+    PEFT's `HadaWeight`): hardware work, counted in `Flops.recompute`.
+    """
+
+    rows: int
+    inner: int
+    cols: int
+    grads: int = 0
+    recomputed: bool = False
+
+    def __post_init__(self):
+        if self.grads not in (0, 1, 2):
+            raise PartError(f"part: a per-call matmul has 0, 1 or 2 operands with a gradient, not {self.grads}")
+
+
+@dataclass(frozen=True)
 class Part:
     """One piece a method adds: where it sits, how it composes, what it trains and which matmuls it runs.
 
@@ -71,6 +96,7 @@ class Part:
     (the embeddings' output) or "kv" (the attention's keys and values).
     matmuls: the chain in execution order (PARALLEL and SERIAL only); the first reads the site's input.
     positions: sequence positions a POSITIONS part adds.
+    per_call: `CallMatmul`s run once per forward call (in execution order, before the per-token chain).
     """
 
     kind: str
@@ -79,6 +105,7 @@ class Part:
     tensors: tuple = ()
     matmuls: tuple = ()
     positions: int = 0
+    per_call: tuple = ()
 
     def __post_init__(self):
         if self.kind not in SITES:
@@ -90,6 +117,9 @@ class Part:
             raise PartError(f"part: a {self.kind} part {'needs' if self.kind in MATMUL_KINDS else 'adds no'} matmuls")
         if self.kind in MATMUL_KINDS and any(a.fan_out != b.fan_in for a, b in zip(self.matmuls, self.matmuls[1:])):
             raise PartError(f"part: the matmuls of a {self.kind} part must chain (each fan_out = next fan_in)")
+        if self.per_call and self.kind not in MATMUL_KINDS:
+            raise PartError(f"part: a {self.kind} part runs no per-call matmuls (the formulas cost them beside a "
+                            f"chain: {', '.join(MATMUL_KINDS)})")
         if (self.kind == POSITIONS) != (self.positions > 0):
             raise PartError("part: positions > 0 exactly for POSITIONS parts")
 

@@ -12,12 +12,17 @@ and the estimator find them in `METHODS`, so a method defined anywhere (a test f
 from .base import ALL_LINEAR, METHODS, Method, MethodError, decoder_layers, make_method, register, unregister
 from .full import Full
 from .freeze import Freeze
-from .lora import LoRA, low_rank_part
+from .lora import LoRA, check_low_rank, low_rank_part
+from .rslora import RsLoRA
+from .dora import DoRA
+from .qlora import QLoRA
+from .loha import LoHa
 from .ia3 import IA3
 from .prompt import PromptTuning
 from .prefix import PrefixTuning
 from .adapter import Adapter, BottleneckAdapter
 
 __all__ = ["ALL_LINEAR", "METHODS", "Method", "MethodError", "decoder_layers", "make_method", "register",
-           "unregister", "Full", "Freeze", "LoRA", "low_rank_part", "IA3", "PromptTuning", "PrefixTuning",
+           "unregister", "Full", "Freeze", "LoRA", "check_low_rank", "low_rank_part",
+           "RsLoRA", "DoRA", "QLoRA", "LoHa", "IA3", "PromptTuning", "PrefixTuning",
            "Adapter", "BottleneckAdapter"]

@@ -41,6 +41,9 @@ class Method:
     # nor projects only loss-bearing hidden states, and takes logits from PEFT's own forward instead.
     changes_sequence = False
     saves_adapter = False
+    # How the frozen base stores its block matrices: "same" (the run's precision) or "nf4" (QLoRA's 4-bit
+    # NormalFloat); the estimator costs the weights by it (`costs.memory.TrainSetup.base_format`).
+    base_format = "same"
 
     def prepare(self, model, shape: ModelShape):
         raise NotImplementedError

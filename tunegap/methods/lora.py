@@ -19,6 +19,20 @@ def low_rank_part(shape, layer: int, matrix: str, rank: int) -> Part:
                 matmuls=(Matmul(fan_in, rank), Matmul(rank, fan_out)))
 
 
+def check_low_rank(name: str, rank: int, targets: tuple, shape) -> None:
+    """Settings shared by the low-rank methods (LoRA and its variants, LoHa): known targets, 0 < rank <= dims."""
+    if not targets:
+        raise MethodError(f"{name}: --targets is empty; choose some of {','.join(ALL_LINEAR)}")
+    unknown = set(targets) - set(ALL_LINEAR)
+    if unknown:
+        raise MethodError(f"{name}: unknown target matrices {sorted(unknown)}; choose from {ALL_LINEAR}")
+    if rank <= 0:
+        raise MethodError(f"{name}: --rank must be positive, got {rank}")
+    smallest = min(min(shape.matrix_dims(m)) for m in targets)
+    if rank > smallest:
+        raise MethodError(f"{name}: --rank {rank} exceeds the smallest target matrix dimension {smallest}")
+
+
 @register
 @dataclass
 class LoRA(Method):
@@ -32,22 +46,18 @@ class LoRA(Method):
     targets: tuple = ALL_LINEAR
 
     def check(self, shape):
-        if not self.targets:
-            raise MethodError(f"lora: --targets is empty; choose some of {','.join(ALL_LINEAR)}")
-        unknown = set(self.targets) - set(ALL_LINEAR)
-        if unknown:
-            raise MethodError(f"lora: unknown target matrices {sorted(unknown)}; choose from {ALL_LINEAR}")
-        if self.rank <= 0:
-            raise MethodError(f"lora: --rank must be positive, got {self.rank}")
-        smallest = min(min(shape.matrix_dims(m)) for m in self.targets)
-        if self.rank > smallest:
-            raise MethodError(f"lora: --rank {self.rank} exceeds the smallest target matrix dimension {smallest}")
+        check_low_rank(self.name, self.rank, self.targets, shape)
+
+    def peft_options(self) -> dict:
+        """LoraConfig options a variant of LoRA adds (DoRA's use_dora, rsLoRA's use_rslora)."""
+        return {}
 
     def prepare(self, model, shape):
         from peft import LoraConfig, TaskType, get_peft_model
 
         config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=self.rank, lora_alpha=self.alpha,
-                            lora_dropout=self.dropout, target_modules=[HF_MODULE_NAMES[t] for t in self.targets])
+                            lora_dropout=self.dropout, target_modules=[HF_MODULE_NAMES[t] for t in self.targets],
+                            **self.peft_options())
         return get_peft_model(model, config)
 
     def parts(self, shape):
