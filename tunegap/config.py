@@ -32,7 +32,13 @@ class TrainConfig:
     method: str = _f("lora", "any method registered in tunegap/methods/ (full, lora, freeze, ia3, ...); "
                              "make_method checks the name before any work starts")
     objective: str = _f("next-token", "what training minimises: next-token (SFT on replies, pretraining on a "
-                                      "corpus); more in tunegap/objectives/")
+                                      "corpus), dpo (preference pairs, Rafailov et al. 2023), reward (a scalar-head "
+                                      "reward model on preference pairs, Bradley-Terry loss), grpo; see "
+                                      "tunegap/objectives/")
+    beta: float = _f(0.1, "dpo: beta, the strength of the pull towards the reference model (Rafailov et al. 2023, "
+                          "Eq. 7); smaller lets the policy drift further")
+    init_from: str = _f("", "dpo/reward: start from a finished run's trained model (a run name in --runs-dir or a "
+                            "folder; a LoRA/IA3 adapter is merged into its starting model, which --model must name)")
     rank: int = _f(8, "LoRA rank r")
     alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha/r)")
     dropout: float = _f(0.0, "LoRA dropout")
@@ -41,8 +47,10 @@ class TrainConfig:
     virtual_tokens: int = _f(16, "prompt/prefix tuning: number of virtual tokens")
     adapter_dim: int = _f(16, "bottleneck adapter width")
     # data
-    data: str = _f("support", "SFT JSONL, a text corpus (pretraining), or 'support' (the shipped task)")
-    eval_data: str = _f("", "held-out SFT JSONL ('' = the shipped support eval set when data is 'support')")
+    data: str = _f("support", "SFT JSONL, a text corpus (pretraining), preference pairs in TRL's JSONL formats "
+                              "(dpo, reward), or 'support' (the shipped task, or its preference pairs)")
+    eval_data: str = _f("", "held-out JSONL of the same kind ('' = the shipped support eval set when data is "
+                            "'support')")
     seq_len: int = _f(128, "maximum tokens per example (longer ones are truncated, or dropped with --drop-long)")
     drop_long: bool = _f(False, "drop examples longer than seq_len instead of truncating them")
     train_examples: int = _f(0, "use only the first N training examples (0 = all)")
@@ -113,6 +121,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"--lr: must be positive, got {self.lr}")
+        if not self.beta > 0:
+            raise ConfigError(f"--beta: must be positive, got {self.beta}")
         if not self.epochs > 0:
             raise ConfigError(f"--epochs: must be positive, got {self.epochs}")
         if not 0 <= self.dropout < 1:

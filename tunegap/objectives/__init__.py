@@ -10,6 +10,8 @@ FLOPs by formula. The trainer knows nothing else about it, so DPO or a reward mo
 from .base import OBJECTIVES, Context, LossOutput, Objective, heldout_sums, make_objective, register
 from .next_token import NextToken, heldout_loss, sum_loss
 from .grpo import GRPO  # registers --objective grpo
+from .dpo import DPO  # registers --objective dpo
+from .reward import RewardModel  # registers --objective reward
 
-__all__ = ["GRPO", "OBJECTIVES", "Context", "LossOutput", "NextToken", "Objective", "heldout_loss", "heldout_sums",
-           "make_objective", "register", "sum_loss"]
+__all__ = ["DPO", "GRPO", "OBJECTIVES", "Context", "LossOutput", "NextToken", "Objective", "RewardModel",
+           "heldout_loss", "heldout_sums", "make_objective", "register", "sum_loss"]
