@@ -176,3 +176,30 @@ def test_dora_refuses_dropout_and_qlora_a_matrix_that_is_not_whole_blocks():
                      intermediate_size=90)
     with pytest.raises(MethodError, match="NF4"):
         make_method("qlora", rank=RANK).check(odd)
+
+
+@pytest.mark.parametrize("name", ["dora", "loha", "qlora"])
+def test_checkpointed_step_counts_exactly_the_formulas_flops(name):
+    """Activation checkpointing reruns each block's per-call matmuls with its forward: still counted == formula."""
+    from tunegap.costs.counted import count_flops
+    from tunegap.data.packing import make_batch
+    from tunegap.data.render import Example
+    from tunegap.models import base_model, checkpoint_activations, load_model
+    from tunegap.objectives import Context
+    from tunegap.objectives.next_token import step_flops, sum_loss
+    from tunegap.precision import autocast_factory
+
+    model, _ = load_model("tiny")
+    method = make_method(name, rank=RANK)
+    shape = ModelShape.from_hf_config(model.config)
+    model = method.prepare(model, shape)
+    checkpoint_activations(base_model(model))
+    model.train()
+    examples = [Example(list(range(3, 3 + n)), [-100] * 3 + list(range(6, 3 + n))) for n in (9, 14, 6)]
+    batch = make_batch(examples, capacity=24, pad_id=0)
+    ctx = Context(model, base_model(model), method, 0, autocast_factory("fp32"))
+    with count_flops() as counter:
+        (sum_loss(ctx, batch) / batch.n_loss_tokens).backward()
+    formula = step_flops(shape, method.trainable(shape), ctx, batch, checkpointing=True)
+    assert formula.recompute > 0
+    assert counter.get_total_flops() == pytest.approx(formula.hardware, rel=1e-9)

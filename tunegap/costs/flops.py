@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .parts import PARALLEL, SCALE_INPUT, SERIAL
+from .parts import PARALLEL, SCALE_INPUT, SCALE_OUTPUT, SERIAL
 from .shape import MLP_MATRICES, ModelShape, Trainable
 
 
@@ -90,12 +90,15 @@ def _last_matmul(shape: ModelShape, trainable: Trainable, layer: int, tokens: fl
     `torch.utils.checkpoint` stops recomputing once every tensor the backward needs is back (its early stop),
     and after that matmul only the residual add runs, which saves nothing. The last one is the last matmul of
     a part after the MLP (an adapter's up projection), else of a part beside the down projection (LoRA's B),
-    else the down projection itself. (Counted on 2-layer models: the whole-block recompute overstated full
-    SFT's step by 5%, LoRA's by 0.3%.)"""
+    else the down projection itself; none where a trained vector scales down's output, whose multiply keeps it
+    (DoRA's magnitude). (Counted on 2-layer models: the whole-block recompute overstated full SFT's step by 5%,
+    LoRA's by 0.3%.)"""
     after = trainable.parts_at(layer, "mlp_out", SERIAL)
     if after:
         last = after[-1].matmuls[-1]
         return _matmul(last.fan_in, last.fan_out, tokens, input_grad=False, weight_grad=False).forward
+    if trainable.parts_at(layer, "down", SCALE_OUTPUT):  # the recompute runs through the last matmul
+        return 0.0
     fan_in, fan_out = shape.matrix_dims("down")
     copies = shape.matrix_copies("down")[1]
     beside = trainable.parts_at(layer, "down", PARALLEL)

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..costs.parts import CallMatmul, Tensor
+from ..costs.parts import SCALE_OUTPUT, CallMatmul, Part, Tensor
 from .base import MethodError, register
 from .lora import LoRA, low_rank_part
 
 
-def dora_part(shape, layer: int, matrix: str, rank: int):
-    """LoRA's x -> A -> B path plus DoRA's magnitude m (one per output, Liu et al. 2024, Eq. 5:
-    W' = m · (W0 + B·A) / ||W0 + B·A||_c) and the matmuls PEFT runs once per forward call to get that norm
-    (`peft.tuners.lora.dora.DoraLinearLayer`): B·A is built as B(A(I_k)), an (k x k)(k x r) and a (k x r)(r x m)
-    product. Its result is detached (the norm is a constant in backward, Liu et al. 2024, Sec. 4.3), so those
-    two matmuls have no backward; the norm itself and the rescaling are elementwise. The base output W0·x is
-    reused (PEFT recomputes it only under dropout, which `DoRA.check` refuses)."""
-    part = low_rank_part(shape, layer, matrix, rank)
+def dora_parts(shape, layer: int, matrix: str, rank: int) -> tuple:
+    """DoRA beside W0 (k inputs, m outputs): W' = m · (W0 + B·A) / ||W0 + B·A||_c (Liu et al. 2024, Eq. 5), so
+    W'·x = (m / ||W0 + B·A||_c) ⊙ (W0·x + B·A·x): LoRA's x -> A -> B path, and a trained magnitude per output
+    scaling the sum (a SCALE_OUTPUT part, as IA3's vectors: its multiply keeps that output for m's gradient).
+    To get the norm, PEFT (`peft.tuners.lora.dora.DoraLinearLayer`) builds B·A once per forward call as
+    B(A(I_k)), a (k x k)(k x r) and a (k x r)(r x m) product, whose result it detaches (the norm is a constant
+    in backward, Sec. 4.3): two per-call matmuls with no backward; the norm and the rescaling are elementwise.
+    W0·x is reused (PEFT recomputes it only under dropout, which `DoRA.check` refuses)."""
+    lora = low_rank_part(shape, layer, matrix, rank)
     fan_in, fan_out = shape.matrix_dims(matrix)
+    lora = replace(lora, per_call=(CallMatmul(fan_in, fan_in, rank), CallMatmul(fan_in, rank, fan_out)))
     magnitude = Tensor("lora_magnitude_vector", fan_out, 1, shape.matrix_copies(matrix)[0])
-    return replace(part, tensors=part.tensors + (magnitude,),
-                   per_call=(CallMatmul(fan_in, fan_in, rank), CallMatmul(fan_in, rank, fan_out)))
+    return lora, Part(SCALE_OUTPUT, layer, matrix, tensors=(magnitude,))
 
 
 @register
@@ -41,4 +42,5 @@ class DoRA(LoRA):
         return {"use_dora": True}
 
     def parts(self, shape):
-        return tuple(dora_part(shape, i, m, self.rank) for i in range(shape.num_layers) for m in self.targets)
+        return tuple(part for i in range(shape.num_layers) for m in self.targets
+                     for part in dora_parts(shape, i, m, self.rank))
