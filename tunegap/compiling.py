@@ -44,6 +44,8 @@ def why_not(method, distributed: bool, decoder=None) -> str | None:
         return "not under torchrun (DDP/FSDP run eagerly here)"
     if method.changes_sequence:
         return f"{method.name} passes virtual tokens through every layer's cache"
+    if getattr(method, "base_format", "same") != "same":
+        return f"{method.name}: its {method.base_format} base weights are not tried with torch.compile here"
     if shutil.which("g++") is None and shutil.which("c++") is None:
         return "no C++ compiler (g++) on PATH for Inductor's CPU kernels"
     return None
