@@ -45,7 +45,8 @@ def base_config(args, method: str, name: str, runs_dir: str, checkpointing: bool
     checkpointing settings are the worker's; other trainers ignore them)."""
     from tunegap.config import TrainConfig
 
-    return TrainConfig(model=args.model, init=args.init, method=method, data="support", seq_len=args.seq_len,
+    return TrainConfig(model=args.model, init=args.init, method=method, objective=args.objective, data="support",
+                       seq_len=args.seq_len,
                        batch_size=args.batch, max_steps=args.steps, lr=LR[method], precision=args.precision,
                        eval_examples=args.eval_examples, generate_examples=0, runs_dir=runs_dir, name=name,
                        progress=False, threads=args.threads, activation_checkpointing=checkpointing, compile=compile,
@@ -61,8 +62,14 @@ def step_examples(config, data) -> list[list]:
     return [[data.train[i] for i in order.micro_batch(s)] for s in range(config.max_steps)]
 
 
+def sequences(example) -> tuple:
+    """The labelled sequences a training example is: itself, or both replies of a preference pair (DPO)."""
+    return example.sides() if hasattr(example, "sides") else (example,)
+
+
 def useful_flops(config, shape, method, steps: list[list]) -> list[float]:
-    """Model FLOPs of each step: every example alone over its real tokens, logits only where loss is taken."""
+    """Model FLOPs of each step: every sequence alone over its real tokens, logits only where loss is taken
+    (for DPO the policy's two replies per pair; a reference model's forward is not useful work)."""
     from tunegap.costs.flops import train_step_flops
 
     trainable = method.trainable(shape)
@@ -70,7 +77,7 @@ def useful_flops(config, shape, method, steps: list[list]) -> list[float]:
     out = []
     for examples in steps:
         total = 0.0
-        for e in examples:
+        for e in (seq for example in examples for seq in sequences(example)):
             key = (len(e.input_ids), sum(1 for t in e.labels[1:] if t != -100))
             if key not in cache:
                 cache[key] = train_step_flops(shape, trainable, sequences=1, seq_len=key[0],
@@ -81,7 +88,8 @@ def useful_flops(config, shape, method, steps: list[list]) -> list[float]:
 
 
 def loss_tokens(steps: list[list]) -> list[int]:
-    return [sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples) for examples in steps]
+    return [sum(sum(1 for t in e.labels[1:] if t != -100) for example in examples for e in sequences(example))
+            for examples in steps]
 
 
 def summarise(stamps: list[float], flops: list[float], tokens: list[int]) -> dict:
@@ -145,9 +153,9 @@ def tunegap_worker(args) -> dict:
     import torch
 
     from tunegap.costs.shape import ModelShape
-    from tunegap.data.sources import prepare
     from tunegap.methods import make_method
     from tunegap.models import load_model
+    from tunegap.objectives import make_objective
     from tunegap.trainer import train
 
     if args.threads:
@@ -160,7 +168,8 @@ def tunegap_worker(args) -> dict:
         ledger = train(config, on_step=lambda step: (sync(), stamps.append(time.perf_counter())))
         with open(Path(tmp) / "bench" / "metrics.jsonl") as rows:  # step 1's time includes any compile
             first_step_s = next(r["seconds"] for r in map(json.loads, rows) if r.get("step") == 1)
-        data = prepare(config, load_model(config.model, init=config.init, seed=config.seed)[1])
+        tokenizer = load_model(config.model, init=config.init, seed=config.seed)[1]
+        data = make_objective(config.objective, **config.to_dict()).prepare_data(config, tokenizer)
     method = make_method(config.method, **config.method_options())
     steps = step_examples(config, data)
     result = summarise(stamps, useful_flops(config, ModelShape(**ledger["shape"]), method, steps), loss_tokens(steps))
@@ -168,7 +177,7 @@ def tunegap_worker(args) -> dict:
             "method": args.method, "precision": ledger["precision"], "checkpointing": args.checkpointing == "on",
             "compiled": ledger["compiled"].startswith("on"), "first_step_s": first_step_s,
             "peak_bytes": ledger["costs"]["peak_memory_bytes"]["value"], "eval_loss": ledger["metrics"]["eval_loss"],
-            "peaks": peaks, "threads": torch.get_num_threads()}
+            "peaks": peaks, "threads": torch.get_num_threads(), "objective": config.objective}
 
 
 # --- the driver -------------------------------------------------------------------------------------------
@@ -183,6 +192,8 @@ def add_common(parser):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores, as tunegap does)")
     parser.add_argument("--eval-examples", type=int, default=64)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--objective", default="next-token", choices=("next-token", "dpo"),
+                        help="what every trainer minimises: SFT's next-token loss, or DPO on the support task's pairs")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
 
 
@@ -223,7 +234,7 @@ def worker_argv(args) -> list[str]:
     """The common flags of `args`, passed on to each worker."""
     return [f"--model={args.model}", f"--init={args.init}", f"--steps={args.steps}", f"--batch={args.batch}",
             f"--seq-len={args.seq_len}", f"--precision={args.precision}", f"--threads={args.threads}",
-            f"--eval-examples={args.eval_examples}", f"--device={args.device}"]
+            f"--eval-examples={args.eval_examples}", f"--device={args.device}", f"--objective={args.objective}"]
 
 
 def main(argv=None):

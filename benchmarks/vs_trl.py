@@ -1,4 +1,4 @@
-"""tunegap's training loop against Hugging Face TRL's SFTTrainer + PEFT, same model, data and settings.
+"""tunegap's training loop against Hugging Face TRL's SFTTrainer (or DPOTrainer) + PEFT, same model, data and settings.
 
     .venv/bin/pip install -e '.[bench]'                  # TRL is a benchmark-only dependency
     .venv/bin/python benchmarks/vs_trl.py                # LoRA then full SFT, 3 alternating rounds each:
@@ -7,6 +7,8 @@
                                                                       # activation checkpointing
     .venv/bin/python benchmarks/vs_trl.py --methods lora --pairs 5 --steps 12 --json vs_trl.json
     python3 benchmarks/vs_trl.py --device cuda --model <folder> --init scratch     # on a GPU
+    .venv/bin/python benchmarks/vs_trl.py --objective dpo --seq-len 256   # DPO on the support task's pairs against
+                                                                          # TRL's DPOTrainer (see trl_dpo)
 
 The two trainers get exactly the same work:
   * the same model object from `tunegap.models.load_model` (same weights, seed set the same way before PEFT
@@ -28,6 +30,11 @@ share it), and the table reports medians over the pairs and the median of the pe
 The held-out loss of both comes from the same function, the one-device strategy's `heldout`, on the same held-out
 examples. Tokens/s counts loss-bearing tokens; MFU uses the same model-FLOP count for both (see
 train_throughput.py) against the best matmul peak measured in any of the runs.
+
+`--objective dpo` gives both trainers the same tokenised preference pairs (`--batch` pairs per step, each side at
+most `--seq-len` tokens) and the same beta; loss-bearing tokens are both replies' tokens, model FLOPs the policy's
+training work on both replies (a reference forward is not counted as useful work), the held-out loss is the DPO
+loss per pair from tunegap's objective. Issue 7's speed targets are for SFT and are not applied to DPO.
 """
 
 from __future__ import annotations
@@ -47,23 +54,84 @@ from train_throughput import (LR, VARIANTS, base_config, bench_parser, gib, loss
 TARGETS = {"lora": 2.0, "full": 1.5}  # issue 7: tunegap/TRL loss-bearing tokens/s
 
 
-def trl_worker(args) -> dict:
+def same_schedule(trainer_cls, config, warmup: int):
+    """TRL's trainer with tunegap's schedule and data order; nothing else overridden."""
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig, TaskType
+
+    from tunegap.schedule import lr_lambda
+
+    class SameSchedule(trainer_cls):
+        def _get_train_sampler(self, *a, **k):  # = train_sampling_strategy="sequential" (transformers >= 5.x)
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lr_lambda(config, config.max_steps, warmup))
+            return self.lr_scheduler
+
+    return SameSchedule
+
+
+def clock(device: str, stamps: list, peak: dict):
+    """A TRL callback that stamps the end of every optimizer step and keeps the training peak memory."""
+    import torch
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer, __version__ as trl_version
+
+    from tunegap.ledger import peak_rss_bytes, reset_peak_rss
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            reset_peak_rss()
+
+        def on_step_end(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+        def on_train_end(self, *a, **k):
+            peak["bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
+
+    return Clock()
+
+
+def trl_common(args, config, precision: str) -> dict:
+    """The TRL settings both workers share: batch, steps, optimizer, schedule's warm-up, precision, seeds."""
+    checkpointing = {"default": {}, "on": {"gradient_checkpointing": True},
+                     "off": {"gradient_checkpointing": False}}[args.trl_checkpointing]
+    return dict(per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=1,
+                max_steps=config.max_steps, learning_rate=config.lr, weight_decay=config.weight_decay,
+                max_grad_norm=config.clip, warmup_steps=config.warmup_steps or max(1, round(0.05 * config.max_steps)),
+                bf16=precision == "bf16", fp16=False, max_length=config.seq_len, save_strategy="no",
+                report_to="none", disable_tqdm=True, seed=config.seed, data_seed=config.seed,
+                dataloader_num_workers=0, use_cpu=args.device == "cpu", **checkpointing)
+
+
+def trl_lora(config):
+    from peft import LoraConfig, TaskType
+
+    from tunegap.costs.shape import HF_MODULE_NAMES
+
+    if config.method != "lora":
+        return None
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.rank, lora_alpha=config.alpha,
+                      lora_dropout=config.dropout, target_modules=[HF_MODULE_NAMES[t] for t in config.target_list])
+
+
+def trl_worker(args) -> dict:
+    """One TRL run (SFTTrainer, or DPOTrainer under --objective dpo) on tunegap's model, data, order and settings;
+    the held-out loss from tunegap's objective through the one-device strategy, as for tunegap's own runs."""
+    import torch
+    from trl import __version__ as trl_version
 
     from tunegap.costs.hardware import measure_peaks
-    from tunegap.costs.shape import HF_MODULE_NAMES, ModelShape
-    from tunegap.data.sources import prepare
-    from tunegap.ledger import peak_rss_bytes, reset_peak_rss
+    from tunegap.costs.shape import ModelShape
     from tunegap.methods import make_method
-    from tunegap.models import load_model
-    from tunegap.models import base_model
-    from tunegap.objectives import Context, NextToken
+    from tunegap.models import base_model, load_model
+    from tunegap.objectives import Context, make_objective
     from tunegap.precision import autocast_factory, choose_precision
-    from tunegap.schedule import lr_lambda
     from tunegap.strategies import SingleDevice
 
     threads = args.threads or __import__("os").cpu_count() or 1
@@ -77,70 +145,77 @@ def trl_worker(args) -> dict:
         torch.manual_seed(config.seed)
         model, tokenizer = load_model(config.model, init=config.init, seed=config.seed)
         shape = ModelShape.from_hf_config(model.config)
-        method = make_method(config.method, **config.method_options())
-        data = prepare(config, tokenizer)
+        method, objective = make_method(config.method, **config.method_options()), make_objective(
+            config.objective, **config.to_dict())
+        data = objective.prepare_data(config, tokenizer)
         steps = step_examples(config, data)
-        ordered = [e for examples in steps for e in examples]
-        dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in ordered],
-                                     "labels": [e.labels for e in ordered]})
-        peft_config = None
-        if config.method == "lora":
-            peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.rank, lora_alpha=config.alpha,
-                                     lora_dropout=config.dropout,
-                                     target_modules=[HF_MODULE_NAMES[t] for t in config.target_list])
-        warmup = config.warmup_steps or max(1, round(0.05 * config.max_steps))
-        checkpointing = {"default": {}, "on": {"gradient_checkpointing": True},
-                         "off": {"gradient_checkpointing": False}}[args.trl_checkpointing]
-        sft = SFTConfig(output_dir=tmp, per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=1,
-                        max_steps=config.max_steps, learning_rate=config.lr, weight_decay=config.weight_decay,
-                        max_grad_norm=config.clip, warmup_steps=warmup, bf16=precision == "bf16", fp16=False,
-                        max_length=config.seq_len, save_strategy="no", report_to="none", disable_tqdm=True,
-                        seed=config.seed, data_seed=config.seed,
-                        dataloader_num_workers=0, use_cpu=args.device == "cpu", **checkpointing)
-
-        class SameSchedule(SFTTrainer):
-            """TRL's trainer with tunegap's schedule and data order; nothing else overridden."""
-
-            def _get_train_sampler(self, *a, **k):  # = train_sampling_strategy="sequential" (transformers >= 5.x)
-                return torch.utils.data.SequentialSampler(self.train_dataset)
-
-            def create_scheduler(self, num_training_steps, optimizer=None):
-                if self.lr_scheduler is None:
-                    self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                        optimizer or self.optimizer, lr_lambda(config, config.max_steps, warmup))
-                return self.lr_scheduler
-
-        stamps: list[float] = []
-        peak = {}
-
-        class Clock(TrainerCallback):
-            def on_train_begin(self, *a, **k):
-                if args.device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                reset_peak_rss()
-
-            def on_step_end(self, *a, **k):
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                stamps.append(time.perf_counter())
-
-            def on_train_end(self, *a, **k):
-                peak["bytes"] = torch.cuda.max_memory_allocated() if args.device == "cuda" else peak_rss_bytes()
-
-        trainer = SameSchedule(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer,
-                               peft_config=peft_config, callbacks=[Clock()])
-        gc_on = bool(trainer.args.gradient_checkpointing)
-        trainer.train()
-        trained = trainer.model
-        ctx = Context(trained, base_model(trained), method, tokenizer.pad_token_id,
-                      autocast_factory(precision, args.device))
-        one_device, objective = SingleDevice(args.device), NextToken()
+        autocast = autocast_factory(precision, args.device)
+        run = trl_dpo if config.objective == "dpo" else trl_sft
+        trained, stamps, peak, gc_on = run(args, config, precision, model, tokenizer, objective, data, steps, tmp)
+        ctx = Context(trained, base_model(trained), method, tokenizer.pad_token_id, autocast)
+        one_device = SingleDevice(args.device)
         one_device.wrap(trained, lambda batch: objective.loss(ctx, batch))
         eval_loss = one_device.heldout(objective, ctx, data.eval, config.batch_size, config.seq_len)
     result = summarise(stamps, useful_flops(config, shape, method, steps), loss_tokens(steps))
     return {**result, "trainer": "trl", "trl_version": trl_version, "method": args.method, "precision": precision,
             "checkpointing": gc_on, "peak_bytes": peak["bytes"], "eval_loss": eval_loss, "peaks": peaks,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "objective": config.objective}
+
+
+def trl_sft(args, config, precision, model, tokenizer, objective, data, steps, tmp):
+    """SFTTrainer on tunegap's tokenised examples (pre-built labels, which TRL keeps as they are)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    ordered = [e for examples in steps for e in examples]
+    dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in ordered], "labels": [e.labels for e in ordered]})
+    sft = SFTConfig(output_dir=tmp, **trl_common(args, config, precision))
+    stamps, peak = [], {}
+    trainer = same_schedule(SFTTrainer, config, sft.warmup_steps)(
+        model=model, args=sft, train_dataset=dataset, processing_class=tokenizer, peft_config=trl_lora(config),
+        callbacks=[clock(args.device, stamps, peak)])
+    gc_on = bool(trainer.args.gradient_checkpointing)
+    trainer.train()
+    return trainer.model, stamps, peak, gc_on
+
+
+def trl_dpo(args, config, precision, model, tokenizer, objective, data, steps, tmp):
+    """DPOTrainer on tunegap's tokenised pairs (prompt, chosen and rejected ids as tunegap split them; TRL's
+    completion mask also covers the template's newline after each reply's end-of-turn token, one token per reply
+    that tunegap's labels leave out). LoRA: TRL's reference is the adapter-disabled model, as tunegap's; full: TRL's
+    default frozen reference copy, where tunegap precomputes the reference log-probs before step 1. The held-out
+    pairs' reference log-probs are precomputed from the starting weights, before TRL trains."""
+    import copy
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from tunegap.methods import make_method
+    from tunegap.models import base_model
+    from tunegap.objectives import Context
+    from tunegap.precision import autocast_factory
+
+    start = Context(model, base_model(model), make_method("full"), tokenizer.pad_token_id,
+                    autocast_factory(precision, args.device))
+    objective.precompute_reference(start, data.eval)
+    pairs = [e.pair for examples in steps for e in examples]
+    dataset = Dataset.from_dict({"prompt_ids": [p.prompt_ids for p in pairs],
+                                 "chosen_ids": [p.chosen_ids for p in pairs],
+                                 "rejected_ids": [p.rejected_ids for p in pairs]})
+    dpo = DPOConfig(output_dir=tmp, beta=config.beta, **trl_common(args, config, precision))
+
+    class Pretokenised(same_schedule(DPOTrainer, config, dpo.warmup_steps)):
+        def _prepare_dataset(self, dataset, *a, **k):  # already tokenised by tunegap
+            return dataset
+
+    stamps, peak = [], {}
+    reference = None if config.method == "lora" else copy.deepcopy(model).eval()
+    trainer = Pretokenised(model=model, ref_model=reference, args=dpo, train_dataset=dataset,
+                           processing_class=tokenizer, peft_config=trl_lora(config),
+                           callbacks=[clock(args.device, stamps, peak)])
+    gc_on = bool(trainer.args.gradient_checkpointing)
+    trainer.train()
+    return trainer.model, stamps, peak, gc_on
 
 
 def label(r: dict) -> str:
@@ -174,8 +249,10 @@ def main(argv=None):
     common = worker_argv(args)
     methods = args.methods.split(",")
     ours = variants(args.variants)
-    print(f"vs_trl: {args.model} ({args.init}), {args.batch} examples x <= {args.seq_len} tokens per step, "
-          f"{args.steps} optimizer steps per run, {args.pairs} alternating rounds per method, device {args.device}; "
+    unit = "pairs" if args.objective == "dpo" else "examples"
+    print(f"vs_trl: {args.model} ({args.init}), {args.objective}, {args.batch} {unit} x <= {args.seq_len} tokens per "
+          f"step, {args.steps} optimizer steps per run, {args.pairs} alternating rounds per method, "
+          f"device {args.device}; "
           f"lr {', '.join(f'{m} {LR[m]:g}' for m in methods)}", flush=True)
     runs = []
     for method in methods:
@@ -208,6 +285,8 @@ def report(runs: list[dict], methods: list[str]) -> None:
           f"{'MFU fp32':>8} {'MFU bf16':>8} {'held-out':>9}")
     keys = ("s_per_step", "loss_tokens_per_s", "peak_bytes", "model_flops_per_s", "eval_loss")
     verdict = lambda ok: "met" if ok else "MISSED"
+    sft = all(r.get("objective", "next-token") == "next-token" for r in runs)  # issue 7's targets are for SFT
+    target = (lambda text, ok: f" (target {text}: {verdict(ok)})") if sft else (lambda text, ok: "")
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
         labels = sorted({label(r) for r in mine}, key=lambda t: (t != "trl", t))
@@ -227,11 +306,11 @@ def report(runs: list[dict], methods: list[str]) -> None:
                 next(r[k] for r in by[t] if r["pair"] == p) / next(r[k] for r in by["trl"] if r["pair"] == p)
                 for p in rounds)
             speed, mem, loss = ratio("loss_tokens_per_s"), ratio("peak_bytes"), ratio("eval_loss")
-            print(f"{method:6} {t}/trl (median of {len(rounds)} same-round ratios): loss tok/s x{speed:.2f} "
-                  f"(target >= {TARGETS[method]}: {verdict(speed >= TARGETS[method])}), peak memory x{mem:.2f} "
-                  f"(target <= 1: {verdict(mem <= 1.0)}), held-out loss x{loss:.4f} "
-                  f"(target within 2%: {verdict(abs(loss - 1) <= 0.02)})")
-        if method == "lora":
+            print(f"{method:6} {t}/trl (median of {len(rounds)} same-round ratios): loss tok/s x{speed:.2f}"
+                  f"{target(f'>= {TARGETS[method]}', speed >= TARGETS[method])}, peak memory x{mem:.2f}"
+                  f"{target('<= 1', mem <= 1.0)}, held-out loss x{loss:.4f}"
+                  f"{target('within 2%', abs(loss - 1) <= 0.02)}")
+        if method == "lora" and sft:
             for t in labels[1:]:
                 m16 = mfu(med[t], peaks)[1]
                 print(f"lora   {t} MFU vs the measured bf16 peak {100 * m16:.1f}% (target >= 50%: {verdict(m16 >= 0.5)})")

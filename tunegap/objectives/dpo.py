@@ -101,9 +101,9 @@ class DPO(PairObjective):
             raise ConfigError("dpo: with --parallel fsdp only PEFT methods are supported (the reference log-probs "
                               "of full weights are precomputed outside the sharded loss module); use ddp or "
                               "--method lora")
-        self.reference_flops = self._precompute(ctx, [*data.train, *data.eval])
+        self.reference_flops = self.precompute_reference(ctx, [*data.train, *data.eval])
 
-    def _precompute(self, ctx, examples: list) -> float:
+    def precompute_reference(self, ctx, examples: list) -> float:
         """Store log pi_ref of both replies on every pair, with the starting weights; returns the FLOPs spent."""
         import torch
 
