@@ -193,3 +193,27 @@ def test_init_from_is_refused_where_it_would_be_ignored_or_cannot_match(tmp_path
         make_objective("next-token", init_from="some-run")
     with pytest.raises(ConfigError, match="--beta"):
         tiny_config(tmp_path, objective="dpo", beta=0.0)
+
+
+def test_killed_full_dpo_run_resumes_to_the_same_weights(tmp_path):
+    """The reference log-probs are precomputed in setup, before --resume loads the checkpoint, so the resumed run
+    compares against the starting weights too and ends where an uninterrupted run does."""
+    from safetensors.torch import load_file
+
+    from tunegap.trainer import train
+
+    common = dict(objective="dpo", method="full", max_steps=4, checkpoint_every=2, train_examples=16,
+                  eval_examples=2, forgetting=False)
+    train(tiny_config(tmp_path, name="straight", **common))
+
+    def crash(step):
+        if step == 3:
+            raise KeyboardInterrupt  # dies after step 3; the newest checkpoint is step 2
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path, name="killed", **common), on_step=crash)
+    train(tiny_config(tmp_path, name="killed", resume=True, **common))
+    runs = tmp_path / "runs"
+    final = lambda name: load_file(str(sorted((runs / name / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
+    a, b = final("straight"), final("killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
