@@ -214,6 +214,6 @@ def test_killed_full_dpo_run_resumes_to_the_same_weights(tmp_path):
         train(tiny_config(tmp_path, name="killed", **common), on_step=crash)
     train(tiny_config(tmp_path, name="killed", resume=True, **common))
     runs = tmp_path / "runs"
-    final = lambda name: load_file(str(sorted((runs / name / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
-    a, b = final("straight"), final("killed")
+    newest = lambda name: sorted((runs / name / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"
+    a, b = load_file(str(newest("straight"))), load_file(str(newest("killed")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
