@@ -188,9 +188,13 @@ def test_init_from_a_lora_sft_run_starts_from_its_merged_weights(tmp_path):
         assert not torch.allclose(reference, reply_logps(start_ctx, batch), rtol=1e-3)
 
 
-def test_init_from_is_refused_where_it_would_be_ignored_or_cannot_match(tmp_path):
-    with pytest.raises(ConfigError, match="does not start from a run"):
-        make_objective("next-token", init_from="some-run")
+def test_init_from_is_refused_where_it_cannot_match(tmp_path):
+    from tunegap.trainer import train
+
+    with pytest.raises(ConfigError, match="drop --init scratch"):
+        train(tiny_config(tmp_path, objective="dpo", init_from="some-run", init="scratch"))
+    with pytest.raises(ConfigError, match="--init-from no-such-run: cannot start from it"):
+        train(tiny_config(tmp_path, objective="dpo", init_from="no-such-run"))
     with pytest.raises(ConfigError, match="--beta"):
         tiny_config(tmp_path, objective="dpo", beta=0.0)
 

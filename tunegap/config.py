@@ -37,8 +37,9 @@ class TrainConfig:
                                       "tunegap/objectives/")
     beta: float = _f(0.1, "dpo: beta, the strength of the pull towards the reference model (Rafailov et al. 2023, "
                           "Eq. 7); smaller lets the policy drift further")
-    init_from: str = _f("", "dpo/reward: start from a finished run's trained model (a run name in --runs-dir or a "
-                            "folder; a LoRA/IA3 adapter is merged into its starting model, which --model must name)")
+    init_from: str = _f("", "start from a finished run's trained model (a run name in --runs-dir or a folder; a "
+                            "LoRA/IA3 adapter is merged into its starting model, which --model must name): SFT, "
+                            "then DPO from it, then RL from that")
     rank: int = _f(8, "LoRA rank r")
     alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha/r)")
     dropout: float = _f(0.0, "LoRA dropout")

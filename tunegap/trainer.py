@@ -35,9 +35,9 @@ from .io import append_line, atomic_write_json, atomic_write_text, read_jsonl
 from .ledger import (Totals, build_ledger, environment, format_ledger, optimizer_state_bytes, peak_rss_bytes,
                      reset_peak_rss, write_ledger)
 from .methods import make_method
-from .models import base_model, checkpoint_activations, count_parameters, load_model, parameter_bytes
+from .models import base_model, checkpoint_activations, count_parameters, parameter_bytes
 from .objectives import Context, make_objective
-from .outputs import save_outputs
+from .outputs import load_start_model, save_outputs
 from .precision import (FP32_ATTENTION, FP32_MATH_ATTENTION, autocast_factory, can_store_frozen_low,
                         choose_precision, fp32_attention, frozen_linears_to)
 from .runs import changed_settings, index_run, run_folder, run_identity
@@ -176,8 +176,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.peaks = strategy.from_main(measure_peaks, strategy.device_type)
         self.precision = choose_precision(config, self.peaks)
-        model, self.tokenizer = load_model(config.model, init=config.init, seed=config.seed,
-                                           trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
+        model, self.tokenizer = load_start_model(config)
         self.shape = ModelShape.from_hf_config(model.config)
         self.method.check(self.shape)
         self.data = self.objective.prepare_data(config, self.tokenizer)
@@ -190,13 +189,13 @@ class Trainer:
         self._set_precision(base_model(model))
         model.train()
         self.trainable = self.method.trainable(self.shape)
-        self.params_total, self.params_trainable = count_parameters(model)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.ctx = Context(model, base_model(model), self.method, pad,
                            autocast_factory(self.precision, strategy.device_type))
         strategy.wrap(model, lambda batch: self.objective.loss(self.ctx, batch))
         self.checkpoints.backend = strategy.checkpoint_backend()
         self.objective.setup(self.ctx, self.data)
+        self.params_total, self.params_trainable = count_parameters(model)  # after setup: a head it adds trains
 
     def _set_precision(self, base) -> None:
         import torch
@@ -466,8 +465,7 @@ class Trainer:
     def _rebuild(self):
         """A fresh copy of the model and method, to load gathered FSDP weights into."""
         c = self.config
-        model, _ = load_model(c.model, init=c.init, seed=c.seed, trust_remote_code=c.trust_remote_code,
-                              allow_pickle=c.allow_pickle)
+        model, _ = load_start_model(c)
         return make_method(c.method, **c.method_options()).prepare(self.objective.prepare_model(model, self.shape),
                                                                     self.shape)
 

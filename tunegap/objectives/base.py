@@ -96,10 +96,6 @@ def make_objective(name: str, /, **options) -> Objective:
         raise ConfigError(f"--objective: unknown objective {name!r}; choose from {', '.join(sorted(OBJECTIVES))}")
     cls = OBJECTIVES[name]
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    if options.get("init_from") and "init_from" not in fields:  # never silently ignored
-        takers = [n for n, c in OBJECTIVES.items() if "init_from" in getattr(c, "__dataclass_fields__", {})]
-        raise ConfigError(f"--init-from: --objective {name} does not start from a run; pass the run's model/ "
-                          f"folder as --model, or use an objective that does ({', '.join(takers)})")
     return cls(**{k: v for k, v in options.items() if k in fields and v is not None})
 
 

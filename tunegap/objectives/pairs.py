@@ -16,7 +16,6 @@ from ..data.preference import (PreferencePair, generate_support_preferences, loa
                                tokenize_preferences)
 from ..data.render import Example
 from ..data.sources import SUPPORT, Prepared
-from ..errors import ConfigError
 from .base import Objective
 
 
@@ -116,25 +115,6 @@ def prepare_pairs(config, tokenizer, *, generation_records: bool) -> Prepared:
                     {"train": asdict(train_stats), "eval": asdict(held_stats), "source": config.data})
 
 
-def start_from_run(run: str, *, runs_dir: str, model_name: str):
-    """A finished run's trained model as plain weights (a LoRA or IA3 adapter merged into its start), so a
-    preference run can follow a LoRA SFT run. The run must have started from `model_name`, whose tokenizer
-    the trainer loaded."""
-    from ..outputs import RunLoadError, load_run
-
-    try:
-        loaded = load_run(run, runs_dir, merge=True)
-    except (RunLoadError, OSError, ValueError, AttributeError) as err:
-        raise ConfigError(f"--init-from {run}: cannot start from it: {str(err).splitlines()[0]}") from None
-    started = loaded.ledger["config"]["model"]
-    if started != model_name:
-        raise ConfigError(f"--init-from {run}: that run started from {started!r}; pass --model {started} so the "
-                          "tokenizer is the one it was trained with")
-    if not hasattr(loaded.model, "merge_and_unload") and loaded.ledger["method"]["name"] == "adapter":
-        raise ConfigError(f"--init-from {run}: a bottleneck-adapter run cannot be merged into plain weights")
-    return loaded.model
-
-
 @dataclass
 class PairObjective(Objective):
     """The data, batching and starting point DPO and the reward model share (their fields are TrainConfig's)."""
@@ -147,17 +127,6 @@ class PairObjective(Objective):
     train_examples: int = 0
     eval_examples: int = 64
     batch_size: int = 8
-    model: str = ""
-    init: str = "pretrained"
-    init_from: str = ""
-    runs_dir: str = "runs"
-
-    def prepare_model(self, model, shape):
-        if not self.init_from:
-            return model
-        if self.init != "pretrained":
-            raise ConfigError("--init-from: starts from a run's trained weights; drop --init scratch")
-        return start_from_run(self.init_from, runs_dir=self.runs_dir, model_name=self.model)
 
     def make_batch(self, examples, *, capacity, pad_id, pack):
         return make_pair_batch(examples, capacity=capacity, pad_id=pad_id, pack=pack)
