@@ -40,6 +40,24 @@ def cmd_gap(args) -> int:
     return 0
 
 
+def cmd_stages(args) -> int:
+    from .stages import StagesConfig, run_stages_experiment
+
+    overrides = {k: v for k, v in dict(model=args.model, out=args.out, method=args.method, gpu=args.gpu,
+                                       gpu_price=args.gpu_price, pretrain_tokens=args.pretrain_tokens,
+                                       progress=args.progress).items() if v is not None}
+    config = StagesConfig.quick_config(**overrides) if args.quick else StagesConfig(**overrides)
+    results = run_stages_experiment(config)
+    print(f"\ntunegap: stages experiment finished in {results['wall_seconds'] / 60:.1f} min (measured)")
+    for name, row in results["stages"].items():
+        print(f"  {name:4} {row['flops']['total']:.3g} FLOP (formula), {row['wall_time_s']:.0f} s (measured)")
+    for v in results["verdicts"]:
+        label = {True: "supported", False: "NOT supported", None: "it depends"}[v["supported"]]
+        print(f"  [{label}] {v['claim']}: {v['measured']}")
+    print(f"\nreport: {config.folder() / 'report.html'} (also report.md, results.json, stages_flops.png)")
+    return 0
+
+
 def add_parser(subparsers) -> None:
     experiment = subparsers.add_parser("experiment", help="run a multi-arm experiment and write its report")
     sub = experiment.add_subparsers(dest="experiment", required=True)
@@ -55,3 +73,14 @@ def add_parser(subparsers) -> None:
     gap.add_argument("--quick", action="store_true", help="smoke version on a tiny model (under 2 minutes)")
     gap.add_argument("--progress", action=__import__("argparse").BooleanOptionalAction, default=None)
     gap.set_defaults(func=cmd_gap)
+
+    stages = sub.add_parser("stages", help="SFT, then DPO, then RL, each stage's cost beside pretraining's")
+    stages.add_argument("--model", default=None, help="default smollm2-135m (tiny with --quick)")
+    stages.add_argument("--out", default=None, help="output folder (default runs/stages-<model>)")
+    stages.add_argument("--method", default=None, help="method of every stage (default lora)")
+    stages.add_argument("--gpu", default=None, help="GPU the dollar figures assume (default H100-SXM)")
+    stages.add_argument("--gpu-price", type=float, default=None, help="$/hour override for that GPU")
+    stages.add_argument("--pretrain-tokens", type=float, default=None, help="override the published token count")
+    stages.add_argument("--quick", action="store_true", help="smoke version on a tiny model")
+    stages.add_argument("--progress", action=__import__("argparse").BooleanOptionalAction, default=None)
+    stages.set_defaults(func=cmd_stages)
