@@ -26,7 +26,7 @@ def to_nf4(weight):
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4 as convert
     except ImportError:
         try:
-            from torchao.dtypes.nf4tensor import to_nf4 as convert  # torchao < 0.15
+            from torchao.dtypes.nf4tensor import to_nf4 as convert  # older torchao
         except ImportError:
             raise MethodError("qlora: needs torchao for its NF4 tensor (pip install torchao)") from None
     return convert(weight, block_size=NF4_BLOCK, scaler_block_size=scaler_block(weight.numel()))
@@ -75,4 +75,23 @@ class QLoRA(LoRA):
     def prepare(self, model, shape):
         model = super().prepare(model, shape)
         quantize_blocks(model)
+        release_full_precision(model)
         return model
+
+
+def release_full_precision(model) -> None:
+    """Give back what quantising took: weights loaded from safetensors are views of the file's memory map, and
+    while the embedding and norms still point into it every page the quantiser read stays resident; glibc keeps
+    the quantiser's freed temporaries. Default model, measured RSS: 416 MB loaded, 1,373 MB quantised, 883 MB
+    after malloc_trim, 584 MB with the other frozen weights copied out of the map."""
+    import ctypes
+    import gc
+
+    for p in model.parameters():
+        if not p.requires_grad and not hasattr(p, "__tensor_flatten__"):
+            p.data = p.data.clone()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
