@@ -254,7 +254,7 @@ class Activations:
 
 
 def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequences: int, seq_len: int,
-                     loss_positions: float, math_attention: bool = False) -> Activations:
+                     loss_positions: float, math_attention: bool = False, quantized_base: bool = False) -> Activations:
     """What autograd keeps for one micro-batch of `sequences` rows of `seq_len` tokens.
 
     Walks the blocks as `flops.train_step_flops` does, tracking whether the residual stream requires a
@@ -268,7 +268,13 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
     adapted matrix (`LoraLayer._cast_input_dtype`); IA3 likewise upcasts down's input to its fp32 vector.
     Added parts are costed by kind (`parts.py`): a parallel path as LoRA, a scaled input as IA3's l_ff, a
     scaled output as IA3's l_k and l_v, a serial chain as a Houlsby adapter. Checked against autograd for
-    those methods; a part at a site no shipped method uses follows the same rule, unchecked.
+    those methods; a part at a site no shipped method uses follows the same rule, unchecked. A scaled output
+    beside a parallel path keeps both outputs (DoRA); a weight a part builds per call is kept once per call
+    where its matmul's input needs a gradient (LoHa's ΔW). Both checked in fp32 (tests/test_peft_family.py).
+
+    `quantized_base`: the block matrices are 4-bit (QLoRA): each matmul dequantises its weight afresh, in
+    backward too, so autocast keeps no low-precision copy of it (torchao's `LinearNF4`, bitsandbytes'
+    `MatMul4Bit`).
     """
     e, f32 = p.activation, 4
     autocast = p.cast_copy > 0
@@ -300,7 +306,10 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
         def scaled(ms, width):
             """A trained vector's multiply keeps the other operand: a scaled output (IA3's l_k, l_v), in the
             activation dtype; a scaled input (IA3's l_ff) of a matrix that keeps none, upcast to the fp32 vector."""
-            outputs = e * sum(shape.matrix_dims(m)[1] for m in ms if tr.parts_at(layer, m, SCALE_OUTPUT))
+            # beside a parallel path the scale multiplies the base output and the path's apart, keeping both
+            # (PEFT's DoRA: (s - 1)·W0·x + s·B·A·x, Liu et al. 2024, Eq. 5)
+            outputs = e * sum(shape.matrix_dims(m)[1] * (2 if adapted(m) else 1) for m in ms
+                              if tr.parts_at(layer, m, SCALE_OUTPUT))
             inputs = f32 * width * sum(bool(tr.parts_at(layer, m, SCALE_INPUT)) and not (trains(m) or adapted(m))
                                        for m in ms)
             return outputs + inputs
@@ -326,6 +335,11 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
                 kept += lora_in * width
             return kept + lora_b((m,))
 
+        def rebuilt(ms, grad_in):
+            """Weights parts build once per call (LoHa's ΔW), kept by their matmul where its input needs a gradient."""
+            return lora_in * sum(part.matmuls[0].fan_in * part.matmuls[0].fan_out for m in ms
+                                 for part in tr.parts_at(layer, m, PARALLEL) if part.weight_per_call) if grad_in else 0
+
         norm_trains = layer in tr.norms
 
         def norm(grad_in):  # HF RMSNorm keeps an fp32 copy of its input, and the normalised x if its weight trains
@@ -334,7 +348,7 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
         kept = n * norm(stream)
         y_grad = stream or norm_trains
         kept += n * norm_output(("q", "k", "v"), h)
-        kept += n * scaled(("q", "k", "v"), h)
+        kept += n * scaled(("q", "k", "v"), h) + rebuilt(("q", "k", "v"), y_grad)
         extra_keys = tr.extra_keys(layer)  # trained keys/values (prefix tuning): the attention's backward runs
         n_kv = sequences * (s_q + extra_keys)
         attn_grad = any(grad_out(m, y_grad) for m in ("q", "k", "v")) or extra_keys > 0
@@ -343,19 +357,19 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
             kept += e * (2 * n * hq + 2 * n_kv * kv_width) + f32 * n * shape.num_heads
             if math_attention:  # softmax probabilities, heads x s_q x s_k per sequence
                 kept += f32 * sequences * shape.num_heads * s_q * (s_q + extra_keys)
-        kept += n * matmul_input("o", hq, shared=attn_grad) + n * scaled(("o",), hq)
+        kept += n * matmul_input("o", hq, shared=attn_grad) + n * scaled(("o",), hq) + rebuilt(("o",), attn_grad)
         stream = stream or grad_out("o", attn_grad)
 
         kept += n * norm(stream)
         y2_grad = stream or norm_trains
         mlp = ("gate", "up") if shape.gated_mlp else ("up",)
         kept += n * k_exp * norm_output(mlp, h)
-        kept += n * k_exp * scaled(mlp, h)
+        kept += n * k_exp * scaled(mlp, h) + rebuilt(mlp, y2_grad)
         hidden_grad = any(grad_out(m, y2_grad) for m in mlp)
         if hidden_grad:  # gated: gate output (SiLU input), SiLU output, up output; plain: the GELU input
             kept += n * k_exp * e * inter * (3 if shape.gated_mlp else 1)
         kept += n * k_exp * matmul_input("down", inter, shared=False)
-        kept += n * k_exp * scaled(("down",), inter)
+        kept += n * k_exp * scaled(("down",), inter) + rebuilt(("down",), hidden_grad)
         stream = stream or grad_out("down", hidden_grad)
         for part in tr.parts_at(layer, "mlp_out", SERIAL):
             # a serial chain keeps its input and each inner width twice, before and after the nonlinearity
@@ -366,7 +380,8 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
             blocks.append(0.0)
             checkpoints.append(0.0)
             continue
-        if autocast:  # autocast's bf16 copy of a weight is kept wherever that matmul's input needs a gradient
+        # autocast's bf16 copy of a weight is kept wherever that matmul's input needs a gradient (not a 4-bit one's)
+        if autocast and not quantized_base:
             needs = {"q": y_grad, "k": y_grad, "v": y_grad, "o": attn_grad, "gate": y2_grad, "up": y2_grad,
                      "down": hidden_grad}
             kept += p.cast_copy * sum(matrix_params[m] for m in shape.layer_matrices()
@@ -490,7 +505,8 @@ def memory_per_device(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, se
     grads = sum(grads_by_layer) + grads_top
 
     acts = activation_bytes(shape, tr, p, sequences=setup.micro_batch, seq_len=seq_len,
-                            loss_positions=loss_positions, math_attention=math_attention)
+                            loss_positions=loss_positions, math_attention=math_attention,
+                            quantized_base=setup.base_format == "nf4")
     held = acts.checkpoints if setup.checkpointing else acts.blocks
     activation = acts.peak_checkpointed if setup.checkpointing else acts.peak
     if setup.grad_accum > 1:  # gradients persist across micro-batches: all of them are there at every moment

@@ -97,6 +97,8 @@ class Part:
     matmuls: the chain in execution order (PARALLEL and SERIAL only); the first reads the site's input.
     positions: sequence positions a POSITIONS part adds.
     per_call: `CallMatmul`s run once per forward call (in execution order, before the per-token chain).
+    weight_per_call: the first matmul's weight is built by the per-call matmuls (LoHa's ΔW), not a trained
+    tensor; that matmul keeps it, rows x cols per call, wherever its input needs a gradient.
     """
 
     kind: str
@@ -106,6 +108,7 @@ class Part:
     matmuls: tuple = ()
     positions: int = 0
     per_call: tuple = ()
+    weight_per_call: bool = False
 
     def __post_init__(self):
         if self.kind not in SITES:
@@ -120,6 +123,8 @@ class Part:
         if self.per_call and self.kind not in MATMUL_KINDS:
             raise PartError(f"part: a {self.kind} part runs no per-call matmuls (the formulas cost them beside a "
                             f"chain: {', '.join(MATMUL_KINDS)})")
+        if self.weight_per_call and not self.per_call:
+            raise PartError("part: a weight built per call needs the per-call matmuls that build it")
         if (self.kind == POSITIONS) != (self.positions > 0):
             raise PartError("part: positions > 0 exactly for POSITIONS parts")
 

@@ -23,7 +23,7 @@ def hadamard_part(shape, layer: int, matrix: str, rank: int) -> Part:
         ("hada_w2_a", fan_out, rank), ("hada_w2_b", rank, fan_in)))
     product = CallMatmul(fan_out, rank, fan_in, grads=2, recomputed=True)
     return Part(PARALLEL, layer, matrix, tensors=tensors, matmuls=(Matmul(fan_in, fan_out),),
-                per_call=(product, product))
+                per_call=(product, product), weight_per_call=True)
 
 
 @register
