@@ -2,7 +2,8 @@
 
 A method never subclasses or rewrites the model: full and freeze set `requires_grad` from a name set,
 the PEFT methods go through Hugging Face PEFT (`get_peft_model`), and only the bottleneck adapter,
-which PEFT does not provide, wraps the MLP modules by hand.
+which PEFT does not provide, wraps the MLP modules by hand. QLoRA is PEFT's LoRA with the frozen block
+weights swapped for torchao's NF4 tensors (the modules stay as they are).
 Each method describes what it adds as generic parts (`tunegap.costs.parts`), which is what the cost
 formulas read; a test checks that description against the real model's trainable parameter count for
 every method. One file per method; each registers itself (`base.register`), and `make_method`, `--method`
