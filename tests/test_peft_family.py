@@ -71,8 +71,7 @@ def test_trains_with_counted_flops_equal_to_the_formula(trained, name):
     assert costs["params_trainable"]["value"] == make_method(name, rank=RANK).trainable(shape).params(shape) \
         == hand_count(name, shape)
     seen = losses(tmp_path, name)
-    assert len(set(seen)) > 1, seen
-    assert min(seen[1:]) < seen[0], seen
+    assert seen[-1] < seen[0], seen  # 4 steps at lr 1e-2 on the support task: every method's loss falls
 
 
 @pytest.mark.parametrize("name", NEW)
