@@ -106,3 +106,71 @@ def linear_cross_entropy(hidden, weight, targets, *, chunk_rows: int = CHUNK_ROW
             h, w = hidden.to(dtype), weight.to(dtype)
             return sum(_chunk_loss(h[s:e], w, targets[s:e])[0] for s, e in _chunks(h.shape[0], chunk_rows))
         return _LinearCrossEntropy.get().apply(hidden, weight, targets, dtype, chunk_rows)
+
+
+def _token_logp_chunk(h, w, y, temperature: float, want_grad: bool):
+    """log softmax(h @ w.T / T)[y] per row in fp32, and (want_grad) d logp / d h per row: each row's log-prob
+    depends on its own hidden state only, so its gradient is one [d] row, (onehot - softmax) @ w / T."""
+    import torch
+
+    logits = (h @ w.t()).float().div_(temperature)
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(1, y[:, None]).squeeze(1) - lse
+    if not want_grad:
+        return logp, None
+    grad = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place
+    grad[torch.arange(len(y), device=grad.device), y] += 1.0
+    return logp, (grad.div_(temperature).to(h.dtype) @ w)
+
+
+class _LinearTokenLogprobs:
+    """Autograd function (built lazily so importing tunegap does not import torch)."""
+
+    fn = None
+
+    @classmethod
+    def get(cls):
+        if cls.fn is None:
+            import torch
+
+            class LinearTokenLogprobs(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, hidden, weight, targets, dtype, chunk_rows, temperature):
+                    h, w = hidden.to(dtype), weight.to(dtype)
+                    logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+                    jac = torch.empty_like(hidden)
+                    for s, e in _chunks(h.shape[0], chunk_rows):
+                        logp[s:e], rows = _token_logp_chunk(h[s:e], w, targets[s:e], temperature, True)
+                        jac[s:e] = rows
+                    ctx.save_for_backward(jac)
+                    return logp
+
+                @staticmethod
+                def backward(ctx, grad_out):
+                    (jac,) = ctx.saved_tensors
+                    return jac * grad_out[:, None].to(jac.dtype), None, None, None, None, None
+
+            cls.fn = LinearTokenLogprobs
+        return cls.fn
+
+
+def linear_token_logprobs(hidden, weight, targets, *, temperature: float = 1.0, chunk_rows: int = CHUNK_ROWS):
+    """log softmax(hidden @ weight.T / temperature)[targets] per row (fp32 [n]): a policy's log-probabilities of
+    its sampled tokens (RL objectives), with the [rows x vocab] logits alive one chunk at a time.
+
+    The same idea as `linear_cross_entropy`, for a loss that weights each token differently: the per-row
+    gradient (onehot - softmax) @ weight is built in the forward pass, so the FLOPs are the unfused path's
+    (forward and input gradient, 2·n·d·V each). The head must be frozen (a trained head's weight gradient
+    would need every row's softmax kept until backward); callers use the plain path when it trains."""
+    import torch
+
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("linear_token_logprobs: the head trains; use the plain path (head(h).log_softmax)")
+    dtype = _compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if not (torch.is_grad_enabled() and hidden.requires_grad):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            parts = [_token_logp_chunk(h[s:e], w, targets[s:e], temperature, False)[0]
+                     for s, e in _chunks(h.shape[0], chunk_rows)]
+            return torch.cat(parts) if parts else torch.zeros(0, device=hidden.device)
+        return _LinearTokenLogprobs.get().apply(hidden, weight, targets, dtype, chunk_rows, temperature)

@@ -46,7 +46,7 @@ from ..data.support import generate_support, score_reply
 from ..errors import ConfigError
 from ..evaluate import generate
 from ..ledger import q
-from ..losses import IGNORE_INDEX
+from ..losses import IGNORE_INDEX, linear_token_logprobs
 from .base import LossOutput, Objective, register
 from .next_token import step_flops as next_token_step_flops
 
@@ -120,7 +120,8 @@ class Rollouts(Batch):
 
 def token_logp(base, model, changes_sequence: bool, batch: Batch, temperature: float):
     """log π(o_t | context) at every reply token of `batch`, logits only at those positions (as `sum_loss`),
-    divided by the sampling temperature so the probabilities are those the replies were drawn from (TRL)."""
+    divided by the sampling temperature so the probabilities are those the replies were drawn from (TRL).
+    A frozen head goes through `losses.linear_token_logprobs`: no [tokens x vocab] tensor outlives a chunk."""
     import torch
 
     where = batch.loss_positions
@@ -131,7 +132,10 @@ def token_logp(base, model, changes_sequence: bool, batch: Batch, temperature: f
     else:
         hidden = base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                     attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-        logits = base.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, where))
+        hidden, head = hidden.flatten(0, 1).index_select(0, where), base.get_output_embeddings()
+        if isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad:
+            return linear_token_logprobs(hidden, head.weight, targets, temperature=temperature)
+        logits = head(hidden)
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(1, targets.unsqueeze(1)).squeeze(1)
 
@@ -334,7 +338,9 @@ class GRPO(Objective):
 
     def end_metrics(self, ctx) -> dict:
         """The held-out reward before and after, and the cost of each phase outside the update: the ledger's
-        train time includes them (the trainer times `make_batch`), its FLOPs are the update's alone."""
+        train time includes them (the trainer times `make_batch`), its FLOPs are the update's alone. A resumed
+        run counts the phases of its last segment only (they live in this object, not in the checkpoint); its
+        reward before is still the starting model's (`setup` runs before the checkpoint is loaded)."""
         after = self.heldout_reward(ctx)
         s = self.spent
         phases = {"generation_time_s": q(s["generation_s"], "s", "measured"),
