@@ -137,3 +137,26 @@ def test_fused_token_logprobs_equal_the_plain_path(temperature):
         (grad_fused,) = torch.autograd.grad((fused * weights).sum(), h)
     assert torch.allclose(fused.double(), plain, atol=1e-6) and torch.allclose(grad_fused, grad_plain, atol=1e-6)
     assert counter.get_total_flops() == 2 * (2 * 10 * 8 * 50)  # forward + input gradient, as unfused
+
+
+def test_a_reward_model_run_scores_the_replies(tmp_path):
+    """--reward-model RUN: a finished `--objective reward` run's scalar head scores each sampled reply (read at
+    its last token, as it was trained); its forward FLOPs are in the ledger's scoring phase."""
+    from tunegap.objectives.grpo import load_reward_model, reward_model_scores
+    from tunegap.trainer import train
+
+    train(tiny_config(tmp_path, name="rm", objective="reward", method="full", max_steps=2, forgetting=False))
+    model, tokenizer = load_reward_model("rm", str(tmp_path / "runs"))
+    conversation = [{"role": "user", "content": "My Lumora Sync stopped syncing. Maya"}]
+    scores, lengths = reward_model_scores(model, tokenizer, [conversation] * 2, ["Hi Maya,", "Hi Maya, sorry."])
+    alone, _ = reward_model_scores(model, tokenizer, [conversation], ["Hi Maya,"])
+    assert scores[0] == pytest.approx(alone[0], abs=1e-5) and scores[0] != scores[1]  # padding changes nothing
+    assert lengths[0] < lengths[1] and all(math.isfinite(s) for s in scores)
+
+    ledger = train(tiny_config(tmp_path, name="t", objective="grpo", reward_model="rm", group_size=2,
+                               max_new_tokens=8, max_steps=1, generate_examples=2, forgetting=False))
+    assert ledger["metrics"]["reward_name"] == "reward model rm"
+    assert ledger["metrics"]["rl_phases"]["scoring_flops"]["value"] > 0
+    assert isinstance(ledger["metrics"]["eval_reward"], float)
+    with pytest.raises(ConfigError, match="not a reward model run"):
+        load_reward_model("t", str(tmp_path / "runs"))

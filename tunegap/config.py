@@ -90,6 +90,8 @@ class TrainConfig:
     max_new_tokens: int = _f(96, "grpo: longest sampled reply, in tokens")
     reward: str = _f("support", "grpo: the reward, a float in [0, 1] per reply: support (the task's own checks: "
                                 "style, product, refusal) or style (greeting, sign-off, structure)")
+    reward_model: str = _f("", "grpo: score replies with a finished --objective reward run (a name in --runs-dir or a "
+                               "folder) instead of --reward")
     # evaluation and outputs
     eval_every: int = _f(0, "evaluate held-out loss every N steps (0 = only at the end)")
     eval_examples: int = _f(64, "held-out examples for the loss")

@@ -34,13 +34,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from ..costs.flops import forward_flops, generation_flops
 from ..costs.shape import ModelShape
 from ..data.loaders import DataError, load_sft
 from ..data.packing import Batch, first_fit_rows, make_batch
-from ..data.render import Example, tokenize_prompt
+from ..data.render import Example, render_conversation, tokenize_prompt
 from ..data.sources import Prepared
 from ..data.support import generate_support, score_reply
 from ..errors import ConfigError
@@ -102,6 +102,7 @@ class Prompt:
 
     input_ids: list[int]
     meta: dict
+    messages: list  # the conversation up to the reply (a reward model reads it with the reply)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -153,6 +154,48 @@ def cut_at_eos(ids: list[int], eos: int) -> list[int]:
     return ids[:ids.index(eos) + 1] if eos in ids else ids
 
 
+def asked(messages: list) -> list:
+    """The conversation without its trailing assistant turn: what the policy answers."""
+    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else list(messages)
+
+
+def load_reward_model(run: str, runs_dir: str):
+    """A finished `--objective reward` run's sequence classifier (fp32, frozen) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..outputs import MODEL_DIR, finished_run
+    from ..safety import weights_format
+
+    folder, ledger = finished_run(run, runs_dir)
+    objective = ledger.get("config", {}).get("objective")
+    if objective != "reward":
+        raise ConfigError(f"--reward-model {run}: not a reward model run (its objective is {objective!r}); "
+                          "train one with --objective reward")
+    weights_format(folder / MODEL_DIR)
+    model = AutoModelForSequenceClassification.from_pretrained(folder / MODEL_DIR, dtype=torch.float32,
+                                                               use_safetensors=True)
+    return model.eval().requires_grad_(False), AutoTokenizer.from_pretrained(folder / MODEL_DIR)
+
+
+def reward_model_scores(model, tokenizer, conversations: list, texts: list[str]) -> tuple[list[float], list[int]]:
+    """r(x, y) of each reply and each sequence's length: prompt and reply rendered with the chat template as the
+    reward model's pairs were (SFT's rendering), its scalar head read at the last token (`objectives.reward`)."""
+    import torch
+
+    from .reward import SCORE
+
+    ids = [tokenizer(render_conversation(tokenizer, [*conv, {"role": "assistant", "content": text}]),
+                     add_special_tokens=False)["input_ids"] for conv, text in zip(conversations, texts)]
+    width, pad = max(map(len, ids)), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = torch.tensor([row + [pad] * (width - len(row)) for row in ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=batch, attention_mask=mask).last_hidden_state
+        last = hidden[torch.arange(len(ids)), torch.tensor([len(row) - 1 for row in ids])]
+        return getattr(model, SCORE)(last).squeeze(-1).float().tolist(), [len(row) for row in ids]
+
+
 def load_tickets(config) -> tuple[list[dict], list[dict]]:
     """Train and held-out conversations whose `meta` the reward checks: the support task, or JSONL with meta."""
     if config.data == "support":
@@ -185,6 +228,8 @@ class GRPO(Objective):
     temperature: float = 1.0
     max_new_tokens: int = 96
     reward: str = "support"
+    reward_model: str = ""  # a finished --objective reward run, scoring instead of `reward`
+    runs_dir: str = "runs"
     generate_examples: int = 32
 
     def __post_init__(self):
@@ -196,15 +241,16 @@ class GRPO(Objective):
         if not self.temperature > 0 or self.kl_beta < 0 or self.max_new_tokens < 1:
             raise ConfigError("--temperature must be > 0, --kl-beta >= 0 and --max-new-tokens >= 1")
         self.spent = dict.fromkeys(("generation_s", "generation_flops", "generated_tokens", "replies", "scoring_s",
+                                    "scoring_flops",
                                     "reference_s", "reference_flops", "eval_s", "eval_flops"), 0.0)
-        self._reference = None
+        self._reference = self.scorer = None
 
     def prepare_data(self, config, tokenizer):
         """Prompts short enough that prompt + the longest reply fit in --seq-len (the others are counted)."""
         self.tokenizer = tokenizer
         train, held = load_tickets(config)
         room = config.seq_len - self.max_new_tokens
-        prompts = [Prompt(tokenize_prompt(tokenizer, r["messages"]), r["meta"]) for r in train]
+        prompts = [Prompt(tokenize_prompt(tokenizer, r["messages"]), r["meta"], asked(r["messages"])) for r in train]
         kept = [p for p in prompts if len(p) <= room]
         if not kept:
             raise ConfigError(f"--seq-len {config.seq_len}: no prompt fits with --max-new-tokens "
@@ -218,6 +264,8 @@ class GRPO(Objective):
         self.ctx, self.shape, self.eval_records = ctx, ModelShape.from_hf_config(ctx.base.config), data.eval_records
         if self.kl_beta and not hasattr(ctx.model, "disable_adapter"):  # full/freeze/adapter: one frozen copy
             self._reference = copy.deepcopy(ctx.base).eval().requires_grad_(False)
+        if self.reward_model:
+            self.scorer = load_reward_model(self.reward_model, self.runs_dir)
         self.reward_before = self.heldout_reward(ctx)
 
     def make_batch(self, examples, *, capacity, pad_id, pack):
@@ -227,7 +275,8 @@ class GRPO(Objective):
         replies = self.sample(examples, pad_id)
         started = time.perf_counter()
         prompts = [p for p in examples for _ in range(self.group_size)]
-        rewards = torch.tensor([REWARDS[self.reward](p.meta, self.decode(r)) for p, r in zip(prompts, replies)])
+        rewards = torch.tensor(self.score([p.messages for p in prompts], [p.meta for p in prompts],
+                                          [self.decode(r) for r in replies]))
         self.spent["scoring_s"] += time.perf_counter() - started
         advantages = group_advantages(rewards.view(len(examples), self.group_size)).flatten()
         seqs = [Example(p.input_ids + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(prompts, replies)]
@@ -334,7 +383,20 @@ class GRPO(Objective):
                                                     max_new_tokens=self.max_new_tokens, autocast=ctx.autocast)
         self.spent["eval_s"] += time.perf_counter() - started
         self.spent["eval_flops"] += sum(generation_flops(self.shape, p, n) for p, n in zip(prompt_lens, new_lens))
-        return sum(REWARDS[self.reward](r["meta"], t) for r, t in zip(records, texts)) / len(records)
+        return sum(self.score([asked(r["messages"]) for r in records], [r["meta"] for r in records], texts,
+                              training=False)) / len(records)
+
+    def score(self, conversations: list, metas: list, texts: list[str], *, training: bool = True) -> list[float]:
+        """Each reply's reward: the reward model's r(x, y) when one is given (FLOPs by formula, the head read at
+        one position), else the named verifiable reward checked against the ticket's meta."""
+        if self.scorer is None:
+            return [REWARDS[self.reward](meta, text) for meta, text in zip(metas, texts)]
+        model, tokenizer = self.scorer
+        scores, lengths = reward_model_scores(model, tokenizer, conversations, texts)
+        shape = replace(ModelShape.from_hf_config(model.config), vocab_size=1)
+        self.spent["scoring_flops" if training else "eval_flops"] += sum(
+            forward_flops(shape, sequences=1, seq_len=n, logit_tokens=1) for n in lengths)
+        return scores
 
     def end_metrics(self, ctx) -> dict:
         """The held-out reward before and after, and the cost of each phase outside the update: the ledger's
@@ -348,9 +410,11 @@ class GRPO(Objective):
                   "generated_tokens": q(int(s["generated_tokens"]), "token", "measured"),
                   "sampled_replies": q(int(s["replies"]), "reply", "measured"),
                   "scoring_time_s": q(s["scoring_s"], "s", "measured"),
+                  "scoring_flops": q(s["scoring_flops"], "FLOP", "formula"),
                   "reference_time_s": q(s["reference_s"], "s", "measured"),
                   "reference_flops": q(s["reference_flops"], "FLOP", "formula"),
                   "eval_generation_time_s": q(s["eval_s"], "s", "measured"),
                   "eval_generation_flops": q(s["eval_flops"], "FLOP", "formula")}
-        return {"reward_name": self.reward, "eval_reward_before": self.reward_before, "eval_reward": after,
+        name = f"reward model {self.reward_model}" if self.scorer is not None else self.reward
+        return {"reward_name": name, "eval_reward_before": self.reward_before, "eval_reward": after,
                 "rl_phases": phases}
