@@ -238,11 +238,14 @@ class GRPO(Objective):
                               f"{self.group_size}")
         if self.reward not in REWARDS:
             raise ConfigError(f"--reward: unknown reward {self.reward!r}; choose from {', '.join(sorted(REWARDS))}")
-        if not self.temperature > 0 or self.kl_beta < 0 or self.max_new_tokens < 1:
-            raise ConfigError("--temperature must be > 0, --kl-beta >= 0 and --max-new-tokens >= 1")
+        for flag, bad in (("--temperature: must be > 0", not self.temperature > 0),
+                          ("--kl-beta: must be >= 0", self.kl_beta < 0),
+                          ("--max-new-tokens: must be at least 1", self.max_new_tokens < 1)):
+            if bad:
+                raise ConfigError(flag)
+        # what the phases outside the update spent, for end_metrics (seconds measured, FLOPs by formula)
         self.spent = dict.fromkeys(("generation_s", "generation_flops", "generated_tokens", "replies", "scoring_s",
-                                    "scoring_flops",
-                                    "reference_s", "reference_flops", "eval_s", "eval_flops"), 0.0)
+                                    "scoring_flops", "reference_s", "reference_flops", "eval_s", "eval_flops"), 0.0)
         self._reference = self.scorer = None
 
     def prepare_data(self, config, tokenizer):
@@ -253,8 +256,9 @@ class GRPO(Objective):
         prompts = [Prompt(tokenize_prompt(tokenizer, r["messages"]), r["meta"], asked(r["messages"])) for r in train]
         kept = [p for p in prompts if len(p) <= room]
         if not kept:
-            raise ConfigError(f"--seq-len {config.seq_len}: no prompt fits with --max-new-tokens "
-                              f"{self.max_new_tokens} of reply; raise --seq-len")
+            raise ConfigError(f"--seq-len {config.seq_len} leaves {room} tokens for a prompt after --max-new-tokens "
+                              f"{self.max_new_tokens}; the shortest prompt has {min(map(len, prompts))}: raise "
+                              "--seq-len")
         stats = {"source": config.data, "prompts": len(kept), "prompts_too_long": len(prompts) - len(kept),
                  "group_size": self.group_size}
         return Prepared("rl", kept, [], held, stats)
