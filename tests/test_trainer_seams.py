@@ -138,3 +138,23 @@ def test_device_cuda_trains_one_gpu_without_torchrun(tmp_path):
     assert "cuda" in gpu["costs"]["peak_memory_bytes"].get("note", "")
     assert gpu["metrics"]["eval_loss"] == pytest.approx(cpu["metrics"]["eval_loss"], rel=1e-3)
     assert gpu["costs"]["flops_counted_over_formula"]["value"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_a_run_started_from_a_run_loads_back_with_every_stage_below_it(tmp_path):
+    """LoRA on LoRA: the second run's adapter sits on the first run's merged weights, so loading it back must
+    rebuild that start (not the bare base) before merging its own adapter."""
+    from tunegap.outputs import load_run
+
+    train(tiny_config(tmp_path, name="first", max_steps=3, lr=1e-2, forgetting=False))
+    trainer_config = tiny_config(tmp_path, name="second", init_from="first", max_steps=3, lr=1e-2, forgetting=False)
+    from tunegap.trainer import Trainer
+
+    trainer = Trainer(trainer_config)
+    trainer.run()
+    ids = torch.tensor([[5, 9, 13, 2, 7, 11]])
+    with torch.no_grad():
+        trained = trainer.ctx.model(input_ids=ids).logits
+        loaded = load_run(tmp_path / "runs" / "second").model(input_ids=ids).logits
+        first_only = load_run(tmp_path / "runs" / "first").model(input_ids=ids).logits
+    assert torch.allclose(loaded, trained, atol=1e-5)
+    assert not torch.allclose(loaded, first_only, atol=1e-4)

@@ -68,33 +68,31 @@ def finished_run(run: str | Path, runs_dir: str | Path = "runs") -> tuple[Path, 
 
 
 def load_start(config: dict, *, allow_pickle: bool = False):
-    """The model a run started from: same name, init and seed (a random preset is redrawn identically)."""
-    return load_model(config["model"], init=config.get("init", "pretrained"), seed=config.get("seed", 0),
-                      trust_remote_code=config.get("trust_remote_code", False), allow_pickle=allow_pickle)
-
-
-def load_start_model(config):
-    """`(model, tokenizer)` a run starts from: `--model` (pretrained or scratch weights), or with `--init-from RUN`
-    that finished run's trained model as plain weights (a LoRA/IA3 adapter merged into its start), so each
-    post-training stage can start where the one before it ended. The run must have started from `--model`,
-    which names the tokenizer and the architecture in the ledger."""
-    if not config.init_from:
-        return load_model(config.model, init=config.init, seed=config.seed,
-                          trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle)
-    run = config.init_from
-    if config.init != "pretrained":
+    """`(model, tokenizer)` a run started from, given its config: `model` (same name, init and seed, so a random
+    preset is redrawn identically), or with `init_from` that earlier run's trained model, merged; so a stage of
+    a ladder (SFT, then DPO from it, then RL from that) loads with every stage below it."""
+    run = config.get("init_from")
+    if not run:
+        return load_model(config["model"], init=config.get("init", "pretrained"), seed=config.get("seed", 0),
+                          trust_remote_code=config.get("trust_remote_code", False), allow_pickle=allow_pickle)
+    if config.get("init", "pretrained") != "pretrained":
         raise ConfigError("--init-from: starts from a run's trained weights; drop --init scratch")
     try:
-        loaded = load_run(run, config.runs_dir, merge=True, allow_pickle=config.allow_pickle)
+        loaded = load_run(run, config.get("runs_dir", "runs"), merge=True, allow_pickle=allow_pickle)
     except (RunLoadError, OSError, ValueError, AttributeError) as err:
         raise ConfigError(f"--init-from {run}: cannot start from it: {str(err).splitlines()[0]}") from None
     started = loaded.ledger["config"]["model"]
-    if started != config.model:
+    if started != config["model"]:
         raise ConfigError(f"--init-from {run}: that run started from {started!r}; pass --model {started} so the "
                           "tokenizer is the one it was trained with")
     if loaded.ledger["method"]["name"] == "adapter":
         raise ConfigError(f"--init-from {run}: a bottleneck-adapter run cannot be merged into plain weights")
     return loaded.model, loaded.tokenizer
+
+
+def load_start_model(config):
+    """`(model, tokenizer)` a run of `config` (a TrainConfig) starts from: `--model`, or `--init-from RUN`."""
+    return load_start(config.to_dict(), allow_pickle=config.allow_pickle)
 
 
 def load_run(run: str | Path, runs_dir: str | Path = "runs", *, merge: bool = True,
