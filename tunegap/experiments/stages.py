@@ -47,12 +47,13 @@ class StagesConfig:
     # 1e-4 -> 0.97, refusal F1 1.0; 2e-4 -> 1.0, refusal F1 0.67; 5e-4 -> 1.0, refusal F1 0.0 (style 0.75)
     dpo_steps: int = 12
     dpo_lr: float = 1e-4
-    # GRPO: lr 5e-4 raised SmolLM2's held-out reward 0.244 -> 0.288 in 8 steps, 0.313 in 16 (LoRA, 4 x 4 replies)
+    # GRPO: lr 5e-4 raised the bare SmolLM2's held-out reward 0.244 -> 0.288 in 8 steps (LoRA, 4 x 4 replies);
+    # from this ladder's DPO model the reward is already 1.0 on 16 held-out tickets (lr 5e-4 and 1e-4 alike)
     rl_steps: int = 8
     rl_lr: float = 5e-4
     rl_prompts: int = 4  # prompts per RL step, each sampled group_size times
     group_size: int = 4
-    max_new_tokens: int = 64
+    max_new_tokens: int = 96  # the task's replies run to about 80 tokens: fewer cuts the sign-off and fails style
     seq_len: int = 256
     batch_size: int = 8
     eval_examples: int = 32
