@@ -13,6 +13,12 @@ def _ints(text: str) -> tuple:
     return values
 
 
+def print_verdicts(verdicts: list[dict]) -> None:
+    for v in verdicts:
+        label = {True: "supported", False: "NOT supported", None: "it depends"}[v["supported"]]
+        print(f"  [{label}] {v['claim']}: {v['measured']}")
+
+
 def cmd_gap(args) -> int:
     from ..config import ConfigError
     from .gap_experiment import GapConfig, run_gap_experiment
@@ -33,9 +39,7 @@ def cmd_gap(args) -> int:
     config = GapConfig.quick_config(**overrides) if args.quick else GapConfig(**overrides)
     results = run_gap_experiment(config)
     print(f"\ntunegap: gap experiment finished in {results['wall_seconds'] / 60:.1f} min (measured)")
-    for v in results["verdicts"]:
-        label = {True: "supported", False: "NOT supported", None: "it depends"}[v["supported"]]
-        print(f"  [{label}] {v['claim']}: {v['measured']}")
+    print_verdicts(results["verdicts"])
     print(f"\nreport: {config.folder() / 'report.html'} (also report.md, results.json, *.png)")
     return 0
 
@@ -51,9 +55,7 @@ def cmd_stages(args) -> int:
     print(f"\ntunegap: stages experiment finished in {results['wall_seconds'] / 60:.1f} min (measured)")
     for name, row in results["stages"].items():
         print(f"  {name:4} {row['flops']['total']:.3g} FLOP (formula), {row['wall_time_s']:.0f} s (measured)")
-    for v in results["verdicts"]:
-        label = {True: "supported", False: "NOT supported", None: "it depends"}[v["supported"]]
-        print(f"  [{label}] {v['claim']}: {v['measured']}")
+    print_verdicts(results["verdicts"])
     print(f"\nreport: {config.folder() / 'report.html'} (also report.md, results.json, stages_flops.png)")
     return 0
 
