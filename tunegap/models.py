@@ -182,7 +182,7 @@ def count_parameters(model) -> tuple[int, int]:
 def stored_bytes(tensor) -> int:
     """Bytes a tensor really stores: a wrapper subclass (torchao's NF4, say) holds its data in inner tensors,
     while its own numel and dtype describe the full-precision tensor it stands for."""
-    if hasattr(tensor, "__tensor_flatten__"):
+    if hasattr(tensor, "__tensor_flatten__") and not hasattr(tensor, "full_tensor"):  # a DTensor counts whole
         names, _ = tensor.__tensor_flatten__()
         return sum(stored_bytes(getattr(tensor, name)) for name in names)
     return tensor.numel() * tensor.element_size()
