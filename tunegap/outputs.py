@@ -37,7 +37,7 @@ def save_outputs(folder: Path, model, base, tokenizer, method) -> None:
     if method.saves_adapter:
         with atomic_dir(folder / ADAPTER_DIR) as staging:
             model.save_pretrained(staging)  # adapter_config.json + adapter_model.safetensors
-    elif method.name == "adapter":
+    elif method.saves_trained_tensors:
         atomic_write_bytes(folder / TRAINABLE_FILE, save(trainable_state(model)))
     else:
         with atomic_dir(folder / MODEL_DIR) as staging:
@@ -85,8 +85,9 @@ def load_start(config: dict, *, allow_pickle: bool = False):
     if started != config["model"]:
         raise ConfigError(f"--init-from {run}: that run started from {started!r}; pass --model {started} so the "
                           "tokenizer is the one it was trained with")
-    if loaded.ledger["method"]["name"] == "adapter":
-        raise ConfigError(f"--init-from {run}: a bottleneck-adapter run cannot be merged into plain weights")
+    if (loaded.folder / TRAINABLE_FILE).is_file():
+        raise ConfigError(f"--init-from {run}: a run of hand-written parameters ({loaded.ledger['method']['name']}) "
+                          "cannot be merged into plain weights")
     return loaded.model, loaded.tokenizer
 
 

@@ -106,7 +106,7 @@ def fp32_attention(model, *, math: bool = False) -> bool:
 def can_store_frozen_low(method, precision: str, distributed: bool) -> bool:
     """bf16 autocast, one process (FSDP wants one dtype per sharded group), and a method that saves only
     what it adds (LoRA, IA3, prompt/prefix, bottleneck adapters), never the base it froze."""
-    return precision == "bf16" and not distributed and (method.saves_adapter or method.name == "adapter")
+    return precision == "bf16" and not distributed and (method.saves_adapter or method.saves_trained_tensors)
 
 
 def choose_precision(config, peaks) -> str:

@@ -17,7 +17,7 @@ class Adapter(Method):
     """
 
     name = "adapter"
-    saves_adapter = False
+    saves_trained_tensors = True
     dim: int = 16
 
     def check(self, shape):

@@ -40,7 +40,10 @@ class Method:
     # True for methods that lengthen the input (prompt/prefix tuning): the loop then neither packs rows
     # nor projects only loss-bearing hidden states, and takes logits from PEFT's own forward instead.
     changes_sequence = False
-    saves_adapter = False
+    saves_adapter = False  # a PEFT adapter: plain `PeftModel.from_pretrained` loads what it saves
+    # Parameters written by hand (no PEFT method for them): the run saves only its trained tensors, and loading
+    # rebuilds the method on the starting model (`outputs.save_outputs` / `load_run`)
+    saves_trained_tensors = False
     # How the frozen base stores its block matrices: "same" (the run's precision) or "nf4" (QLoRA's 4-bit
     # NormalFloat); the estimator costs the weights by it (`costs.memory.TrainSetup.base_format`).
     base_format = "same"
