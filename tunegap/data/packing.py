@@ -8,6 +8,7 @@ Targets are shifted per example *before* packing, so no example learns to predic
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..losses import IGNORE_INDEX as IGNORE
@@ -37,6 +38,12 @@ class Batch:
     @property
     def width(self) -> int:
         return self.input_ids.shape[1]
+
+
+def to_device(batch, device, *, non_blocking: bool = False):
+    """Any batch dataclass (this `Batch`, an objective's own) with its tensors on `device`, counts untouched."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=non_blocking)
+                                         for f in dataclasses.fields(batch) if hasattr(getattr(batch, f.name), "to")})
 
 
 def shifted_targets(labels: list[int]) -> list[int]:

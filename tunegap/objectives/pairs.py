@@ -8,10 +8,10 @@ sequence. The normaliser is the number of pairs: each pair's loss is one term of
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from ..data.loaders import DataError
-from ..data.packing import make_batch
+from ..data.packing import make_batch, to_device
 from ..data.preference import (PreferencePair, generate_support_preferences, load_preference_pairs,
                                tokenize_preferences)
 from ..data.render import Example
@@ -82,11 +82,6 @@ def make_pair_batch(examples: list[PairExample], *, capacity: int, pad_id: int, 
                      n_examples=len(examples), n_tokens=packed.n_tokens, n_loss_tokens=packed.n_loss_tokens)
 
 
-def on_device(batch: PairBatch, device) -> PairBatch:
-    """The batch with its tensors on `device` (a strategy does this for training steps)."""
-    return replace(batch, **{k: v.to(device) for k, v in vars(batch).items() if hasattr(v, "to")})
-
-
 def _records(config) -> tuple[list, list]:
     """Normalised train and held-out pair records: the shipped support set, or TRL-format JSONL files."""
     if config.data == SUPPORT:
@@ -140,7 +135,7 @@ class PairObjective(Objective):
         for i in range(0, len(examples), self.batch_size):
             batch = self.make_batch(examples[i:i + self.batch_size], capacity=self.seq_len, pad_id=ctx.pad_id,
                                     pack=pack)
-            yield on_device(batch, device)
+            yield to_device(batch, device)
 
 
 def heldout_means(objective: PairObjective, ctx, examples: list) -> dict:

@@ -7,6 +7,7 @@ import dataclasses
 import os
 
 from ..checkpoint import LocalBackend
+from ..data.packing import to_device
 from ..objectives import LossOutput, heldout_sums
 
 
@@ -68,11 +69,7 @@ class SingleDevice:
         return indices
 
     def to_device(self, batch):
-        if not self.cuda:
-            return batch
-        moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-        return type(batch)(**{k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v
-                              for k, v in moved.items()})
+        return to_device(batch, self.device, non_blocking=True) if self.cuda else batch
 
     def loss(self, batch) -> LossOutput:
         return self.loss_fn(self.to_device(batch))

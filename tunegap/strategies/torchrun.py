@@ -42,6 +42,7 @@ import time
 from ..checkpoint import DistributedBackend
 from ..config import ConfigError
 from ..costs.flops import Flops
+from ..data.packing import to_device
 from ..ledger import peak_rss_bytes, q
 from ..methods import decoder_layers
 from ..objectives import heldout_sums
@@ -304,13 +305,7 @@ class Torchrun:
         return indices[self.rank * share:(self.rank + 1) * share]
 
     def to_device(self, batch):
-        if not self.cuda:
-            return batch
-        moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-        for name, value in moved.items():
-            if hasattr(value, "to"):
-                moved[name] = value.to(self.device, non_blocking=True)
-        return type(batch)(**moved)
+        return to_device(batch, self.device, non_blocking=True) if self.cuda else batch
 
     def loss(self, batch):
         """The objective's `LossOutput` for this rank's batch, through the DDP/FSDP module so its hooks run."""
