@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from .loaders import ROLES, DataError, LoadReport, _check_string, _LineProblem, _load_jsonl, _type_name
-from .render import IGNORE_INDEX, Example, _sft_example, tokenize_prompt
-from .support import (DEVICES, ISSUES, PRODUCTS, _atomic_write_jsonl, generate_support, reference_reply,
-                      score_reply)
+from .render import IGNORE_INDEX, Example, _sft_example, check_fit, tokenize_prompt
+from .support import (DEVICES, ISSUES, PRODUCTS, generate_support, reference_reply, score_reply,
+                      write_splits)
 
 __all__ = [
     "PREFERENCE_SUFFIXES", "FAILURE_KINDS", "PreferencePair", "PreferenceStats",
@@ -244,10 +244,7 @@ def tokenize_preferences(tokenizer: Any, records: Iterable[dict[str, Any]], max_
     ``"drop"`` leaves an over-long pair out. A pair where either side keeps no reply token is
     dropped (it would compare nothing); every cut and drop is counted in the stats.
     """
-    if overflow not in ("truncate", "drop"):
-        raise ValueError(f"overflow must be 'truncate' or 'drop', not {overflow!r}")
-    if max_len < 1:
-        raise ValueError(f"max_len must be positive, got {max_len}")
+    check_fit(overflow, max_len)
     pairs: list[PreferencePair] = []
     stats = PreferenceStats()
     for record in records:
@@ -340,10 +337,4 @@ def generate_support_preferences(seed: int = 0, n_train: int = 1000, n_eval: int
 def write_support_preferences(folder: str | Path, seed: int = 0, n_train: int = 1000, n_eval: int = 100
                               ) -> tuple[Path, Path]:
     """Write train.jsonl and eval.jsonl (TRL conversational format) atomically; returns their paths."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    train, evals = generate_support_preferences(seed, n_train, n_eval)
-    paths = folder / "train.jsonl", folder / "eval.jsonl"
-    _atomic_write_jsonl(paths[0], train)
-    _atomic_write_jsonl(paths[1], evals)
-    return paths
+    return write_splits(folder, *generate_support_preferences(seed, n_train, n_eval))

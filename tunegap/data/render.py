@@ -150,6 +150,14 @@ def _sft_example(tokenizer: Any, messages: Sequence[dict[str, str]]) -> Example:
     return Example(input_ids=ids, labels=labels)
 
 
+def check_fit(overflow: str, max_len: int) -> None:
+    """The two ways an over-long example is fitted (`truncate` or `drop`) and a positive length: else ValueError."""
+    if overflow not in ("truncate", "drop"):
+        raise ValueError(f"overflow must be 'truncate' or 'drop', not {overflow!r}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+
+
 def tokenize_sft(tokenizer: Any, records: Iterable[dict[str, Any]], max_len: int,
                  overflow: Literal["truncate", "drop"] = "truncate") -> tuple[list[Example], RenderStats]:
     """Tokenise conversations (``{"messages": [...]}``) into labelled examples.
@@ -158,10 +166,7 @@ def tokenize_sft(tokenizer: Any, records: Iterable[dict[str, Any]], max_len: int
     ``"drop"`` leaves over-long examples out. Either way an example with no loss token left is
     dropped and counted, since it would only waste compute.
     """
-    if overflow not in ("truncate", "drop"):
-        raise ValueError(f"overflow must be 'truncate' or 'drop', not {overflow!r}")
-    if max_len < 1:
-        raise ValueError(f"max_len must be positive, got {max_len}")
+    check_fit(overflow, max_len)
     examples: list[Example] = []
     stats = RenderStats()
     for record in records:

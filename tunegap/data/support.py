@@ -24,12 +24,12 @@ injection).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from ..io import atomic_write_text
 
 __all__ = [
     "COMPANY", "PRODUCTS", "NAMES", "ISSUES", "OUT_OF_SCOPE", "SIGN_OFF", "CLOSING_LINE",
@@ -219,32 +219,19 @@ def generate_support(n_train: int = 2000, n_eval: int = 200, seed: int = 0
     return train, evals
 
 
-def _atomic_write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Write next to the target, fsync, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def write_splits(folder: str | Path, train: list[dict], evals: list[dict]) -> tuple[Path, Path]:
+    """train.jsonl and eval.jsonl in `folder`, each written atomically (a reader never sees half a file)."""
+    folder = Path(folder)
+    paths = folder / "train.jsonl", folder / "eval.jsonl"
+    for path, records in zip(paths, (train, evals)):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return paths
 
 
 def write_support(folder: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0
                   ) -> tuple[Path, Path]:
     """Write train.jsonl and eval.jsonl (loadable by `load_sft`) atomically; returns their paths."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    train, evals = generate_support(n_train, n_eval, seed)
-    paths = folder / "train.jsonl", folder / "eval.jsonl"
-    _atomic_write_jsonl(paths[0], train)
-    _atomic_write_jsonl(paths[1], evals)
-    return paths
+    return write_splits(folder, *generate_support(n_train, n_eval, seed))
 
 
 # --------------------------------------------------------------------------- scoring
