@@ -151,8 +151,6 @@ class Trainer:
         if strategy.enabled:  # the processes per node this run really has, however torchrun was invoked
             self.config_dict["nproc"] = strategy.local_world_size
         self.identity = run_identity(self.config_dict)
-        self.checkpoints = Checkpointer(folder / "checkpoints", None, keep=config.keep_checkpoints,
-                                        is_main=strategy.is_main)
         self.metrics_path = folder / "metrics.jsonl"
         old = _read_json(folder / "config.json") if config.resume else None
         if old is not None and run_identity(old) != self.identity:
@@ -193,7 +191,8 @@ class Trainer:
         self.ctx = Context(model, base_model(model), self.method, pad,
                            autocast_factory(self.precision, strategy.device_type))
         strategy.wrap(model, lambda batch: self.objective.loss(self.ctx, batch))
-        self.checkpoints.backend = strategy.checkpoint_backend()
+        self.checkpoints = Checkpointer(self.folder / "checkpoints", strategy.checkpoint_backend(),
+                                        keep=config.keep_checkpoints, is_main=strategy.is_main)
         self.objective.setup(self.ctx, self.data)
         self.params_total, self.params_trainable = count_parameters(model)  # after setup: a head it adds trains
 
@@ -319,7 +318,9 @@ class Trainer:
         row = {"step": step, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens": self.totals.tokens, "loss_tokens": self.totals.loss_tokens, "flops": self.totals.flops.total,
                "seconds": seconds, "tokens_per_s": counts[1] / seconds}
-        row.update({k: strategy.total(v) / max(norm, 1) for k, v in sorted(metrics.items())})
+        if metrics:  # the objective's metric sums, over ranks in one all-reduce
+            keys = sorted(metrics)
+            row.update({k: v / max(norm, 1) for k, v in zip(keys, strategy.total(tuple(metrics[k] for k in keys)))})
         return row
 
     def _forward_backward(self, step: int, batches: list, norm: int):
