@@ -9,37 +9,21 @@ from __future__ import annotations
 import contextlib
 
 from .data.render import tokenize_prompt
+from .generation import DEFAULT_BATCH, decode
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 96, batch_size: int = 16,
-             autocast=contextlib.nullcontext) -> tuple[list[str], list[int], list[int]]:
+def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 96,
+             batch_size: int = DEFAULT_BATCH, autocast=contextlib.nullcontext) -> tuple[list[str], list[int], list[int]]:
     """Greedy replies to each conversation (its trailing assistant turn, if any, is ignored).
 
     Returns the texts, each prompt's length and each reply's length in tokens (for inference FLOPs).
-    Prompts are left-padded so a batch decodes together.
     """
-    import torch
-
     prompts = [tokenize_prompt(tokenizer, conv) for conv in conversations]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts: list[str] = []
-    new_lens: list[int] = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast():
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            for row in out[:, width:]:
-                ended = (row == tokenizer.eos_token_id).nonzero()
-                new_lens.append(int(ended[0]) + 1 if len(ended) else len(row))
-                texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    model.train(was_training)
-    return texts, [len(p) for p in prompts], new_lens
+    replies = decode(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=pad,
+                     batch_size=batch_size, autocast=autocast)
+    texts = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
+    return texts, [len(p) for p in prompts], [len(reply) for reply in replies]
 
 
 def few_shot(conversation: list[dict], shots: list[dict]) -> list[dict]:

@@ -22,34 +22,19 @@ from .costs.hardware import measure_peaks
 from .data.render import tokenize_prompt
 from .data.support import answer_matches, general_prompts, general_questions
 from .evaluate import generate
+from .generation import decode
 from .io import atomic_write_json
 from .models import ARCH_PRESETS, DEFAULT_MODEL, TINY_PRESETS, cache_dir, default_model_folder, load_model
 from .precision import autocast_factory
 
-def _replies(base, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+def _replies(base, tokenizer, prompts: list[str], max_new_tokens: int,
              autocast=contextlib.nullcontext) -> list[tuple[list[int], int]]:
     """Base model's greedy reply to each prompt: (prompt + reply token ids, index of the first reply token)."""
-    import torch
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenize_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    out: list[tuple[list[int], int]] = []
-    with torch.no_grad(), autocast():
-        for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i:i + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            gen = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            for prompt, row in zip(chunk, gen[:, width:].tolist()):
-                reply = []
-                for t in row:
-                    reply.append(t)
-                    if t == tokenizer.eos_token_id:
-                        break
-                out.append((prompt + reply, len(prompt)))
-    return out
+    replies = decode(base, encoded, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=pad,
+                     autocast=autocast)
+    return [(prompt + reply, len(prompt)) for prompt, reply in zip(encoded, replies)]
 
 
 def _logprobs(model, sequences: list[list[int]], pad: int, autocast=contextlib.nullcontext):

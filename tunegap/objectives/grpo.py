@@ -45,6 +45,7 @@ from ..data.sources import Prepared
 from ..data.support import generate_support, score_reply
 from ..errors import ConfigError
 from ..evaluate import generate
+from ..generation import decode
 from ..ledger import q
 from ..losses import IGNORE_INDEX, linear_token_logprobs
 from .base import LossOutput, Objective, register
@@ -147,11 +148,6 @@ def reply_owner(examples: list, capacity: int, pack: bool) -> list[int]:
     lengths = [len(e.input_ids) for e in examples]
     groups = first_fit_rows(lengths, capacity) if pack else [[i] for i in range(len(examples))]
     return [i for group in groups for i in group for _ in range(examples[i].n_loss_tokens)]
-
-
-def cut_at_eos(ids: list[int], eos: int) -> list[int]:
-    """A sampled reply up to and including its first end-of-sequence token (the model learns to stop)."""
-    return ids[:ids.index(eos) + 1] if eos in ids else ids
 
 
 def asked(messages: list) -> list:
@@ -319,22 +315,13 @@ class GRPO(Objective):
         """G replies per prompt from the current policy (no gradients), prompt-major; generation FLOPs by
         formula for the useful work (each reply's prefill and decode; padded or finished rows of the batched
         decode are not counted, nor are LoRA's added matmuls)."""
-        import torch
-
         from .. import compiling
 
-        started, ctx, eos = time.perf_counter(), self.ctx, self.tokenizer.eos_token_id
-        width = max(len(p) for p in examples)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p.input_ids for p in examples])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in examples])
-        was_training = ctx.model.training
-        ctx.model.eval()
-        with torch.no_grad(), ctx.autocast(), compiling.eager():
-            out = ctx.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=self.temperature,
-                                     top_k=0, top_p=1.0, max_new_tokens=self.max_new_tokens,
-                                     num_return_sequences=self.group_size, pad_token_id=pad_id, eos_token_id=eos)
-        ctx.model.train(was_training)
-        replies = [cut_at_eos(row.tolist(), eos) for row in out[:, width:]]
+        started, ctx = time.perf_counter(), self.ctx
+        with compiling.eager():
+            replies = decode(ctx.model, [p.input_ids for p in examples], max_new_tokens=self.max_new_tokens,
+                             eos_id=self.tokenizer.eos_token_id, pad_id=pad_id, temperature=self.temperature,
+                             repeats=self.group_size, autocast=ctx.autocast)
         prompts = [p for p in examples for _ in range(self.group_size)]
         s = self.spent
         s["generation_flops"] += sum(generation_flops(self.shape, len(p), len(r)) for p, r in zip(prompts, replies))
