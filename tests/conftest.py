@@ -36,5 +36,7 @@ def tiny_config(tmp_path, **overrides):
     values = dict(model="tiny", method="lora", data="support", seq_len=512, batch_size=4, max_steps=4,
                   train_examples=32, eval_examples=8, generate_examples=0, runs_dir=str(tmp_path / "runs"),
                   name="t", progress=False, lr=1e-3, precision="fp32", threads=1)  # tiny matmuls: a 2nd thread only spins
+    if overrides.get("generate_examples"):  # a test that asks for replies wants them scored, however short the run
+        values["task_metrics"] = "on"
     values.update(overrides)
     return TrainConfig(**values)

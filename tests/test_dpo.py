@@ -159,7 +159,7 @@ def test_cli_runs_dpo_on_trl_jsonl_files(tmp_path):
     train_file, eval_file = write_support_preferences(tmp_path / "pairs", n_train=8, n_eval=4)
     rc = main(["finetune", "--objective", "dpo", "--beta", "0.2", "--model", "tiny", "--data", str(train_file),
                "--eval-data", str(eval_file), "--max-steps", "1", "--batch-size", "2", "--seq-len", "512",
-               "--generate-examples", "0", "--no-forgetting", "--no-progress", "--threads", "1",
+               "--generate-examples", "0", "--forgetting", "off", "--no-progress", "--threads", "1",
                "--precision", "fp32", "--runs-dir", str(tmp_path / "runs"), "--name", "cli"])
     assert rc == 0
     ledger = json.loads((tmp_path / "runs" / "cli" / "ledger.json").read_text())

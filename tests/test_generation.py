@@ -82,3 +82,33 @@ def test_training_mode_is_restored(tiny):
     model = copy.deepcopy(tiny).train()
     decode(model, prompts()[:2], max_new_tokens=2, eos_id=None, pad_id=0)
     assert model.training
+
+
+def test_the_auto_rule_runs_an_evaluation_only_when_training_is_longer():
+    from tunegap.callbacks.base import decide
+
+    assert decide("auto", "--forgetting", training_s=61.0, evaluation_s=60.0)[0]
+    runs, why = decide("auto", "--forgetting", training_s=59.0, evaluation_s=60.0)
+    assert not runs and "--forgetting on runs it" in why
+    assert decide("on", "--forgetting", training_s=1.0, evaluation_s=60.0)[0]
+    assert not decide("off", "--forgetting", training_s=1e9, evaluation_s=1.0)[0]
+
+
+def test_durations_are_predicted_before_step_1_and_kept_beside_the_measured_ones(tmp_path, capsys):
+    from conftest import tiny_config
+    from tunegap.trainer import train
+
+    seen = {}
+
+    def on_step(step):
+        if step == 1:
+            seen["before step 1"] = capsys.readouterr().out
+
+    ledger = train(tiny_config(tmp_path, max_steps=3, generate_examples=2, task_metrics="auto"), on_step=on_step)
+    line = next(x for x in seen["before step 1"].splitlines() if "predicted (estimate" in x)
+    assert "training" in line and "held-out loss" in line and "task metrics (2 replies)" in line
+    predicted = ledger["metrics"]["predicted_seconds"]
+    assert predicted["training"] > 0
+    # auto: task metrics ran exactly when their prediction was below the training's
+    ran = "style_adherence" in ledger["metrics"]
+    assert ran == ("task metrics (2 replies)" in predicted)

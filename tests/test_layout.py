@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tunegap"
 LAYERS = [
     {"errors", "io", "costs"},
     {"config", "safety", "ledger", "runs", "checkpoint", "report", "precision", "compiling", "losses", "schedule", "generation"},
-    {"data", "models", "methods", "evaluate", "forgetting"},
+    {"data", "models", "methods", "evaluate", "forgetting", "predict"},
     {"objectives", "strategies", "callbacks", "outputs"},
     {"trainer", "estimate", "multipliers"},
     {"experiments", "analysis", "compare"},

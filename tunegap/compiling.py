@@ -9,7 +9,7 @@ Measured on the default model, 2-core Zen 4, bf16, 8 x 128-token examples per st
 (`benchmarks/vs_trl.py`, medians): LoRA 2.28 -> 1.98 s/step (1.75 with the C++ wrapper, `options`) and
 2.43 -> 2.00 GiB peak RSS; full SFT 3.08 -> 2.71 s/step and 4.06 -> 3.38 GiB. The price is a one-time
 compile, 9-20 s more for step 1 with Inductor's on-disk cache warm (about a minute cold), which is why
-`--compile auto` turns it on only for runs long enough to repay it.
+`--compile auto` turns it on only where the predicted saving beats the predicted compile.
 
 A compiled layer runs kernels no `TorchDispatchMode` can see, so the ledger's counted FLOPs of a compiled
 run come from replaying the step on fake tensors (`costs.counted.count_on_fake_tensors`).
@@ -21,9 +21,18 @@ import shutil
 
 from .config import ConfigError
 
-# --compile auto turns compiling on when the run's training is estimated to take at least this long: at a
-# measured 12-22% per step, 10 minutes of steps repay a 10-60 s compile with room to spare
-AUTO_MIN_SECONDS = 600.0
+# --compile auto compiles when the predicted saving beats the predicted compile. Measured on the default model:
+# compiled steps take 0.8-0.9x the eager time (module docstring), so a saving of 12% of the training time; the
+# compile took about a minute cold on a 2-core Zen 4 (fp32 peak ~190 GFLOP/s measured) and 59 s on a Zen 3
+# measured at 47 GFLOP/s with a warm cache, so its cost is scaled by this machine's measured fp32 peak.
+COMPILED_STEP_SAVING = 0.12
+COMPILE_SECONDS_AT_REFERENCE = 60.0
+REFERENCE_FP32_PEAK = 190e9
+
+
+def compile_seconds(fp32_peak: float) -> float:
+    """The one-time compile's predicted cost on a machine of this measured fp32 peak (estimate, seconds)."""
+    return COMPILE_SECONDS_AT_REFERENCE * REFERENCE_FP32_PEAK / max(fp32_peak, 1e9)
 
 
 def blocks(decoder) -> list:
@@ -51,7 +60,8 @@ def why_not(method, distributed: bool, decoder=None) -> str | None:
     return None
 
 
-def decide(setting: str, *, method, distributed: bool, estimated_seconds: float, decoder=None) -> tuple[bool, str]:
+def decide(setting: str, *, method, distributed: bool, estimated_seconds: float, fp32_peak: float,
+           decoder=None) -> tuple[bool, str]:
     """(compile?, the reason, for the run's log and ledger)."""
     if setting == "off":
         return False, "off (--compile off)"
@@ -60,13 +70,14 @@ def decide(setting: str, *, method, distributed: bool, estimated_seconds: float,
         if reason:
             raise ConfigError(f"--compile on: cannot compile this run: {reason}")
         return True, "on (--compile on)"
-    minutes = estimated_seconds / 60
     if reason:
         return False, f"off (auto: {reason})"
-    if estimated_seconds < AUTO_MIN_SECONDS:
-        return False, (f"off (auto: training estimated at {minutes:.1f} min, under the "
-                       f"{AUTO_MIN_SECONDS / 60:.0f} min that repay a 10-60 s compile; --compile on forces it)")
-    return True, f"on (auto: training estimated at {minutes:.1f} min)"
+    saving, cost = COMPILED_STEP_SAVING * estimated_seconds, compile_seconds(fp32_peak)
+    because = (f"training predicted at {estimated_seconds / 60:.1f} min, so compiling saves about {saving:.0f} s "
+               f"against a compile of about {cost:.0f} s on this machine (estimates)")
+    if saving <= cost:
+        return False, f"off (auto: {because}; --compile on forces it)"
+    return True, f"on (auto: {because})"
 
 
 def compile_layers(decoder) -> list:

@@ -95,9 +95,15 @@ class TrainConfig:
     # evaluation and outputs
     eval_every: int = _f(0, "evaluate held-out loss every N steps (0 = only at the end)")
     eval_examples: int = _f(64, "held-out examples for the loss")
-    generate_examples: int = _f(32, "held-out examples generated and scored for task metrics (0 = skip)")
-    forgetting: bool = _f(True, "after an SFT fine-tune of real pretrained weights, measure drift from the base "
-                                "(KL on 40 general prompts) and general-question accuracy into the ledger")
+    generate_examples: int = _f(32, "held-out examples generated and scored for task metrics (0 = none)")
+    task_metrics: str = _f("auto", "after training, generate replies to --generate-examples held-out tickets of "
+                                   "the support task and score them; auto: only when training is predicted to "
+                                   "take longer than this evaluation (the prediction is printed before step 1)",
+                           choices=("auto", "on", "off"))
+    forgetting: str = _f("auto", "after an SFT fine-tune of real pretrained weights, measure drift from the base "
+                                 "(KL on 40 general prompts) and general-question accuracy into the ledger; auto: "
+                                 "only when training is predicted to take longer than this evaluation",
+                         choices=("auto", "on", "off"))
     checkpoint_every: int = _f(0, "write a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted)")
     count_flops_every: int = _f(0, "count FLOPs (PyTorch's per-op formulas over the ops a step dispatches) every N steps (0 = first and last step)")
@@ -154,6 +160,9 @@ class TrainConfig:
             kind = type(default)
             if kind is float and type(value) is int:
                 setattr(self, f.name, float(value))
+            elif kind is str and type(value) is bool and {"on", "off"} <= set(f.metadata.get("choices", ())):
+                value = "on" if value else "off"  # a config file's true/false for an on/off/auto setting
+                setattr(self, f.name, value)
             elif type(value) is not kind:
                 names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
                 raise ConfigError(f"--{f.name.replace('_', '-')}: must be {names.get(kind, kind.__name__)}, "

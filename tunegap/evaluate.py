@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 
 from .data.render import tokenize_prompt
-from .generation import DEFAULT_BATCH, decode
+from .generation import DEFAULT_BATCH, common_prefix_length, decode
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 96,
@@ -49,6 +49,9 @@ def support_metrics(model, tokenizer, records: list[dict], *, shots: list[dict] 
     scores["generation_seconds"] = time.perf_counter() - started
     scores["mean_prompt_tokens"] = sum(prompt_lens) / max(len(prompt_lens), 1)
     scores["mean_new_tokens"] = sum(new_lens) / max(len(new_lens), 1)
+    # what a prompt cache (ours, or a serving stack's) encodes once for every query: the system text and the shots
+    prompts = [tokenize_prompt(tokenizer, conv) for conv in conversations]
+    scores["shared_prefix_tokens"] = common_prefix_length(prompts) if prompts else 0
     scores["samples"] = [{"prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "", "reply": t}
                          for r, t in list(zip(records, texts))[:3]]
     return scores

@@ -148,7 +148,7 @@ def forgetting_after_training(config, model, tokenizer, data_kind: str) -> dict:
     Runs after the weights are saved; a failure is recorded as `forgetting_error` in the ledger rather than
     losing the finished run.
     """
-    if not getattr(config, "forgetting", True) or data_kind != "sft" or not has_real_weights(config):
+    if not forgetting_applies(config, data_kind):
         return {}
     try:
         base, _ = load_model(config.model, init=config.init, seed=config.seed)
@@ -170,23 +170,31 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
-def cached_base_reference(model_name: str, base, tokenizer, *, precision: str = "fp32", reply_tokens: int = 24,
-                          answer_tokens: int = 24) -> dict:
-    """`base_reference` for the shipped prompts and questions, kept on disk per base model.
+REPLY_TOKENS = ANSWER_TOKENS = 24  # greedy tokens per base reply and per answer
 
-    The base model's replies and answers do not change between fine-tunes of it, and generating them is
-    two thirds of the measurement; the key covers the weights files (path, size, mtime), the sets and the
-    precision, so a changed model or set is measured afresh.
-    """
+
+def _reference_path(model_name: str, precision: str, reply_tokens: int, answer_tokens: int) -> Path:
+    """Where the base model's replies are kept: the key covers the weights files (path, size, mtime), the sets
+    and the precision, so a changed model or set is measured afresh."""
     import hashlib
     import json
 
     folder = default_model_folder() if model_name == DEFAULT_MODEL else Path(model_name)
     weights = sorted((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
-    prompts, questions = general_prompts(), general_questions()
-    key = hashlib.sha256(json.dumps([weights, prompts, questions, reply_tokens, answer_tokens,
+    key = hashlib.sha256(json.dumps([weights, general_prompts(), general_questions(), reply_tokens, answer_tokens,
                                      precision]).encode()).hexdigest()[:16]
-    path = cache_dir() / "forgetting" / f"{key}.json"
+    return cache_dir() / "forgetting" / f"{key}.json"
+
+
+def cached_base_reference(model_name: str, base, tokenizer, *, precision: str = "fp32",
+                          reply_tokens: int = REPLY_TOKENS, answer_tokens: int = ANSWER_TOKENS) -> dict:
+    """`base_reference` for the shipped prompts and questions, kept on disk per base model: the base model's
+    replies and answers do not change between fine-tunes of it, and generating them is two thirds of the
+    measurement."""
+    import json
+
+    prompts, questions = general_prompts(), general_questions()
+    path = _reference_path(model_name, precision, reply_tokens, answer_tokens)
     if path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -198,6 +206,26 @@ def cached_base_reference(model_name: str, base, tokenizer, *, precision: str = 
                                answer_tokens=answer_tokens, autocast=autocast_for(precision))
     atomic_write_json(path, reference)
     return reference
+
+
+def forgetting_applies(config, data_kind: str) -> bool:
+    return getattr(config, "forgetting", "on") not in ("off", False) and data_kind == "sft" and \
+        has_real_weights(config)
+
+
+def forgetting_work(config, tokenizer, precision: str | None = None) -> list[dict]:
+    """The generation jobs `forgetting_after_training` will run, for its predicted duration: the tuned model's
+    answers, the KL forward passes of both models, and the base model's replies unless they are on disk."""
+    questions = [tokenize_prompt(tokenizer, [{"role": "user", "content": q["question"]}]) for q in general_questions()]
+    prompts = [tokenize_prompt(tokenizer, [{"role": "user", "content": p}]) for p in general_prompts()]
+    mean = lambda rows: sum(map(len, rows)) / max(len(rows), 1)  # noqa: E731
+    jobs = [dict(prompts=len(questions), prompt_tokens=mean(questions), max_new_tokens=ANSWER_TOKENS),
+            dict(prompts=2 * len(prompts), prompt_tokens=mean(prompts) + REPLY_TOKENS, max_new_tokens=1)]
+    path = _reference_path(config.model, resolve_precision(precision or config.precision), REPLY_TOKENS, ANSWER_TOKENS)
+    if not path.is_file():
+        jobs += [dict(prompts=len(prompts), prompt_tokens=mean(prompts), max_new_tokens=REPLY_TOKENS),
+                 dict(prompts=len(questions), prompt_tokens=mean(questions), max_new_tokens=ANSWER_TOKENS)]
+    return jobs
 
 
 def resolve_precision(precision: str) -> str:

@@ -8,7 +8,8 @@ steps (measured side by side in `benchmarks/generation.py`):
   * a prefix shared by every prompt (the chat template's system text, or the k solved examples of a few-shot
     prompt) is encoded once and its KV cache copied to every row, as a serving stack's prompt cache does;
   * each prompt of a sampled group (`repeats`) is encoded once and its cache repeated, not re-encoded;
-  * a row that has produced EOS leaves the batch, so the batch shrinks instead of decoding padding;
+  * rows that have produced EOS leave the batch (once a quarter of it has), so it shrinks instead of decoding
+    padding;
   * prompts are batched by length, and the prefill keeps logits at its last position only.
 
 Greedy replies are the same tokens as decoding each prompt alone (tested): positions follow each row's own
@@ -24,6 +25,7 @@ import copy
 import inspect
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 # rows decoded together; a row's KV cache is ~46 KB per token on the default model, so 32 rows of an
 # 800-token few-shot prompt hold ~1.2 GB
@@ -65,6 +67,49 @@ def _changes_sequence(model) -> bool:
     """PEFT prompt learning (prompt tuning, prefix tuning) prepends virtual tokens; only its generate knows how."""
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
+
+
+class _ReplyBuffer(DynamicLayer):
+    """A layer's keys and values in a buffer with room for the whole reply: each decoding step writes its column
+    in place. `DynamicLayer` concatenates instead, copying the whole cache on every step, which on a long
+    few-shot prompt moves more bytes than the step's weights and attention read together."""
+
+    def __init__(self, layer: DynamicLayer, room: int):
+        super().__init__()
+        batch, heads, length, _ = layer.keys.shape
+        self.key_buffer = layer.keys.new_empty(batch, heads, length + room, layer.keys.shape[-1])
+        self.value_buffer = layer.values.new_empty(batch, heads, length + room, layer.values.shape[-1])
+        self.key_buffer[:, :, :length] = layer.keys
+        self.value_buffer[:, :, :length] = layer.values
+        self.device, self.is_initialized, self.length = layer.keys.device, True, length
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        new = key_states.shape[-2]
+        self.key_buffer[:, :, self.length:self.length + new] = key_states
+        self.value_buffer[:, :, self.length:self.length + new] = value_states
+        self.length += new
+        self._views()
+        return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.key_buffer = self.key_buffer.index_select(0, beam_idx)
+        self.value_buffer = self.value_buffer.index_select(0, beam_idx)
+        self._views()
+
+
+def _make_room(cache, room: int) -> None:
+    """Move a prefilled `DynamicCache` into reply buffers (other cache kinds, e.g. sliding windows, stay as is)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            layers[i] = _ReplyBuffer(layer, room)
 
 
 class _Rows:
@@ -112,7 +157,7 @@ def _prefill(model, prompts, prefix_cache, prefix_len, pad_id, keep_last):
 
 
 def _decode_batch(model, prompts, *, prefix_cache, prefix_len, repeats, max_new_tokens, eos_id, pad_id,
-                  temperature, keep_last) -> list[list[int]]:
+                  temperature, keep_last, on_token) -> list[list[int]]:
     rows, logits = _prefill(model, prompts, prefix_cache, prefix_len, pad_id, keep_last)
     if repeats > 1:  # a sampled group: one prefill per prompt, its cache repeated for each reply
         rows.cache.batch_repeat_interleave(repeats)
@@ -120,17 +165,24 @@ def _decode_batch(model, prompts, *, prefix_cache, prefix_len, repeats, max_new_
         rows.positions = rows.positions.repeat_interleave(repeats, 0)
         rows.indices = list(range(len(prompts) * repeats))
         logits = logits.repeat_interleave(repeats, 0)
+    _make_room(rows.cache, max_new_tokens)
     replies: list[list[int]] = [[] for _ in rows.indices]
+    finished = torch.zeros(len(rows.indices), dtype=torch.bool)
     for step in range(max_new_tokens):
         tokens = _pick(logits, temperature)
-        for row, token in zip(rows.indices, tokens.tolist()):
-            replies[row].append(token)
-        alive = tokens != eos_id if eos_id is not None else torch.ones_like(tokens, dtype=torch.bool)
-        if step == max_new_tokens - 1 or not alive.any():
+        if on_token is not None:
+            on_token()
+        for row, token, done in zip(rows.indices, tokens.tolist(), finished.tolist()):
+            if not done:
+                replies[row].append(token)
+        if eos_id is not None:
+            finished |= tokens == eos_id
+        if step == max_new_tokens - 1 or finished.all():
             break
-        if not alive.all():
-            rows.keep(alive)
-            tokens = tokens[alive]
+        # a finished row leaves the batch once a quarter of the batch has finished: each removal copies the cache
+        if finished.sum() * 4 >= len(finished):
+            rows.keep(~finished)
+            tokens, finished = tokens[~finished], finished[~finished]
         rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.indices), 1)], dim=1)
         rows.positions = rows.positions + 1
         logits = rows.forward(tokens[:, None], rows.positions)
@@ -155,11 +207,12 @@ def _generate_with_hf(model, prompts, *, repeats, max_new_tokens, eos_id, pad_id
 
 def decode(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None, pad_id: int,
            temperature: float = 0.0, repeats: int = 1, batch_size: int = DEFAULT_BATCH,
-           autocast=contextlib.nullcontext, share_prefix: bool = True) -> list[list[int]]:
+           autocast=contextlib.nullcontext, share_prefix: bool = True, on_token=None) -> list[list[int]]:
     """Replies (token ids, ending at the first EOS if one came) to each prompt, `repeats` per prompt in order.
 
     Greedy when `temperature` is 0, else sampled from softmax(logits / temperature) with torch's global RNG
-    (so a resumed run that restores the RNG samples the same replies).
+    (so a resumed run that restores the RNG samples the same replies). `on_token()` is called as each
+    step's tokens are chosen (the duration probes time the steps with it).
     """
     if not prompts:
         return []
@@ -173,12 +226,13 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int 
                                          batch_size=batch_size)
             return _decode_all(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                                temperature=temperature, repeats=repeats, batch_size=batch_size,
-                               share_prefix=share_prefix)
+                               share_prefix=share_prefix, on_token=on_token)
     finally:
         model.train(was_training)
 
 
-def _decode_all(model, prompts, *, max_new_tokens, eos_id, pad_id, temperature, repeats, batch_size, share_prefix):
+def _decode_all(model, prompts, *, max_new_tokens, eos_id, pad_id, temperature, repeats, batch_size, share_prefix,
+                on_token):
     keep_last = _accepts(_transformers_model(model), "logits_to_keep")
     # keep one token of every prompt out of the prefix: each row's own last position gives its first logits
     prefix_len = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
@@ -197,7 +251,7 @@ def _decode_all(model, prompts, *, max_new_tokens, eos_id, pad_id, temperature, 
         chunk = order[start:start + per_batch]
         out = _decode_batch(model, [prompts[i][prefix_len:] for i in chunk], prefix_cache=prefix_cache,
                             prefix_len=prefix_len, repeats=repeats, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                            pad_id=pad_id, temperature=temperature, keep_last=keep_last)
+                            pad_id=pad_id, temperature=temperature, keep_last=keep_last, on_token=on_token)
         for j, i in enumerate(chunk):
             replies[i * repeats:(i + 1) * repeats] = out[j * repeats:(j + 1) * repeats]
     return replies

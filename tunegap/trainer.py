@@ -38,6 +38,7 @@ from .methods import make_method
 from .models import base_model, checkpoint_activations, count_parameters, parameter_bytes
 from .objectives import Context, make_objective
 from .outputs import load_start_model, save_outputs
+from .predict import Forecast, minutes, probe_forward, training_seconds
 from .precision import (FP32_ATTENTION, FP32_MATH_ATTENTION, autocast_factory, can_store_frozen_low,
                         choose_precision, fp32_attention, frozen_linears_to)
 from .runs import changed_settings, index_run, run_folder, run_identity
@@ -100,6 +101,7 @@ class Trainer:
         try:
             self.setup()
             self.resume()
+            self.plan()
             self.announce()
             for callback in self.callbacks:
                 callback.on_train_start(self)
@@ -227,17 +229,33 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config, self.steps, warmup_steps(config, self.steps)))
         self.order = DataOrder(len(self.data.train), config.batch_size, config.seed)
-        self.compiled_layers, self.compile_why = self._maybe_compile()
 
-    def _maybe_compile(self) -> tuple[list, str]:
-        """Compile the decoder layers when --compile asks for it (tunegap/compiling.py); the compiled layers."""
-        config, base = self.config, self.ctx.base
+    # ----------------------------------------------------------------------------------------- plan
+    def plan(self) -> None:
+        """Predict training and each evaluation from probes of this model on this machine (`predict.py`); the
+        evaluations set to auto decide whether they run; compile when it repays itself."""
+        config = self.config
         step = train_step_flops(self.shape, self.trainable, sequences=config.batch_size * config.grad_accum,
                                 seq_len=max(1, round(self.mean_tokens)), checkpointing=config.activation_checkpointing)
-        peak = self.peaks.bf16_flops_per_s if self.precision == "bf16" else self.peaks.fp32_flops_per_s
-        estimated = self.steps * (step.total + step.recompute) / (peak * DEFAULT_MFU)
+        remaining = self.steps - self.totals.steps
+        self.forecast, self.planned = None, []
+        if self.strategy.is_main and not self.strategy.enabled:  # a probe on one rank of DDP/FSDP would hang it
+            probe = probe_forward(self.ctx, self.micro_batches(self.totals.steps + 1)[0], self.shape)
+            self.forecast = Forecast(probe, training_seconds(probe, step.total + step.recompute, remaining),
+                                     self.ctx.model, self.ctx.pad_id, self.ctx.autocast)
+            self.planned = [p for p in (c.plan(self, self.forecast) for c in self.callbacks) if p]
+            training_s = self.forecast.training_s
+        else:
+            peak = self.peaks.bf16_flops_per_s if self.precision == "bf16" else self.peaks.fp32_flops_per_s
+            training_s = remaining * (step.total + step.recompute) / (peak * DEFAULT_MFU)
+        self.compiled_layers, self.compile_why = self._maybe_compile(training_s)
+
+    def _maybe_compile(self, training_s: float) -> tuple[list, str]:
+        """Compile the decoder layers when --compile asks for it (tunegap/compiling.py); the compiled layers."""
+        config, base = self.config, self.ctx.base
         on, why = compiling.decide(config.compile, method=self.method, distributed=self.strategy.enabled,
-                                   estimated_seconds=estimated, decoder=base.get_decoder())
+                                   estimated_seconds=training_s, fp32_peak=self.peaks.fp32_flops_per_s,
+                                   decoder=base.get_decoder())
         if on:
             failure = compiling.check_compiler()
             if failure and config.compile == "on":
@@ -282,6 +300,12 @@ class Trainer:
               flush=True)
         if self.strategy.enabled or self.strategy.device_type != "cpu":
             print(f"tunegap: {self.name}: {self.strategy.describe()}", flush=True)
+        if self.forecast is not None:
+            parts = [f"training {minutes(self.forecast.training_s)} ({self.steps - self.totals.steps} steps)"]
+            parts += [f"{p['what']} {minutes(p['seconds'])}" + (f" ({p['why']})" if p["why"] else "")
+                      for p in self.planned]
+            print(f"tunegap: {self.name}: predicted (estimate, scaled from a timed forward pass and decode step on "
+                  f"this machine): {'; '.join(parts)}", flush=True)
 
     # ----------------------------------------------------------------------------------------- step
     def micro_batches(self, step: int) -> list:
@@ -441,7 +465,7 @@ class Trainer:
             frozen_linears_to(base, torch.float32, keep=[base.get_output_embeddings()])
         self.save(self.totals.steps)
         metrics = {"train_loss": _last_loss(self.metrics_path) if strategy.is_main else None,
-                   **self.objective.end_metrics(self.ctx)}
+                   **self.objective.end_metrics(self.ctx), **self._predictions()}
         for callback in self.callbacks:
             metrics.update(callback.on_train_end(self))
         model = strategy.export(self.ctx.model, self._rebuild)  # FSDP shards gathered to rank 0
@@ -462,6 +486,13 @@ class Trainer:
             write_ledger(self.folder / "ledger.json", ledger)
         index_run(self.config.runs_dir, ledger, self.folder / "ledger.json")
         return strategy.broadcast(ledger)
+
+    def _predictions(self) -> dict:
+        """What `plan` predicted, kept in the ledger beside what was then measured (estimates, seconds)."""
+        if self.forecast is None:
+            return {}
+        return {"predicted_seconds": {"training": self.forecast.training_s,
+                                      **{p["what"]: p["seconds"] for p in self.planned if p["runs"]}}}
 
     def _rebuild(self):
         """A fresh copy of the model and method, to load gathered FSDP weights into."""

@@ -9,7 +9,7 @@ Two measurements, both on sets the project ships (`tunegap.data.support`):
     base model's score and the share of the base's right answers the tuned model keeps.
 
 `measure_forgetting(base, tuned, tokenizer)` (`tunegap.forgetting`) is the reusable piece; the trainer's
-forgetting callback runs it after every fine-tune of real pretrained weights (`--forgetting`, on by default),
+forgetting callback runs it after a fine-tune of real pretrained weights (`--forgetting auto|on|off`),
 which writes `forgetting_kl` and `general_accuracy` into the ledger's metrics.
 
 `tunegap analyze forgetting` compares full fine-tuning, LoRA at several ranks and freezing at equal task
@@ -51,9 +51,11 @@ def base_train_config(*, model: str, steps: int, runs_dir: str, quick: bool, see
     if quick:
         return TrainConfig(model=model, data="support", seq_len=512, batch_size=4, max_steps=steps,
                            train_examples=32, eval_examples=4, generate_examples=1, runs_dir=runs_dir, lr=1e-3,
+                           task_metrics="on", forgetting="on",
                            precision="fp32", progress=False, seed=seed, keep_checkpoints=1, threads=1)
     return TrainConfig(model=model, data="support", seq_len=128, batch_size=8, max_steps=steps, eval_examples=32,
-                       generate_examples=16, runs_dir=runs_dir, seed=seed, progress=progress, keep_checkpoints=1)
+                       generate_examples=16, runs_dir=runs_dir, seed=seed, progress=progress, keep_checkpoints=1,
+                       task_metrics="on", forgetting="on")  # the analyses read both from every run
 
 
 def _eval_loss(model, tokenizer, examples, batch_size: int, seq_len: int, autocast=contextlib.nullcontext) -> float:

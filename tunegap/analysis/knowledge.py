@@ -110,7 +110,7 @@ def analyze_knowledge(*, out: str | Path, model: str = "smollm2-135m", method: s
     config = TrainConfig(model=model, method=method, rank=rank, alpha=2.0 * rank, data=str(train_path.resolve()),
                          eval_data=str(eval_path.resolve()), seq_len=256 if quick else 128, batch_size=8,
                          epochs=epochs, lr=lr, eval_examples=len(eval_records), generate_examples=0,
-                         runs_dir=runs_dir, progress=progress and not quick, keep_checkpoints=1, forgetting=False,
+                         runs_dir=runs_dir, progress=progress and not quick, keep_checkpoints=1, forgetting="off",
                          precision="fp32" if quick else "auto", threads=1 if quick else 0)
     folder, ledger = run_or_reuse(config, f"knowledge-{method}")
 

@@ -17,8 +17,8 @@ __all__ = ["Callback", "Forgetting", "HeldoutLoss", "ProgressBar", "SupportTaskM
 
 def default_callbacks(config) -> list[Callback]:
     callbacks: list[Callback] = [ProgressBar(), HeldoutLoss(config.eval_every)]
-    if config.data == "support" and config.generate_examples:
-        callbacks.append(SupportTaskMetrics(config.generate_examples))
-    if config.forgetting:
-        callbacks.append(Forgetting())
+    if config.data == "support" and config.generate_examples and config.task_metrics != "off":
+        callbacks.append(SupportTaskMetrics(config.generate_examples, config.task_metrics))
+    if config.forgetting != "off":
+        callbacks.append(Forgetting(config.forgetting))
     return callbacks

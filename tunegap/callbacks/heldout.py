@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import compiling
+from ..predict import heldout_seconds
 from .base import Callback
 
 
@@ -11,6 +12,15 @@ class HeldoutLoss(Callback):
 
     def __init__(self, every: int = 0):
         self.every = every
+
+    def plan(self, trainer, forecast):
+        held = trainer.data.eval
+        if not held:
+            return {}
+        times = 1 + (trainer.steps // self.every if self.every else 0)
+        seconds = times * heldout_seconds(forecast.probe, trainer.shape, examples=len(held),
+                                          tokens_per_example=sum(len(e) for e in held) / len(held))
+        return {"what": "held-out loss", "seconds": seconds, "runs": True, "why": ""}
 
     def _measure(self, trainer):
         config = trainer.config

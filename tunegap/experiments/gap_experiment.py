@@ -72,7 +72,8 @@ def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
                   budget_tokens=config.budget_tokens, epochs=1.0, eval_examples=config.eval_examples,
                   generate_examples=config.generate_examples, runs_dir=str(arms_dir), name=name, seed=config.seed,
                   progress=config.progress, gpu=config.gpu, warmup_steps=2, eval_every=0,
-                  forgetting=False)  # `tunegap analyze forgetting` measures it; here it would double the run time
+                  task_metrics="on",  # the verdicts compare the arms' task quality
+                  forgetting="off")  # `tunegap analyze forgetting` measures it; here it would double the run time
     if config.gpu_price is not None:
         values["gpu_price"] = config.gpu_price
     values.update(overrides)
@@ -86,7 +87,7 @@ def run_arm(train_config) -> dict:
 
 def icl_arms(config: GapConfig, shape) -> dict:
     """The base model, frozen, with k solved tickets in the prompt: quality and per-query inference cost."""
-    from ..costs.flops import generation_flops
+    from ..costs.flops import forward_flops, generation_flops
     from ..costs.hardware import measure_peaks
     from ..data.sources import prepare
     from ..data.support import generate_support
@@ -110,11 +111,16 @@ def icl_arms(config: GapConfig, shape) -> dict:
         metrics = support_metrics(model, tokenizer, records, shots=train_records[:k],
                                   max_new_tokens=config.max_new_tokens)  # no autocast: see callbacks/task_metrics.py
         per_query = generation_flops(shape, round(metrics["mean_prompt_tokens"]), max(1, round(metrics["mean_new_tokens"])))
+        # with a prompt cache the shared prefix (system text + shots) is encoded once for all queries: per query,
+        # its forward pass is saved; attending to it from each query's own tokens is not
+        cached = per_query - forward_flops(shape, sequences=1, seq_len=metrics["shared_prefix_tokens"], logit_tokens=0)
         arms[f"icl-{k}"] = {
             "k": k, "metrics": {key: v for key, v in metrics.items() if key != "samples"},
             "samples": metrics["samples"],
             "eval_loss": zero_shot_loss if k == 0 else None,
             "inference_flops_per_query": per_query,
+            "inference_flops_per_query_cached": cached,
+            "shared_prefix_tokens": metrics["shared_prefix_tokens"],
             "seconds_per_query": metrics["generation_seconds"] / max(len(records), 1),
             "precision": precision,
         }
@@ -223,6 +229,8 @@ def run_gap_experiment(config: GapConfig) -> dict:
     zero = icl[f"icl-{min(config.k_shots)}"]
     best_k = max(config.k_shots)
     extra_per_query = icl[f"icl-{best_k}"]["inference_flops_per_query"] - zero["inference_flops_per_query"]
+    extra_cached = (icl[f"icl-{best_k}"].get("inference_flops_per_query_cached", 0.0)
+                    - zero.get("inference_flops_per_query_cached", 0.0))
     results = {
         "schema": 1,
         "experiment": "gap",
@@ -244,6 +252,8 @@ def run_gap_experiment(config: GapConfig) -> dict:
             "train_flops": _value(trained[lora_name], "flops_total"),
             "icl_extra_flops_per_query": extra_per_query,
             "queries": break_even(_value(trained[lora_name], "flops_total"), extra_per_query),
+            "icl_extra_flops_per_query_cached": extra_cached,
+            "queries_cached": break_even(_value(trained[lora_name], "flops_total"), extra_cached),
         },
         "wall_seconds": time.perf_counter() - started,
     }

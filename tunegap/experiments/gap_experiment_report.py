@@ -113,7 +113,7 @@ def verdicts(results: dict) -> list[dict]:
         "claim": "in-context learning is the cheaper alternative when you only have a handful of examples",
         "measured": (f"{be['k']}-shot prompts add {_fmt_flops(be['icl_extra_flops_per_query'])} per query; the "
                      f"{lora_name} fine-tune ({_fmt_flops(be['train_flops'])}) pays for itself after "
-                     f"{be['queries']:,.0f} queries; task quality {quality(best_icl):.2f} ({be['k']}-shot) vs "
+                     f"{be['queries']:,.0f} queries{_cached_clause(be)}; task quality {quality(best_icl):.2f} ({be['k']}-shot) vs "
                      f"{quality(lora['metrics']):.2f} (LoRA)") if be["queries"] else
                     "k-shot prompts cost no more per query here",
         "supported": None,
@@ -263,12 +263,23 @@ def body_markdown(results: dict) -> str:
     lines += ["", "**Break-even, in-context learning vs fine-tuning**: " + (
         f"{be['k']}-shot prompts cost {_fmt_flops(be['icl_extra_flops_per_query'])} more per query than "
         f"zero-shot; the {be['arm']} fine-tune's {_fmt_flops(be['train_flops'])} equal that after "
-        f"**{be['queries']:,.0f} queries**." if be["queries"] else "few-shot prompts cost nothing extra here.")]
+        f"**{be['queries']:,.0f} queries**{_cached_clause(be)}." if be["queries"] else
+        "few-shot prompts cost nothing extra here.")]
     samples = lora.get("samples") or []
     if samples:
         lines += ["", f"A held-out ticket and the {lora_name} reply:", "", f"> {samples[0]['prompt']}", "",
                   "```", samples[0]["reply"], "```"]
     return "\n".join(lines)
+
+
+def _cached_clause(be: dict) -> str:
+    """The break-even again with a prompt cache, which encodes the shots once (a serving stack's price)."""
+    if "queries_cached" not in be:
+        return ""
+    if not be["queries_cached"]:
+        return " without a prompt cache (with one, the shots cost nothing extra per query)"
+    return (f" without a prompt cache, {be['queries_cached']:,.0f} with one (the shots encoded once, "
+            f"{_fmt_flops(be['icl_extra_flops_per_query_cached'])} extra per query; formula)")
 
 
 def write_gap_report(folder: Path, results: dict) -> Path:

@@ -83,7 +83,7 @@ def stage_configs(config: StagesConfig, runs_dir: Path) -> dict[str, TrainConfig
     common = dict(model=config.model, method=config.method, data="support", seq_len=config.seq_len,
                   eval_examples=config.eval_examples, generate_examples=config.generate_examples,
                   runs_dir=str(runs_dir), seed=config.seed, progress=config.progress, gpu=config.gpu,
-                  warmup_steps=1, forgetting=False, threads=1 if config.quick else 0,
+                  warmup_steps=1, forgetting="off", task_metrics="on", threads=1 if config.quick else 0,
                   **({"gpu_price": config.gpu_price} if config.gpu_price is not None else {}))
     return {
         "sft": TrainConfig(**common, objective="next-token", batch_size=config.batch_size,

@@ -1,0 +1,124 @@
+"""Predicted durations, printed before long work starts: training, held-out loss and each evaluation.
+
+A FLOP count over a guessed utilisation misses by 2-4x between machines (a busy 2-core host reaches a fraction
+of a quiet one's peak, and decoding is bound by memory, not arithmetic). So each prediction is scaled from a
+probe of the real work on this machine, a second or two in all:
+
+  * one timed forward pass of the real model on one real micro-batch gives this model's achieved FLOP/s here;
+    a training step and the held-out loss are their formula FLOPs (`costs.flops`) divided by it, the step
+    times `BACKWARD_SLOWDOWN` for the backward pass's lower efficiency;
+  * one timed decode of a batch gives the time of a decoding step, which reads every weight once whatever
+    the batch holds; generation is its prompts' prefill at the forward pass's FLOP/s plus `max_new_tokens`
+    steps per batch (rows that stop early make it shorter, so the prediction is an upper bound).
+
+Predictions are estimates and say so; the ledger keeps them beside what was then measured.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from .costs.flops import forward_flops
+from .generation import DEFAULT_BATCH, decode
+
+# measured step time / (formula step FLOPs / forward-probe FLOP/s), default model, LoRA and full, CPU:
+# the backward pass and optimizer run below the forward pass's matmul efficiency
+BACKWARD_SLOWDOWN = 1.25
+PROBE_TOKENS = 5
+
+
+@dataclass
+class Probe:
+    """What the probes measured: the model's achieved forward FLOP/s on this machine."""
+    forward_flops_per_s: float
+
+    def seconds(self, flops: float) -> float:
+        return flops / self.forward_flops_per_s
+
+
+def probe_forward(ctx, batch, shape) -> Probe:
+    """Time the model's forward pass on one micro-batch (after a one-row warm-up), no gradients (measured)."""
+    import torch
+
+    ids = batch.input_ids
+    model = ctx.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), ctx.autocast():
+            model(input_ids=ids[:1, :8], use_cache=False)  # first-call allocations and kernel choice
+            started = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            seconds = time.perf_counter() - started
+    finally:
+        model.train(was_training)
+    flops = forward_flops(shape, sequences=ids.shape[0], seq_len=ids.shape[1])
+    return Probe(flops / max(seconds, 1e-9))
+
+
+def training_seconds(probe: Probe, step_flops: float, steps: int) -> float:
+    return steps * BACKWARD_SLOWDOWN * probe.seconds(step_flops)
+
+
+def heldout_seconds(probe: Probe, shape, *, examples: int, tokens_per_example: float) -> float:
+    return probe.seconds(forward_flops(shape, sequences=examples, seq_len=max(1, round(tokens_per_example))))
+
+
+@dataclass
+class DecodeProbe:
+    """One timed decode of a batch: the prefill, and the mean time of a later step (measured)."""
+    rows: int
+    prefill_s: float
+    step_s: float
+
+
+def probe_decode(model, prompts: list[list[int]], *, pad_id: int, batch_size: int = DEFAULT_BATCH,
+                 autocast=None) -> DecodeProbe:
+    """Decode the first batch of `prompts` for `PROBE_TOKENS` tokens, timing the prefill and the steps after it.
+
+    `prompts` may be stand-ins of the right count and a short length: a decoding step of a small model reads
+    every weight once per step, which costs the same for a short prompt as for a long one."""
+    import contextlib
+
+    first = sorted(prompts, key=len, reverse=True)[:batch_size]
+    marks: list[float] = []
+    started = time.perf_counter()
+    decode(model, first, max_new_tokens=PROBE_TOKENS, eos_id=None, pad_id=pad_id, batch_size=batch_size,
+           autocast=autocast or contextlib.nullcontext, on_token=lambda: marks.append(time.perf_counter()))
+    steps = [b - a for a, b in zip(marks, marks[1:])]
+    return DecodeProbe(len(first), marks[0] - started, sorted(steps)[len(steps) // 2] if steps else 0.0)
+
+
+def generation_seconds(probe: Probe, decoding: DecodeProbe, shape, *, prompts: int, prompt_tokens: float,
+                       max_new_tokens: int, batch_size: int = DEFAULT_BATCH) -> float:
+    """Upper bound on decoding `prompts` prompts of `prompt_tokens` mean length: their prefill at the forward
+    probe's FLOP/s, then `max_new_tokens - 1` steps per batch at the decode probe's step time (rows that stop
+    early make it shorter)."""
+    if prompts <= 0 or max_new_tokens <= 0:
+        return 0.0
+    prefill = probe.seconds(forward_flops(shape, sequences=prompts, seq_len=max(1, round(prompt_tokens)),
+                                          logit_tokens=prompts))
+    return prefill + math.ceil(prompts / batch_size) * (max_new_tokens - 1) * decoding.step_s
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+class Forecast:
+    """A run's duration probes and predicted training time, handed to each callback's `plan`."""
+
+    def __init__(self, probe: Probe, training_s: float, model, pad_id: int, autocast):
+        self.probe, self.training_s = probe, training_s
+        self._model, self._pad_id, self._autocast, self._decode_probes = model, pad_id, autocast, {}
+
+    def decoding(self, prompts: int, batch_size: int = DEFAULT_BATCH) -> DecodeProbe:
+        """A decode probe at the batch `prompts` prompts would be decoded in (stand-in 8-token prompts; once
+        per batch size)."""
+        rows = max(1, min(prompts, batch_size))
+        if rows not in self._decode_probes:
+            self._decode_probes[rows] = probe_decode(self._model, [list(range(10, 18))] * rows, pad_id=self._pad_id,
+                                                     batch_size=batch_size, autocast=self._autocast)
+        return self._decode_probes[rows]
