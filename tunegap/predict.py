@@ -92,15 +92,23 @@ def probe_decode(model, prompts: list[list[int]], *, pad_id: int, batch_size: in
 
 
 def generation_seconds(probe: Probe, decoding: DecodeProbe, shape, *, prompts: int, prompt_tokens: float,
-                       max_new_tokens: int, batch_size: int = DEFAULT_BATCH) -> float:
-    """Upper bound on decoding `prompts` prompts of `prompt_tokens` mean length: their prefill at the forward
-    probe's FLOP/s, then `max_new_tokens - 1` steps per batch at the decode probe's step time (rows that stop
-    early make it shorter)."""
+                       max_new_tokens: int, shared_prefix_tokens: int = 0, batch_size: int = DEFAULT_BATCH) -> float:
+    """Upper bound on decoding `prompts` prompts of `prompt_tokens` mean length, the first `shared_prefix_tokens`
+    of which every prompt shares (encoded once, `generation.decode`): the prefill at the forward probe's FLOP/s,
+    then `max_new_tokens - 1` steps per batch at the decode probe's step time, plus each step's attention to
+    the context beyond the probe's (rows that stop early make it shorter)."""
     if prompts <= 0 or max_new_tokens <= 0:
         return 0.0
-    prefill = probe.seconds(forward_flops(shape, sequences=prompts, seq_len=max(1, round(prompt_tokens)),
-                                          logit_tokens=prompts))
-    return prefill + math.ceil(prompts / batch_size) * (max_new_tokens - 1) * decoding.step_s
+    prefix = shared_prefix_tokens
+    own = max(1, round(prompt_tokens) - prefix)
+    prefill = forward_flops(shape, sequences=prompts, seq_len=own, past_len=prefix, logit_tokens=prompts)
+    if prefix:
+        prefill += forward_flops(shape, sequences=1, seq_len=prefix, logit_tokens=1)
+    context = prefix + own + max_new_tokens // 2  # the mean context a decoding step attends to
+    attention = (forward_flops(shape, sequences=prompts, seq_len=1, past_len=context)
+                 - forward_flops(shape, sequences=prompts, seq_len=1, past_len=8)) * (max_new_tokens - 1)
+    steps = math.ceil(prompts / batch_size) * (max_new_tokens - 1) * decoding.step_s
+    return probe.seconds(prefill + attention) + steps
 
 
 def minutes(seconds: float) -> str:

@@ -94,18 +94,29 @@ class Trainer:
         self.strategy = strategy
         self.totals = Totals()
         self._lock = None
+        self.phase_seconds: dict[str, float] = {}  # where the time outside the steps goes (measured)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------------ run
     def run(self, *, on_step=None) -> dict:
         self.started = time.perf_counter()
         try:
             self.setup()
-            self.resume()
+            with self.timed("resume"):
+                self.resume()
             self.plan()
             self.announce()
             for callback in self.callbacks:
                 callback.on_train_start(self)
-            self.train_loop(on_step)
+            with self.timed("steps"):
+                self.train_loop(on_step)
             return self.finish()
         finally:
             for callback in self.callbacks:
@@ -115,9 +126,11 @@ class Trainer:
 
     def setup(self) -> None:
         self.strategy = self.strategy or start_strategy(self.config)
-        self._open_run_folder()
+        with self.timed("run folder"):
+            self._open_run_folder()
         self._build_model()
-        self._build_optimizer()
+        with self.timed("optimizer"):
+            self._build_optimizer()
 
     def train_loop(self, on_step=None) -> None:
         reset_peak_rss()
@@ -174,12 +187,15 @@ class Trainer:
         config, strategy = self.config, self.strategy
         torch.set_num_threads(strategy.threads(config.threads))
         torch.manual_seed(config.seed)
-        self.peaks = strategy.from_main(measure_peaks, strategy.device_type)
+        with self.timed("peak measurement"):
+            self.peaks = strategy.from_main(measure_peaks, strategy.device_type)
         self.precision = choose_precision(config, self.peaks)
-        model, self.tokenizer = load_start_model(config)
+        with self.timed("model load"):
+            model, self.tokenizer = load_start_model(config)
         self.shape = ModelShape.from_hf_config(model.config)
         self.method.check(self.shape)
-        self.data = self.objective.prepare_data(config, self.tokenizer)
+        with self.timed("data"):
+            self.data = self.objective.prepare_data(config, self.tokenizer)
         self._report_cut_examples()
         virtual = getattr(self.method, "virtual_tokens", 0) if self.method.changes_sequence else 0
         if config.seq_len + virtual > (self.shape.max_position_embeddings or 1 << 30):
@@ -232,8 +248,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- plan
     def plan(self) -> None:
+        """Predict training and each evaluation (`forecast`), then compile when it repays itself."""
+        with self.timed("duration probes"):
+            training_s = self.forecast_durations()
+        self.compiled_layers, self.compile_why = self._maybe_compile(training_s)
+
+    def forecast_durations(self) -> float:
         """Predict training and each evaluation from probes of this model on this machine (`predict.py`); the
-        evaluations set to auto decide whether they run; compile when it repays itself."""
+        evaluations set to auto decide whether they run. Returns the predicted training seconds."""
         config = self.config
         step = train_step_flops(self.shape, self.trainable, sequences=config.batch_size * config.grad_accum,
                                 seq_len=max(1, round(self.mean_tokens)), checkpointing=config.activation_checkpointing)
@@ -248,7 +270,21 @@ class Trainer:
         else:
             peak = self.peaks.bf16_flops_per_s if self.precision == "bf16" else self.peaks.fp32_flops_per_s
             training_s = remaining * (step.total + step.recompute) / (peak * DEFAULT_MFU)
-        self.compiled_layers, self.compile_why = self._maybe_compile(training_s)
+        return training_s
+
+    def predict(self) -> dict:
+        """Predicted seconds of this run's parts, without a run folder or a step (`tunegap experiment gap` prints
+        each arm's before it starts): the setup it took to know them is measured and counted as the run's own."""
+        started = time.perf_counter()
+        self.strategy = self.strategy or start_strategy(self.config)
+        self.name = self.config.name or "forecast"
+        self.folder = run_folder(self.config.runs_dir, self.name)  # a path only: nothing is written
+        self._build_model()
+        self._build_optimizer()
+        setup_s = time.perf_counter() - started
+        self.forecast_durations()
+        return {"setup": setup_s, "training": self.forecast.training_s,
+                **{p["what"]: p["seconds"] for p in self.planned if p["runs"]}}
 
     def _maybe_compile(self, training_s: float) -> tuple[list, str]:
         """Compile the decoder layers when --compile asks for it (tunegap/compiling.py); the compiled layers."""
@@ -463,11 +499,14 @@ class Trainer:
                 fp32_attention(base)
         if self.low_frozen:  # back to fp32 (exactly the bf16 values training used) for evaluation and generation
             frozen_linears_to(base, torch.float32, keep=[base.get_output_embeddings()])
-        self.save(self.totals.steps)
-        metrics = {"train_loss": _last_loss(self.metrics_path) if strategy.is_main else None,
-                   **self.objective.end_metrics(self.ctx), **self._predictions()}
+        with self.timed("final checkpoint"):
+            self.save(self.totals.steps)
+        with self.timed("objective's end metrics"):
+            metrics = {"train_loss": _last_loss(self.metrics_path) if strategy.is_main else None,
+                       **self.objective.end_metrics(self.ctx), **self._predictions()}
         for callback in self.callbacks:
-            metrics.update(callback.on_train_end(self))
+            with self.timed(type(callback).__name__):
+                metrics.update(callback.on_train_end(self))
         model = strategy.export(self.ctx.model, self._rebuild)  # FSDP shards gathered to rank 0
         if not strategy.is_main:
             return strategy.broadcast(None)  # rank 0 writes the outputs; every rank returns its ledger
@@ -475,11 +514,13 @@ class Trainer:
             if metrics.get("eval_loss") is not None:
                 append_line(self.metrics_path, json.dumps({"step": self.totals.steps, "eval_loss": metrics["eval_loss"],
                                                            "final": True}))
-        with self.writing("the trained weights"):
+        with self.writing("the trained weights"), self.timed("outputs"):
             if not self.objective.save_outputs(self.folder, model, base_model(model), self.tokenizer, self.method):
                 save_outputs(self.folder, model, base_model(model), self.tokenizer, self.method)
         for callback in self.callbacks:
-            metrics.update(callback.on_outputs(self, model, self.tokenizer))
+            with self.timed(type(callback).__name__):
+                metrics.update(callback.on_outputs(self, model, self.tokenizer))
+        metrics["phase_seconds"] = dict(self.phase_seconds)
         ledger = self.ledger_now("completed", metrics)
         ledger["costs"]["peak_memory_bytes"]["value"] = train_peak  # training peak, not the later evaluation
         with self.writing("ledger.json"):

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_json, read_jsonl
+from ..predict import generation_seconds, minutes
 from ..trainer import run_or_reuse
 
 YEAR_S = 365.25 * 24 * 3600
@@ -78,6 +79,60 @@ def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
         values["gpu_price"] = config.gpu_price
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def _arm_configs(config: GapConfig, arms_dir: Path) -> dict:
+    """The training arms' run settings, by arm name."""
+    arms = {f"lora-r{r}": _train_config(config, arms_dir, f"lora-r{r}", method="lora", rank=r, alpha=2.0 * r,
+                                        lr=config.lr_lora) for r in config.ranks}
+    arms["full"] = _train_config(config, arms_dir, "full", method="full", lr=config.lr_full)
+    arms["scratch"] = _train_config(config, arms_dir, "scratch", method="full", init="scratch", lr=config.lr_scratch)
+    return arms
+
+
+def predict_arms(config: GapConfig, arms_dir: Path) -> dict:
+    """Each arm's predicted seconds (estimates, `tunegap.predict`), before any arm starts: a training arm's
+    setup (measured while predicting), training and evaluations; the ICL arm's generation at each k, from an
+    fp32 probe of the base model (its replies are decoded in fp32) with the shots as a shared prefix."""
+    import contextlib
+
+    from ..data.render import tokenize_prompt
+    from ..data.support import generate_support
+    from ..evaluate import few_shot
+    from ..objectives import Context
+    from ..predict import Forecast, heldout_seconds, probe_forward
+    from ..generation import common_prefix_length
+    from ..trainer import Trainer
+
+    predicted, trainers = {}, {}
+    for name, train_config in _arm_configs(config, arms_dir).items():
+        trainers[name] = trainer = Trainer(train_config)
+        parts = trainer.predict()
+        predicted[name] = {"seconds": sum(parts.values()), "parts": parts}
+    full = trainers["full"]
+    fp32 = Context(full.ctx.model, full.ctx.base, full.method, full.ctx.pad_id, contextlib.nullcontext)
+    forecast = Forecast(probe_forward(fp32, full.micro_batches(1)[0], full.shape), 0.0, full.ctx.model,
+                        full.ctx.pad_id, contextlib.nullcontext)
+    train_records, eval_records = generate_support()
+    records = eval_records[:config.generate_examples]
+    held = full.data.eval
+    parts = {"held-out loss": heldout_seconds(forecast.probe, full.shape, examples=len(held),
+                                              tokens_per_example=sum(map(len, held)) / max(len(held), 1))}
+    for k in config.k_shots:
+        prompts = [tokenize_prompt(full.tokenizer, few_shot(r["messages"], train_records[:k])) for r in records]
+        parts[f"{k}-shot"] = generation_seconds(
+            forecast.probe, forecast.decoding(len(prompts)), full.shape, prompts=len(prompts),
+            prompt_tokens=sum(map(len, prompts)) / len(prompts), shared_prefix_tokens=common_prefix_length(prompts),
+            max_new_tokens=config.max_new_tokens)
+    predicted["icl"] = {"seconds": sum(parts.values()), "parts": parts}
+    return predicted
+
+
+def print_predictions(predicted: dict) -> None:
+    total = sum(p["seconds"] for p in predicted.values())
+    arms = ", ".join(f"{name} {minutes(p['seconds'])}" for name, p in predicted.items())
+    print(f"tunegap: predicted (estimate, from probes of the model on this machine): {arms}; all arms "
+          f"{minutes(total)}", flush=True)
 
 
 def run_arm(train_config) -> dict:
@@ -208,18 +263,22 @@ def run_gap_experiment(config: GapConfig) -> dict:
     started = time.perf_counter()
     shape = ModelShape.from_hf_config(load_model(config.model, seed=config.seed)[0].config)
 
+    predicted = predict_arms(config, arms_dir)
+    print_predictions(predicted)
+    measured = {}
     print("tunegap: arm 1/5 in-context learning (frozen base model, k solved examples in the prompt)", flush=True)
+    arm_started = time.perf_counter()
     icl = icl_arms(config, shape)
+    measured["icl"] = time.perf_counter() - arm_started
     trained = {}
-    for r in config.ranks:
-        print(f"tunegap: arm 2/5 LoRA rank {r}", flush=True)
-        trained[f"lora-r{r}"] = run_arm(_train_config(config, arms_dir, f"lora-r{r}", method="lora", rank=r,
-                                                      alpha=2.0 * r, lr=config.lr_lora))
-    print("tunegap: arm 3/5 full fine-tune", flush=True)
-    trained["full"] = run_arm(_train_config(config, arms_dir, "full", method="full", lr=config.lr_full))
-    print("tunegap: arm 4/5 same architecture from random weights (scratch)", flush=True)
-    trained["scratch"] = run_arm(_train_config(config, arms_dir, "scratch", method="full", init="scratch",
-                                               lr=config.lr_scratch))
+    titles = {"full": "arm 3/5 full fine-tune", "scratch": "arm 4/5 same architecture from random weights (scratch)"}
+    for name, train_config in _arm_configs(config, arms_dir).items():
+        print(f"tunegap: {titles.get(name, f'arm 2/5 LoRA rank {train_config.rank}')}", flush=True)
+        arm_started = time.perf_counter()
+        trained[name] = run_arm(train_config)
+        measured[name] = time.perf_counter() - arm_started
+    print("tunegap: predicted vs measured per arm: " + ", ".join(
+        f"{name} {minutes(predicted[name]['seconds'])} vs {minutes(measured[name])}" for name in measured), flush=True)
     print("tunegap: arm 5/5 pretraining of the base model (estimated, not run)", flush=True)
     full = trained["full"]
     achieved = _value(full, "achieved_flops_per_s")
@@ -256,6 +315,8 @@ def run_gap_experiment(config: GapConfig) -> dict:
             "queries_cached": break_even(_value(trained[lora_name], "flops_total"), extra_cached),
         },
         "wall_seconds": time.perf_counter() - started,
+        "durations": {name: {"predicted_s": predicted[name]["seconds"], "predicted_parts_s": predicted[name]["parts"],
+                             "measured_s": measured[name]} for name in measured},
     }
     from .gap_experiment_report import verdicts, write_gap_report
 
