@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TUNEGAP := $(VENV)/bin/tunegap
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ test-all: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py
+
+# wheels the GPU machine lacks, for benchmarks/gpu_check.sh (carried as .whl; Python 3.12 there)
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 
 clean:
 	rm -rf $(VENV) runs

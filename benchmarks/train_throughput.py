@@ -177,7 +177,7 @@ def tunegap_worker(args) -> dict:
             "method": args.method, "precision": ledger["precision"], "checkpointing": args.checkpointing == "on",
             "compiled": ledger["compiled"].startswith("on"), "first_step_s": first_step_s,
             "peak_bytes": ledger["costs"]["peak_memory_bytes"]["value"], "eval_loss": ledger["metrics"]["eval_loss"],
-            "peaks": peaks, "threads": torch.get_num_threads(), "objective": config.objective}
+            "peaks": peaks, "device": args.device, "threads": torch.get_num_threads(), "objective": config.objective}
 
 
 # --- the driver -------------------------------------------------------------------------------------------
