@@ -20,7 +20,7 @@ LAYERS = [
     {"data", "models", "methods", "evaluate", "forgetting", "predict"},
     {"objectives", "strategies", "callbacks", "outputs"},
     {"trainer", "estimate", "multipliers"},
-    {"experiments", "analysis", "compare"},
+    {"experiments", "analysis", "compare", "decide"},
     {"cli", "__main__", "__init__"},
 ]
 

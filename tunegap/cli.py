@@ -156,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=int, default=96)
         p.set_defaults(func=func)
 
-    from . import compare, estimate, experiments, multipliers
+    from . import compare, decide, estimate, experiments, multipliers
 
     compare.add_parser(sub)
+    decide.add_parser(sub)
     estimate.add_parser(sub)
     multipliers.add_parser(sub)
     experiments.add_parser(sub)
