@@ -1,5 +1,6 @@
 """Generation queries/s: the batched KV-cache decoder (`tunegap.generation.decode`) against the path it replaced
-(`model.generate`, left-padded batches of 16), side by side in one process, on the default model.
+(`model.generate`, left-padded batches of 16) and against `model.generate` one prompt at a time (the first 8
+prompts of each workload), side by side in one process, on the default model.
 
     .venv/bin/python benchmarks/generation.py                 # support tickets at 0, 2 and 8 shots
     .venv/bin/python benchmarks/generation.py --queries 16 --rounds 1
@@ -67,24 +68,31 @@ def main(argv=None):
     print(f"{args.model}, {args.queries} queries per workload, max_new_tokens {args.max_new_tokens}, fp32, "
           f"{torch.get_num_threads()} threads; seconds per query are measured wall clock, medians of {args.rounds}")
     for name, prompts in workloads(tokenizer, args.queries).items():
-        times = {"before": [], "after": []}
+        times = {"alone": [], "before": [], "after": []}
         outputs = {}
         for _ in range(args.rounds):
-            for path in ("before", "after"):
+            for path in ("alone", "before", "after"):
                 started = time.perf_counter()
-                if path == "before":
+                if path == "alone":
+                    outputs[path] = before(model, prompts[:8], max_new_tokens=args.max_new_tokens, eos=eos, pad=pad,
+                                           batch_size=1)
+                elif path == "before":
                     outputs[path] = before(model, prompts, max_new_tokens=args.max_new_tokens, eos=eos, pad=pad)
                 else:
                     outputs[path] = decode(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=eos, pad_id=pad)
-                times[path].append((time.perf_counter() - started) / len(prompts))
+                times[path].append((time.perf_counter() - started) / len(outputs[path]))
         b, a = statistics.median(times["before"]), statistics.median(times["after"])
+        alone = statistics.median(times["alone"])
         same = sum(x == y for x, y in zip(outputs["before"], outputs["after"]))
+        same_alone = sum(x == y for x, y in zip(outputs["alone"], outputs["after"]))
         prompt_tokens = statistics.mean(map(len, prompts))
-        results[name] = {"before_s_per_query": b, "after_s_per_query": a, "speedup": b / a,
+        results[name] = {"one_at_a_time_s_per_query": alone, "same_tokens_as_one_at_a_time": same_alone,
+                         "before_s_per_query": b, "after_s_per_query": a, "speedup": b / a,
                          "same_tokens": same, "queries": len(prompts), "mean_prompt_tokens": prompt_tokens,
                          "mean_new_tokens": statistics.mean(map(len, outputs["after"]))}
-        print(f"{name:>20}: before {b:6.3f} s/query, after {a:6.3f} s/query (measured), {b / a:5.2f}x "
-              f"queries/s; {same}/{len(prompts)} replies the same tokens; prompt {prompt_tokens:.0f} tokens")
+        print(f"{name:>20}: one at a time {alone:6.3f}, before {b:6.3f}, after {a:6.3f} s/query (measured); after is "
+              f"{b / a:5.2f}x before's and {alone / a:5.2f}x one at a time's queries/s; {same}/{len(prompts)} replies "
+              f"the same tokens as before, {same_alone}/8 as one at a time; prompt {prompt_tokens:.0f} tokens")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
