@@ -104,12 +104,12 @@ def predict_arms(config: GapConfig, arms_dir: Path) -> dict:
     from ..generation import common_prefix_length
     from ..trainer import Trainer
 
-    predicted, trainers = {}, {}
+    predicted, full = {}, None
     for name, train_config in _arm_configs(config, arms_dir).items():
-        trainers[name] = trainer = Trainer(train_config)
+        trainer = Trainer(train_config)
         parts = trainer.predict()
         predicted[name] = {"seconds": sum(parts.values()), "parts": parts}
-    full = trainers["full"]
+        full = trainer if name == "full" else full  # its plain model probes the ICL arm's fp32 decoding too
     fp32 = Context(full.ctx.model, full.ctx.base, full.method, full.ctx.pad_id, contextlib.nullcontext)
     forecast = Forecast(probe_forward(fp32, full.micro_batches(1)[0], full.shape), 0.0, full.ctx.model,
                         full.ctx.pad_id, contextlib.nullcontext)
