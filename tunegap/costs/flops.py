@@ -67,6 +67,17 @@ def _matmul(fan_in: int, fan_out: int, tokens: float, *, input_grad: bool, weigh
     return Flops(mm, mm if input_grad else 0.0, mm if weight_grad else 0.0)
 
 
+def _extras(extras: dict, part: str, tokens: float, *, input_grad: bool, weight_grad: bool) -> Flops:
+    """A layer's matmuls outside the seven sites (`ModelShape.extra_linears`) in one part of the block: an MoE
+    router and shared experts, MLA's query down-projection. They read the normed stream: a gradient to their
+    input when the stream carries one, to their weight when the method trains the layer's extras."""
+    total = ZERO
+    for where, fan_in, fan_out, _, active, _ in extras.values():
+        if where == part:
+            total = total + _matmul(fan_in, fan_out, tokens * active, input_grad=input_grad, weight_grad=weight_grad)
+    return total
+
+
 def _chain(matmuls, tokens: float, *, input_grad: bool) -> list[Flops]:
     """A part's matmuls in order, every weight trained: the first needs its input gradient only where the
     site's input carries one; the later ones read a trained matmul's output, so theirs is always needed
@@ -99,8 +110,8 @@ def _last_matmul(shape: ModelShape, trainable: Trainable, layer: int, tokens: fl
         return _matmul(last.fan_in, last.fan_out, tokens, input_grad=False, weight_grad=False).forward
     if trainable.parts_at(layer, "down", SCALE_OUTPUT):  # the recompute runs through the last matmul
         return 0.0
-    fan_in, fan_out = shape.matrix_dims("down")
-    copies = shape.matrix_copies("down")[1]
+    fan_in, fan_out = shape.matrix_dims("down", layer)
+    copies = shape.matrix_copies("down", layer)[1]
     beside = trainable.parts_at(layer, "down", PARALLEL)
     if beside:
         last = beside[-1].matmuls[-1]
@@ -132,8 +143,8 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
     stream_grad = trainable.input_trains  # does the residual stream carry a gradient yet?
 
     def project(layer: int, m: str, input_grad: bool) -> tuple[Flops, bool]:
-        fan_in, fan_out = shape.matrix_dims(m)
-        routed = tokens * shape.matrix_copies(m)[1]
+        fan_in, fan_out = shape.matrix_dims(m, layer)
+        routed = tokens * shape.matrix_copies(m, layer)[1]
         input_grad = input_grad or bool(trainable.parts_at(layer, m, SCALE_INPUT))  # a trained vector scales x
         trains = (layer, m) in trainable.dense
         flops = _matmul(fan_in, fan_out, routed, input_grad=input_grad, weight_grad=trains)
@@ -146,6 +157,8 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
     for layer in range(shape.num_layers):
         block_start = total.forward
         attn_in = stream_grad or layer in trainable.norms
+        extras = shape.extra_linears(layer)
+        total = total + _extras(extras, "attn", tokens, input_grad=attn_in, weight_grad=layer in trainable.extras)
         qkv_grad = False
         for m in ("q", "k", "v"):
             flops, out_grad = project(layer, m, attn_in)
@@ -153,7 +166,7 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
         extra_keys = trainable.extra_keys(layer)
         qkv_grad = qkv_grad or extra_keys > 0  # trained keys/values: the attention's backward runs
         s_k = s_q + extra_keys
-        attn = 4.0 * sequences * s_q * s_k * shape.num_heads * shape.head_dim * (0.5 if causal else 1.0)
+        attn = 2.0 * sequences * s_q * s_k * shape.num_heads * sum(shape.attention_dims()) * (0.5 if causal else 1.0)
         total = total + Flops(attn, 2 * attn if qkv_grad else 0.0, 0.0,
                               attn / 2 if qkv_grad and attention_rescore else 0.0)
         flops, o_grad = project(layer, "o", qkv_grad)
@@ -161,9 +174,8 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
         stream_grad = stream_grad or o_grad
 
         mlp_in = stream_grad or layer in trainable.norms
-        if shape.num_experts:  # router: d -> experts
-            total = total + _matmul(shape.hidden_size, shape.num_experts, tokens, input_grad=mlp_in,
-                                    weight_grad=(layer, "gate") in trainable.dense)
+        # router, shared experts: beside the routed experts, on every token
+        total = total + _extras(extras, "mlp", tokens, input_grad=mlp_in, weight_grad=layer in trainable.extras)
         hidden_grad = False
         for m in MLP_MATRICES[:-1] if shape.gated_mlp else ("up",):
             flops, out_grad = project(layer, m, mlp_in)
@@ -189,12 +201,12 @@ def forward_flops(shape: ModelShape, *, sequences: int, seq_len: int, logit_toke
                   causal: bool = False, past_len: int = 0) -> float:
     """Inference FLOPs of one forward pass (prefill when past_len=0); the in-context-learning arm's cost."""
     tokens = float(sequences * seq_len)
-    per_token = sum(2.0 * shape.matrix_dims(m)[0] * shape.matrix_dims(m)[1] * shape.matrix_copies(m)[1]
-                    for m in shape.layer_matrices()) * shape.num_layers
-    if shape.num_experts:
-        per_token += 2.0 * shape.hidden_size * shape.num_experts * shape.num_layers
+    per_token = 2.0 * sum(shape.matrix_dims(m, i)[0] * shape.matrix_dims(m, i)[1] * shape.matrix_copies(m, i)[1]
+                          for i in range(shape.num_layers) for m in shape.layer_matrices())
+    per_token += 2.0 * sum(k * n * active for i in range(shape.num_layers)
+                           for _, k, n, _, active, _ in shape.extra_linears(i).values())
     s_k = past_len + seq_len
-    attn = 4.0 * sequences * seq_len * s_k * shape.num_heads * shape.head_dim * shape.num_layers
+    attn = 2.0 * sequences * seq_len * s_k * shape.num_heads * sum(shape.attention_dims()) * shape.num_layers
     attn *= 0.5 if causal and past_len == 0 else 1.0
     logits = 2.0 * shape.hidden_size * shape.vocab_size * (tokens if logit_tokens is None else logit_tokens)
     return per_token * tokens + attn + logits

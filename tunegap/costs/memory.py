@@ -166,18 +166,29 @@ def trainable_tensors(shape: ModelShape, tr: Trainable) -> list[TensorShape]:
     """Every trainable tensor; a test checks the numels sum to `Trainable.params` (itself checked on real models)."""
     d, out = shape.hidden_size, []
     for layer, m in sorted(tr.dense):
-        k, n = shape.matrix_dims(m)
-        out.append(TensorShape(layer, k, n, shape.matrix_copies(m)[0]))
-        if shape.qkv_bias and m in ("q", "k", "v"):
-            out.append(TensorShape(layer, n, 1))
+        k, n = shape.matrix_dims(m, layer)
+        copies = shape.matrix_copies(m, layer)[0]
+        out.append(TensorShape(layer, k, n, copies))
+        if shape.matrix_bias(m, layer):
+            out.append(TensorShape(layer, shape.matrix_bias(m, layer), 1, copies))
+    for layer in sorted(tr.extras):
+        for _, k, n, stored, _, bias in shape.extra_linears(layer).values():
+            out.append(TensorShape(layer, k, n, stored))
+            if bias:
+                out.append(TensorShape(layer, bias, 1, stored))
     out += [TensorShape(part.layer, t.rows, t.cols, t.copies, True)
             for part in sorted((p for p in tr.parts if p.layer is not None), key=Part.sort_key) for t in part.tensors]
+    per_norm = shape.norm_params()
     for layer in sorted(tr.norms):
-        out += [TensorShape(layer, d, 1), TensorShape(layer, d, 1)]
+        out += [TensorShape(layer, per_norm, 1)] * shape.layer_norms
+        if shape.layer_norm_params() > shape.layer_norms * per_norm:  # q/k norms, MLA's latent norms
+            out.append(TensorShape(layer, shape.layer_norm_params() - shape.layer_norms * per_norm, 1))
     if tr.final_norm:
-        out.append(TensorShape(None, d, 1))
+        out.append(TensorShape(None, per_norm, 1))
     if tr.embeddings:
         out.append(TensorShape(None, shape.vocab_size, d))
+        if shape.learned_positions:
+            out.append(TensorShape(None, shape.learned_positions, d))
     if tr.head and not (shape.tied_embeddings and tr.embeddings):
         out.append(TensorShape(None, shape.vocab_size, d))  # untied head, or the tied matrix trained as head
     out += [TensorShape(None, t.rows, t.cols, t.copies, True)
@@ -281,16 +292,16 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
     lora_in = 2 if autocast else f32  # bytes of the input copy a LoRA A keeps (fp32 adapters)
     lora_copies = autocast or p.weight < 4  # does each adapted matrix keep its own copy?
     h, hq = shape.hidden_size, shape.num_heads * shape.head_dim
-    hkv, inter = shape.num_kv_heads * shape.head_dim, shape.intermediate_size
+    hkv = shape.num_kv_heads * shape.head_dim
     s_q = seq_len + tr.extra_queries
     n = sequences * s_q  # token positions in the blocks
-    k_exp = shape.experts_per_token if shape.num_experts else 1
     stream = tr.input_trains  # does the residual stream require a gradient yet?
     blocks, checkpoints = [], []
-    matrix_params = {m: shape.matrix_dims(m)[0] * shape.matrix_dims(m)[1] * shape.matrix_copies(m)[0]
-                     for m in shape.layer_matrices()}
-
     for layer in range(shape.num_layers):
+        inter, k_exp = shape.matrix_dims("down", layer)[0], shape.matrix_copies("down", layer)[1]
+        matrix_params = {m: shape.matrix_dims(m, layer)[0] * shape.matrix_dims(m, layer)[1]
+                         * shape.matrix_copies(m, layer)[0] for m in shape.layer_matrices()}
+
         def trains(m):
             return (layer, m) in tr.dense
 
@@ -469,9 +480,8 @@ def memory_per_device(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, se
     base, added = shape.total_params(), sum(t.numel for t in tensors if t.added)
     quantized = 0
     if setup.base_format == "nf4":
-        quantized = shape.num_layers * sum(
-            shape.matrix_dims(m)[0] * shape.matrix_dims(m)[1] * shape.matrix_copies(m)[0]
-            for m in shape.layer_matrices())
+        quantized = sum(shape.matrix_dims(m, i)[0] * shape.matrix_dims(m, i)[1] * shape.matrix_copies(m, i)[0]
+                        for i in range(shape.num_layers) for m in shape.layer_matrices())
     adapter = _adapter_precision(p)
     weights = (quantized * nf4_bytes_per_param(setup.double_quant) + (base - quantized) * p.weight
                + added * adapter.weight)

@@ -1,0 +1,118 @@
+"""Every family's config.json is read from its own keys: parameter counts equal the transformers model's.
+
+The fixtures under tests/fixtures/configs are the published config.json files of each model (written from
+the hub's values; no hub access here). The truth is `sum(p.numel())` of the transformers model built from the
+same config on the meta device (no memory, no weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tunegap.costs.flops import train_step_flops
+from tunegap.costs.shape import FAMILY_DEFAULTS, ModelShape, ShapeError, full_trainable, validate_config
+
+CONFIGS = Path(__file__).resolve().parent / "fixtures" / "configs"
+FAMILY_FIXTURES = sorted(p.stem for p in CONFIGS.glob("*.json"))
+
+
+def _config(name: str) -> dict:
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+def _meta_counts(config: dict) -> tuple[int, float]:
+    """(total, active) of the transformers model built on the meta device; active scales each routed expert
+    tensor (a parameter under an `experts` module, not `shared_experts`) by top-k / experts."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(config)
+    hf = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if "experts" in n.split("."))
+    shape = ModelShape.from_hf_config(config | {"model_type": hf.model_type})
+    share = shape.experts_per_token / shape.num_experts if shape.num_experts else 1.0
+    return total, total - experts * (1 - share)
+
+
+def test_at_least_ten_families_are_fixtures():
+    families = {_config(n)["model_type"] for n in FAMILY_FIXTURES}
+    assert len(families) >= 10 and {"deepseek_v3", "mixtral", "qwen3_moe", "gpt2", "falcon"} <= families
+
+
+@pytest.mark.parametrize("name", FAMILY_FIXTURES)
+def test_total_and_active_params_equal_the_transformers_model(name):
+    shape = validate_config(_config(name), name)
+    total, active = _meta_counts(_config(name))
+    assert shape.total_params() == total
+    assert shape.active_params() == active
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_DEFAULTS))
+def test_family_defaults_are_transformers_config_defaults(family):
+    """An absent key means what transformers would build: the defaults we apply are its config class's."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.for_model(family)
+    for key, value in FAMILY_DEFAULTS[family].items():
+        assert getattr(hf, key) == value, (family, key)
+
+
+def test_deepseek_v3_is_read_as_mla_moe_not_a_dense_39b_model():
+    shape = validate_config(_config("deepseek-v3"))
+    assert shape.mla and shape.num_experts == 256 and shape.dense_layers == (0, 1, 2)
+    assert shape.total_params() == pytest.approx(671e9, rel=0.001)  # the paper's 671B (MTP module excluded)
+    assert shape.active_params() == pytest.approx(37e9, rel=0.02)  # and 37B activated per token
+
+
+def test_moe_without_experts_per_token_takes_the_family_default_and_counts_mlp_flops():
+    config = _config("mixtral-8x7b-v0.1")
+    del config["num_experts_per_tok"]
+    shape = validate_config(config)
+    assert shape.experts_per_token == 2  # MixtralConfig's default
+    dense = validate_config({**config, "model_type": "mistral", "num_local_experts": None})
+    moe_flops = train_step_flops(shape, full_trainable(shape), sequences=1, seq_len=16).total
+    dense_flops = train_step_flops(dense, full_trainable(dense), sequences=1, seq_len=16).total
+    assert moe_flops > 1.5 * dense_flops  # two experts per token, not zero
+
+
+def test_gpt2_without_tie_key_is_tied_and_gpt_blocks_are_not_gated():
+    config = _config("gpt2")
+    assert "tie_word_embeddings" not in config
+    shape = validate_config(config)
+    assert shape.tied_embeddings and not shape.gated_mlp and shape.norm == "layer"
+    assert shape.learned_positions == 1024 and shape.mlp_bias and shape.o_bias
+    untied = validate_config({**config, "tie_word_embeddings": False})
+    assert untied.total_params() - shape.total_params() == 50257 * 768
+
+
+@pytest.mark.parametrize("config, message", [
+    ([1, 2], "expected a JSON object"),
+    ({"model_type": "llama", "hidden_size": 64}, "num_attention_heads: expected an integer"),
+    ({**json.loads((CONFIGS / "llama-2-7b.json").read_text()), "intermediate_size": math.inf},
+     "intermediate_size: expected an integer"),
+    ({**json.loads((CONFIGS / "llama-2-7b.json").read_text()), "hidden_size": True}, "hidden_size"),
+    ({**json.loads((CONFIGS / "llama-2-7b.json").read_text()), "hidden_size": 4096.5}, "hidden_size"),
+    ({**json.loads((CONFIGS / "llama-2-7b.json").read_text()), "q_lora_rank": 1536}, "q_lora_rank: not understood"),
+    ({**json.loads((CONFIGS / "llama-2-7b.json").read_text()), "model_type": "t5"}, "model_type: expected one of"),
+    ({**json.loads((CONFIGS / "llama-2-7b.json").read_text()), "hidden_act": "swiglu2"}, "hidden_act"),
+    ({**json.loads((CONFIGS / "mixtral-8x7b-v0.1.json").read_text()), "num_experts_per_tok": 9}, "experts_per_token"),
+    ({"model_type": "gemma3", "text_config": {}}, "text_config"),
+])
+def test_configs_not_understood_are_refused_in_one_line(config, message):
+    with pytest.raises(ShapeError, match=None) as err:
+        validate_config(config, "model/config.json")
+    text = str(err.value)
+    assert text.startswith("model/config.json: ") and message in text and "\n" not in text
+
+
+def test_a_ledger_shape_round_trips():
+    shape = validate_config(_config("qwen1.5-moe-a2.7b"))
+    again = ModelShape(**json.loads(json.dumps(shape.to_dict())))
+    assert again == shape and again.total_params() == shape.total_params()
