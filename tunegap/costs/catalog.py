@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .shape import ModelShape
+from .shape import ModelShape, validate_config
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -52,7 +52,7 @@ class ModelPreset:
     notes: str = ""
 
     def shape(self) -> ModelShape:
-        return ModelShape.from_hf_config(self.config)
+        return ModelShape.from_hf_config(self.config, f"preset {self.name}")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "config"}
@@ -76,11 +76,12 @@ def resolve_model(name_or_path: str) -> tuple[ModelShape, ModelPreset | None]:
         path = path / "config.json"
     if path.is_file():
         config = _read_json(path, "a Hugging Face config")
-        config.setdefault("_name_or_path", str(name_or_path))
+        if isinstance(config, dict):
+            config.setdefault("_name_or_path", str(name_or_path))
         try:
-            return ModelShape.from_hf_config(config), None
-        except (TypeError, ValueError) as err:
-            raise EstimateError(f"{path}: not a decoder config the estimator understands: {err}") from None
+            return validate_config(config, str(path)), None
+        except ValueError as err:
+            raise EstimateError(str(err)) from None
     raise EstimateError(f"--model: {name_or_path!r} is neither a preset ({', '.join(presets)}) "
                         "nor a config.json / model folder")
 

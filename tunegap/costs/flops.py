@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .parts import PARALLEL, SCALE_INPUT, SCALE_OUTPUT, SERIAL
-from .shape import MLP_MATRICES, ModelShape, Trainable
+from .shape import MLP_MATRICES, ModelShape, Trainable, full_trainable
 
 
 @dataclass(frozen=True)
@@ -228,3 +228,90 @@ def six_n_d(params: float, tokens: float) -> float:
 def non_embedding_params(shape: ModelShape) -> int:
     """N in 6ND: Kaplan et al. exclude embeddings; the output projection's matmul is counted by us apart."""
     return shape.num_layers * shape.layer_params()
+
+
+# --- the conventions papers publish FLOP counts in --------------------------------------------------------
+
+# name -> (description with its source). "hardware" is the ledger's: what the kernels execute and
+# FlopCounterMode counts (full attention square, logits in); the others count what a paper counted, so a
+# published budget or MFU can be read in its own terms.
+CONVENTIONS = {
+    "hardware": "every matmul the kernels run: full s x s attention square, vocabulary logits in "
+                "(torch.utils.flop_counter's rule; the ledger's convention)",
+    "causal": "as hardware, attention scores halved for the causal mask (FlashAttention-2, Dao 2023, Sec. 4.1: "
+              "'for causal, divide by 2')",
+    "causal-no-logits": "causal, without the vocabulary projection (matmuls of the blocks only)",
+    "no-logits": "hardware without the vocabulary projection",
+    "6nd": "C = 6ND, N = all parameters (active ones for MoE), D = tokens (Kaplan et al. 2020, Sec. 2.1; "
+           "Hoffmann et al. 2022 use it with N including embeddings); no attention term",
+    "6nd-nonembedding": "C = 6ND with N the non-embedding parameters (Kaplan et al. 2020, Table 1 and Eq. 2.1)",
+    "palm": "6N + 12·L·H·Q·T per token (Chowdhery et al. 2022, PaLM, App. B: N parameters, L layers, H heads, "
+            "Q head dim, T sequence length); the MFU convention of PaLM and Llama 3",
+    "chinchilla": "Hoffmann et al. 2022, App. F: embeddings 2sVd, attention with softmax 3Hs², dense 2s·(params), "
+                  "logits 2sdV per sequence forward; backward = 2 x forward",
+}
+FULL_ONLY = ("6nd", "6nd-nonembedding", "palm", "chinchilla")
+
+
+def convention_flops(shape: ModelShape, trainable: Trainable, convention: str, *, sequences: int, seq_len: int,
+                     logit_tokens: float | None = None, calls: int = 1, full_training: bool = True) -> Flops:
+    """Model FLOPs of `sequences` rows of `seq_len` tokens in a named convention (`CONVENTIONS`).
+
+    The closed forms (6nd, palm, chinchilla) assume every weight trains: for another method they are refused.
+    Their forward is a third of the total, as the papers split it."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"--flop-convention: expected one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    if convention in FULL_ONLY and not full_training:
+        raise ValueError(f"--flop-convention {convention}: a closed form for training every weight; use hardware, "
+                         "causal or no-logits for a parameter-efficient method")
+    tokens = float(sequences) * seq_len
+    if convention in ("hardware", "causal", "causal-no-logits", "no-logits"):
+        logits = 0.0 if convention.endswith("no-logits") else logit_tokens
+        return train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logits,
+                                causal=convention.startswith("causal"), calls=calls, attention_rescore=False)
+    n_all = shape.active_params()
+    if convention == "6nd":
+        total = 6.0 * n_all * tokens
+    elif convention == "6nd-nonembedding":
+        total = 6.0 * (n_all - shape.embedding_params() - shape.head_params()) * tokens
+    elif convention == "palm":
+        total = (6.0 * n_all + 12.0 * shape.num_layers * shape.num_heads * shape.head_dim * seq_len) * tokens
+    else:
+        total = 3.0 * sequences * chinchilla_forward(shape, seq_len)
+    return Flops(total / 3, 2 * total / 3, 0.0)
+
+
+def chinchilla_forward(shape: ModelShape, seq_len: int) -> float:
+    """Forward FLOPs of one sequence as Hoffmann et al. 2022, App. F counts them (their non-gated MLP's
+    2s(d·f + d·f) is read here as 2s x the MLP's active weights, so a gated or MoE MLP is counted as it runs)."""
+    s, d, v = float(seq_len), shape.hidden_size, shape.vocab_size
+    embeddings = 2 * s * v * d
+    total = embeddings + 2 * s * d * v
+    qk, vd = shape.attention_dims()
+    for layer in range(shape.num_layers):
+        projections = sum(shape.matrix_dims(m, layer)[0] * shape.matrix_dims(m, layer)[1]
+                          for m in ("q", "k", "v", "o"))
+        mlp = sum(shape.matrix_dims(m, layer)[0] * shape.matrix_dims(m, layer)[1] * shape.matrix_copies(m, layer)[1]
+                  for m in shape.layer_matrices() if m in MLP_MATRICES)
+        mlp += sum(k * n * active for _, k, n, _, active, _ in shape.extra_linears(layer).values())
+        attention = 2 * s * projections + 2 * s * s * qk * shape.num_heads + 3 * shape.num_heads * s * s \
+            + 2 * s * s * vd * shape.num_heads
+        total += attention + 2 * s * mlp
+    return total
+
+
+def recompute_flops(shape: ModelShape, *, sequences: int, seq_len: int, recompute: str, flash: bool = True) -> float:
+    """Hardware FLOPs redone for memory's sake in a full-training step, beside the model FLOPs (HFU - MFU):
+    "full" repeats each block's forward (Korthikanti et al. 2022, Sec. 5: about 33% more); "selective" repeats
+    only QK^T and AV (their Sec. 5: 2.7% of GPT-3's forward); a flash kernel recomputes QK^T in its backward
+    whatever the policy (Dao et al. 2022, Alg. 4), so selective adds nothing more under flash."""
+    qk, vd = shape.attention_dims()
+    scores = 2.0 * sequences * seq_len * seq_len * shape.num_heads * shape.num_layers
+    rescore = scores * qk if flash else 0.0
+    if recompute == "none":
+        return rescore
+    if recompute == "selective":
+        return rescore if flash else scores * (qk + vd)
+    full = train_step_flops(shape, full_trainable(shape), sequences=sequences, seq_len=seq_len, logit_tokens=0,
+                            attention_rescore=False).forward
+    return rescore + full

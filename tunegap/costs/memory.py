@@ -74,6 +74,13 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               "parameter dtype)"),
     Precision("fp16-mixed", 2, 2, 4, 1.0, 2, 0, False, "fp16",
               "as bf16-mixed with fp16 and loss scaling (Micikevicius et al. 2018): 16 B/param"),
+    Precision("bf16-fp32-moments", 2, 2, 0, 1.0, 2, 0, False, "bf16",
+              "bf16 weights and gradients, fp32 Adam moments, no fp32 master copy (2 + 2 + 8 = 12 B/param; e.g. "
+              "torchtitan/FSDP2 with bf16 parameters and fp32 optimizer state)"),
+    Precision("fp8-mixed", 2, 2, 4, 1.0, 2, 0, False, "fp8",
+              "FP8 matmuls (NVIDIA Transformer Engine; DeepSeek-V3, Liu et al. 2024, Sec. 3.3): bf16 weights and "
+              "gradients, fp32 master and moments (16 B/param), matmuls at the FP8 peak; activations kept at 16 bits "
+              "(a conservative bound: TE caches some matmul inputs in FP8)"),
 )}
 
 
@@ -143,6 +150,11 @@ NAMED_PRESETS: dict[str, tuple[str, str, float, str]] = {
     "autocast-adam": ("bf16-autocast", "adamw", 16, "fp32 master = weights under torch.autocast"),
     "bf16-adam": ("bf16", "adamw", 8, "everything in bf16 (2 + 2 + 4)"),
     "fp32-sgd-momentum": ("fp32", "sgd", 12, "4 + 4 + 4"),
+    "bf16-no-master-adam": ("bf16-fp32-moments", "adamw", 12,
+                            "bf16 weights and gradients, fp32 Adam moments, no master copy (2 + 2 + 8)"),
+    "fp8-mixed-adam": ("fp8-mixed", "adamw", 16, "FP8 compute, the ZeRO mixed-precision states (2 + 2 + 12)"),
+    "adam-8bit-mixed": ("bf16-mixed", "adamw8bit", 10 + 2 * 4 / 2048,
+                        "bf16 weights and gradients, fp32 master, 8-bit Adam moments (Dettmers et al. 2022): 2 + 2 + 4 + 2"),
 }
 
 

@@ -197,6 +197,13 @@ class ModelShape:
     def total_params(self) -> int:
         return self.embedding_params() + self.head_params() + self.blocks_params() + self.norm_params()
 
+    def routed_expert_params(self, layer: int) -> int:
+        """Every routed expert's parameters in one layer (what expert parallelism spreads)."""
+        if not self.is_moe_layer(layer):
+            return 0
+        return sum((self.matrix_dims(m, layer)[0] * self.matrix_dims(m, layer)[1] + self.matrix_bias(m, layer))
+                   * self.num_experts for m in self.layer_matrices() if m in MLP_MATRICES)
+
     def inactive_params(self) -> int:
         """Routed-expert parameters a token does not pass through (MoE): total - active."""
         total = 0
