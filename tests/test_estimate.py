@@ -144,8 +144,11 @@ def test_catalogue_peaks_are_dense_datasheet_values():
     assert t4.peak("bf16")[0] == 65e12 and "fp16" in t4.peak("bf16")[1]
     names = {d.name for d in gpu_catalog().values()}
     assert {"A100-40GB", "A100-80GB", "H100-SXM", "H100-PCIe", "H200", "L4", "A10G", "T4", "RTX-4090"} <= names
-    for device in gpu_catalog().values():
-        assert device.source and device.memory_bytes > 0 and device.price_per_hour > 0
+    assert {"H800", "TPU-v4", "TPU-v5e", "TPU-v5p"} <= names
+    assert gpu_peak_flops("tpu v4", "bf16") == 275e12 and gpu_peak_flops("H800", "fp8") == 1978.9e12
+    for device in gpu_catalog().values():  # a device without a public price says so
+        assert device.source and device.memory_bytes > 0
+        assert device.price_per_hour > 0 if device.price_per_hour is not None else device.notes
 
 
 def test_catalog_file_adds_a_gpu_and_price_overrides(tmp_path):

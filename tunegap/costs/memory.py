@@ -577,15 +577,16 @@ def devices_needed(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, seq_l
     if peak(1) <= capacity_bytes:
         return 1, "fits on one device"
     if setup.zero == 0:
-        return None, (f"needs {peak(1) / 1e9:.1f} GB per device and ZeRO-0 replicates everything on each; "
+        return None, (f"needs {peak(1) / 2**30:.1f} GiB per device and ZeRO-0 replicates everything on each; "
                       "try --zero 3 (FSDP), --checkpointing, a smaller --micro-batch or a larger device")
     floor = peak(MAX_DEVICES)
     if floor > capacity_bytes:
         return None, (f"does not fit even on {MAX_DEVICES:,} devices with ZeRO-{setup.zero}: what cannot be "
                       f"sharded (activations of one micro-batch, gathered weights, runtime) is "
-                      f"{floor / 1e9:.1f} GB > {capacity_bytes / 1e9:.1f} GB; try "
+                      f"{floor / 2**30:.1f} GiB > {capacity_bytes / 2**30:.1f} GiB; try "
                       + ("--zero 3, " if setup.zero < 3 else "")
-                      + "--checkpointing or a smaller --micro-batch (tensor/pipeline parallelism is not modelled)")
+                      + "--checkpointing, a smaller --micro-batch, or model parallelism (--tp/--pp/--cp, full "
+                        "training)")
     lo, hi = 1, 2
     while peak(hi) > capacity_bytes:
         lo, hi = hi, hi * 2
