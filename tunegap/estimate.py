@@ -196,6 +196,14 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
         why = (f"fits on {layout.describe()}" if fits else
                f"needs {stage.peak / 2**30:.1f} GiB on its busiest device > {hardware.memory_bytes / 2**30:.1f} GiB")
 
+    if stage is not None:  # Megatron's recompute: the whole forward of each block ("full"), or QK^T and AV
+        base = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logit_tokens,
+                                calls=calls, attention_rescore=False)
+        flops = replace(base, recompute=recompute_flops(shape, sequences=sequences, seq_len=seq_len,
+                                                        recompute=recompute, flash=flash))
+        checkpoint_recompute = flops.recompute if recompute == "full" else 0.0
+        hardware_flops = flops.hardware
+
     # time: model FLOPs (in the chosen convention) at MFU x peak on every device; HFU beside it
     peak, peak_note = hardware.peak(p.peak)
     rate = resolve_throughput(throughput if throughput is not None else {"mfu": setup.mfu}, model_flops=model.total,

@@ -172,6 +172,21 @@ def stage_params(shape: ModelShape, layout: Layout) -> tuple[float, float, float
     return best[0], best[1], largest
 
 
+def sharded(params: float, per_param: float, *, dp: int, zero: int, stage: int) -> float:
+    """Bytes of one kind of model state (`stage`: 1 optimizer state, 2 gradients, 3 weights) on one device:
+    ZeRO stage `zero` shards it over the `dp` data-parallel ranks from its own stage on."""
+    return params * per_param / (dp if zero >= stage else 1)
+
+
+def model_state_bytes(params: float, *, dp: int, zero: int, bytes_weights: float, bytes_grads: float,
+                      bytes_states: float) -> float:
+    """ZeRO's closed form (Rajbhandari et al. 2020, Fig. 1): (2 + 2 + K)Ψ, 2Ψ + 2Ψ + KΨ/N_d, 2Ψ + (2 + K)Ψ/N_d,
+    (2 + 2 + K)Ψ/N_d for stages 0-3; `stage_memory` shards with the same `sharded`."""
+    return (sharded(params, bytes_weights, dp=dp, zero=zero, stage=3)
+            + sharded(params, bytes_grads, dp=dp, zero=zero, stage=2)
+            + sharded(params, bytes_states, dp=dp, zero=zero, stage=1))
+
+
 def stage_memory(shape: ModelShape, layout: Layout, *, bytes_weights: float, bytes_grads: float,
                  bytes_states: float, zero: int, micro_batch: int, seq_len: int, micro_batches: int,
                  recompute: str = "none", flash: bool = False, dropout: bool = True,
@@ -185,9 +200,8 @@ def stage_memory(shape: ModelShape, layout: Layout, *, bytes_weights: float, byt
     expert_group = max(1, group // layout.ep)
 
     def shard(stage_min: int, per_param: float) -> float:
-        if zero >= stage_min:
-            return dense * per_param / group + expert * per_param / expert_group
-        return (dense + expert) * per_param
+        return (sharded(dense, per_param, dp=group, zero=zero, stage=stage_min)
+                + sharded(expert, per_param, dp=expert_group, zero=zero, stage=stage_min))
 
     weights = shard(3, bytes_weights)
     gathered = 2 * largest * bytes_weights if zero >= 3 else 0.0
