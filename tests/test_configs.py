@@ -116,3 +116,53 @@ def test_a_ledger_shape_round_trips():
     shape = validate_config(_config("qwen1.5-moe-a2.7b"))
     again = ModelShape(**json.loads(json.dumps(shape.to_dict())))
     assert again == shape and again.total_params() == shape.total_params()
+
+
+# --- FLOPs: the formulas against what a real (tiny) model of every family executes ------------------------------
+
+TINY = {
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64},
+    "gpt_neox": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
+    "falcon": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "new_decoder_architecture": True,
+               "num_kv_heads": 2},
+    "qwen3": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 32, "intermediate_size": 96},
+    "gemma2": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 16, "intermediate_size": 96},
+    "phi3": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 96, "pad_token_id": 0, "eos_token_id": 1},
+    "mixtral": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "intermediate_size": 96, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "intermediate_size": 96, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+                  "num_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v3": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96,
+                    "moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                    "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
+                    "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_group": 1, "topk_group": 1},
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_counted_flops_of_a_tiny_model_equal_the_formula(family):
+    """Forward FLOPs exactly; a training step exactly, with or without the backward rescoring that depends on
+    which attention kernel the family runs (flash rescores QK^T, the math/eager kernels keep the scores)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunegap.costs.counted import count_flops
+
+    config = {"model_type": family, "vocab_size": 128, **TINY[family]}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **TINY[family], vocab_size=128))
+    shape = validate_config(config, family)
+    assert sum(p.numel() for p in model.parameters()) == shape.total_params()
+    tokens = torch.randint(0, 128, (2, 16))
+    with torch.no_grad(), count_flops() as counter:
+        model(tokens)
+    assert counter.get_total_flops() == train_step_flops(shape, full_trainable(shape), sequences=2, seq_len=16).forward
+    with count_flops() as counter:
+        model(tokens).logits.float().logsumexp(-1).sum().backward()
+    kernels = {train_step_flops(shape, full_trainable(shape), sequences=2, seq_len=16, attention_rescore=r).hardware
+               for r in (True, False)}
+    assert counter.get_total_flops() in kernels

@@ -477,7 +477,7 @@ def setup_from_args(args, device: Device, method_name: str) -> TrainSetup:
         if method_name == "qlora" and prec in ("fp32", "bf16-autocast") and args.precision == "auto":
             prec = "bf16-mixed"
         opt = args.optimizer
-    mfu = finite("--mfu", args.mfu, high=1.0)
+    mfu = DEFAULT_MFU if args.mfu is None else finite("--mfu", args.mfu, high=1.0)
     return TrainSetup(optimizer=opt, precision=prec, micro_batch=args.micro_batch,
                       grad_accum=args.grad_accum, gpus=args.gpus, zero=args.zero, checkpointing=args.checkpointing,
                       base_format="nf4" if method_name == "qlora" else "same", mfu=mfu,
@@ -487,8 +487,6 @@ def setup_from_args(args, device: Device, method_name: str) -> TrainSetup:
 def _throughput_from_args(args) -> dict | None:
     given = {key: getattr(args, key, None) for key in THROUGHPUT_KEYS}
     given = {k: v for k, v in given.items() if v is not None}
-    if given.get("mfu") == DEFAULT_MFU and len(given) > 1:  # --mfu left at its default
-        given.pop("mfu")
     if len(given) > 1:
         raise EstimateError("give at most one of --mfu, --hfu, --tokens-per-second-per-gpu, --tflops-per-gpu")
     return given or None
@@ -734,7 +732,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, seq_len: int) -> None:
     p.add_argument("--gpu", default="H100-SXM", help="a catalogue GPU, or 'cpu' for this machine (measured)")
     p.add_argument("--price", type=float, help="$ per device-hour (default: the catalogue's)")
     p.add_argument("--catalog", help="a JSON file of extra GPUs in gpus.json's format")
-    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed model-FLOPs utilisation")
+    p.add_argument("--mfu", type=float, help=f"assumed model-FLOPs utilisation (default {DEFAULT_MFU})")
     p.add_argument("--rank", type=int, default=8, help="LoRA/QLoRA rank")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (no cost effect)")
     p.add_argument("--targets", default=",".join(ALL_LINEAR), help="LoRA target matrices, comma-separated")

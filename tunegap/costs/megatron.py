@@ -87,8 +87,8 @@ def layer_activation_terms(shape: ModelShape, layer: int | None = None, *, dropo
     q_width, kv_width = heads * qk, shape.num_kv_heads * qk if not shape.mla else heads * qk
     v_width = (shape.num_kv_heads if not shape.mla else heads) * v
     inter = shape.matrix_dims("down", layer)[0] * shape.matrix_copies("down", layer)[1]
-    inter += sum(n * active for where, _, n, _, active, _ in shape.extra_linears(layer).values()
-                 if where == "mlp" and n > shape.num_experts)  # shared experts' hidden width
+    if shape.is_moe_layer(layer):
+        inter += shape.shared_expert_size  # the always-active shared experts' hidden width
     mask = 1 if dropout else 0
     # attention: Q, K (2 bytes each), V, the output projection's input; MLP: hidden activations
     attention = 2 * q_width + 2 * kv_width + 2 * v_width + 2 * heads * v
