@@ -186,15 +186,16 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
                                                lambda lay: _megatron_memory(shape, setup, lay, **mega))
         layout = found or Layout(gpus=setup.gpus)
         why = (f"smallest layout that fits {setup.gpus} devices: {found.describe()}" if found else
-               f"no layout of {setup.gpus} devices fits: the best needs {stage.peak / 2**30:.1f} GiB per device "
-               f"> {hardware.memory_bytes / 2**30:.1f} GiB; add devices, recompute, or a smaller micro-batch")
+               f"no layout of {setup.gpus} devices fits (the best one's peak is above); add devices, recompute, "
+               "or a smaller micro-batch")
         use_korthikanti = True
     layout = layout or Layout(gpus=setup.gpus)
     peak_bytes = stage.peak if stage is not None else mem.peak
     fits = peak_bytes <= hardware.memory_bytes
     if stage is not None and why.startswith(("fits", "needs", "does not")):
         why = (f"fits on {layout.describe()}" if fits else
-               f"needs {stage.peak / 2**30:.1f} GiB on its busiest device > {hardware.memory_bytes / 2**30:.1f} GiB")
+               "its busiest device needs more than the capacity; try another layout, --recompute or a smaller "
+               "--micro-batch")
 
     if stage is not None:  # Megatron's recompute: the whole forward of each block ("full"), or QK^T and AV
         base = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logit_tokens,
@@ -298,9 +299,8 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
         f"optimizer {setup.optimizer}: {opt.source}",
         "activations: " + activation_model,
         f"memory per device at the busiest moment ({mem.phase if stage is None else 'first pipeline stage'}); runtime "
-        f"overhead {hardware.runtime_bytes / 2**30:.2f} GiB "
-        + ("(measured process baseline)" if hardware.kind == "cpu" else "(CUDA context and allocator reserve, "
-                                                                          "0.75 GiB measured on an H200 + margin)"),
+        "overhead " + ("= the measured process baseline" if hardware.kind == "cpu" else
+                       "= CUDA context and allocator reserve (measured on an H200, plus a margin)"),
         *hardware.notes,
         f"layout {layout.describe()}, ZeRO-{setup.zero}",
     ]

@@ -217,8 +217,8 @@ def cpu_device(peaks: dict | None = None) -> Device:
                   peak_flops_per_s={"fp32": peaks["fp32_flops_per_s"], "bf16": peaks["bf16_flops_per_s"]},
                   runtime_bytes=float(baseline), price_per_hour=None, allocator_retention=CPU_ALLOCATOR_RETENTION,
                   source="matmul peaks measured on this machine (hardware.measure_peaks); memory from sysconf",
-                  notes=(f"runtime overhead = peak RSS of a process that only imports torch, transformers and peft: "
-                         f"{baseline / 2**20:.0f} MiB (measured)", CPU_ALLOCATOR_SOURCE))
+                  notes=("runtime overhead = peak RSS of a process that only imports torch, transformers and peft "
+                         "(measured)", CPU_ALLOCATOR_SOURCE))
 
 
 def resolve_device(name: str = "H100-SXM", *, catalog: str | Path | None = None,

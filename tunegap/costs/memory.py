@@ -577,13 +577,13 @@ def devices_needed(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, seq_l
     if peak(1) <= capacity_bytes:
         return 1, "fits on one device"
     if setup.zero == 0:
-        return None, (f"needs {peak(1) / 2**30:.1f} GiB per device and ZeRO-0 replicates everything on each; "
+        return None, ("ZeRO-0 replicates everything on each device; "
                       "try --zero 3 (FSDP), --checkpointing, a smaller --micro-batch or a larger device")
     floor = peak(MAX_DEVICES)
     if floor > capacity_bytes:
         return None, (f"does not fit even on {MAX_DEVICES:,} devices with ZeRO-{setup.zero}: what cannot be "
                       f"sharded (activations of one micro-batch, gathered weights, runtime) is "
-                      f"{floor / 2**30:.1f} GiB > {capacity_bytes / 2**30:.1f} GiB; try "
+                      "above the capacity; try "
                       + ("--zero 3, " if setup.zero < 3 else "")
                       + "--checkpointing, a smaller --micro-batch, or model parallelism (--tp/--pp/--cp, full "
                         "training)")
