@@ -47,7 +47,9 @@ def _q(value, key: str) -> dict:
     return {"value": None if value is None else float(value), "unit": COST_UNITS[key], "how": "estimate"}
 
 
-THROUGHPUT_KEYS = ("mfu", "hfu", "tokens_per_s_per_gpu", "tflops_per_gpu")
+THROUGHPUT_FLAGS = {"mfu": "--mfu", "hfu": "--hfu", "tokens_per_s_per_gpu": "--tokens-per-second-per-gpu",
+                    "tflops_per_gpu": "--tflops-per-gpu"}
+THROUGHPUT_KEYS = tuple(THROUGHPUT_FLAGS)
 
 
 def resolve_throughput(given: dict | None, *, model_flops: float, hardware_flops: float, tokens: float,
@@ -62,7 +64,7 @@ def resolve_throughput(given: dict | None, *, model_flops: float, hardware_flops
         raise EstimateError("give at most one of --mfu, --hfu, --tokens-per-second-per-gpu, --tflops-per-gpu")
     (key, value), = given.items()
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise EstimateError(f"--{key.replace('_', '-')}: expected a positive finite number, got {value}")
+        raise EstimateError(f"{THROUGHPUT_FLAGS[key]}: expected a positive finite number, got {value}")
     if key in ("mfu", "hfu") and value > 1:
         raise EstimateError(f"--{key}: expected a fraction in (0, 1], got {value}")
     if key == "mfu":
@@ -75,7 +77,7 @@ def resolve_throughput(given: dict | None, *, model_flops: float, hardware_flops
         seconds = tokens / (devices * value)
     mfu, hfu = model_flops / (seconds * devices * peak), hardware_flops / (seconds * devices * peak)
     if hfu > 1.0 + 1e-9:
-        raise EstimateError(f"--{key.replace('_', '-')} {value} implies HFU {hfu:.0%} of the {peak / 1e12:.4g} TFLOP/s "
+        raise EstimateError(f"{THROUGHPUT_FLAGS[key]} {value} implies HFU {hfu:.0%} of the {peak / 1e12:.4g} TFLOP/s "
                             "peak: faster than the hardware can run")
     return {"given": key, "value": value, "seconds": seconds, "mfu": mfu, "hfu": hfu,
             "tokens_per_s_per_gpu": tokens / (seconds * devices),
@@ -192,7 +194,7 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
     layout = layout or Layout(gpus=setup.gpus)
     peak_bytes = stage.peak if stage is not None else mem.peak
     fits = peak_bytes <= hardware.memory_bytes
-    if stage is not None and why.startswith(("fits", "needs", "does not")):
+    if stage is not None and not why.startswith(("smallest layout", "no layout")):
         why = (f"fits on {layout.describe()}" if fits else
                "its busiest device needs more than the capacity; try another layout, --recompute or a smaller "
                "--micro-batch")
@@ -288,7 +290,7 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
         + "; PEFT adapters in fp32; loss in fp32 over loss positions x vocabulary")
     assumptions = [
         f"FLOP convention {convention}: {CONVENTIONS[convention]}",
-        f"throughput from --{rate['given'].replace('_', '-')} {rate['value']:.4g}: MFU {rate['mfu']:.1%} (model "
+        f"throughput from {THROUGHPUT_FLAGS[rate['given']]} {rate['value']:.4g}: MFU {rate['mfu']:.1%} (model "
         f"FLOPs), HFU {rate['hfu']:.1%} (with recompute) of the {p.peak} peak {peak / 1e12:.4g} TFLOP/s "
         f"({hardware.name}); communication and input pipeline are inside that figure",
         f"goodput {goodput:.0%}: wall-clock = compute time / goodput (restarts, failures, evaluation)",
@@ -619,8 +621,8 @@ def format_estimate(result: dict) -> str:
     if not mem["fits"]:
         lines.append("  not estimated: the run does not fit (see capacity above)")
     else:
-        lines.append(f"  {'utilisation':<28}MFU {t['mfu']:.1%}, HFU {t['hfu']:.1%} (from --"
-                     f"{t['given'].replace('_', '-')}; estimate)")
+        lines.append(f"  {'utilisation':<28}MFU {t['mfu']:.1%}, HFU {t['hfu']:.1%} (from "
+                     f"{THROUGHPUT_FLAGS[t['given']]}; estimate)")
         lines.append(f"  {'per device':<28}{t['tokens_per_s_per_gpu']:,.4g} token/s, {t['model_tflops_per_gpu']:,.4g} "
                      f"model TFLOP/s, {t['hardware_tflops_per_gpu']:,.4g} hardware TFLOP/s (estimate)")
         for label, key in (("wall-clock", "wall_time_s"), ("throughput", "tokens_per_s"), ("GPU-hours", "gpu_hours"),
