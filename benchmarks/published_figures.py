@@ -284,7 +284,7 @@ def qlora_rows() -> list[Row]:
                     "Dettmers et al. 2023, abstract ('<48GB')", "NF4 + double quantization "
                     f"({nf4_bytes_per_param(True) * 8:.3f} bit/param), LoRA r = 64 on every linear "
                     f"({adapters / 1e6:.0f}M), batch 1 x 512, checkpointing, AdamW", 48, peak, "GB", 0, bound="<",
-                    expect="miss", why=f"the estimator keeps the adapters in fp32 as PEFT does (autocast_adapter_dtype), "
+                    expect="miss", why="the estimator keeps the adapters in fp32 as PEFT does (autocast_adapter_dtype), "
                     f"with fp32 gradients, Adam moments and a foreach step temporary: "
                     f"{(mem['gradients'] + mem['optimizer_state'] + mem['step_temporaries']) / GB:.1f} GB beside the "
                     f"{mem['weights'] / GB:.1f} GB of weights at the {mem['phase']}; QLoRA's 16-bit adapters and paged "

@@ -137,7 +137,8 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
     if recompute not in RECOMPUTE:
         raise EstimateError(f"--recompute: expected one of {', '.join(RECOMPUTE)}, got {recompute!r}")
     if recompute == "selective" and activations == "hf":
-        raise EstimateError("--recompute selective is Megatron's (Korthikanti et al. 2022): use --activations korthikanti")
+        raise EstimateError("--recompute selective is Megatron's (Korthikanti et al. 2022): "
+                            "use --activations korthikanti")
     setup = replace(setup, checkpointing=recompute == "full")
     if (layout is not None and layout.gpus != setup.gpus):
         raise EstimateError(f"--gpus {setup.gpus} and the layout's {layout.gpus} devices differ")

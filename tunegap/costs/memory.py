@@ -154,7 +154,8 @@ NAMED_PRESETS: dict[str, tuple[str, str, float, str]] = {
                             "bf16 weights and gradients, fp32 Adam moments, no master copy (2 + 2 + 8)"),
     "fp8-mixed-adam": ("fp8-mixed", "adamw", 16, "FP8 compute, the ZeRO mixed-precision states (2 + 2 + 12)"),
     "adam-8bit-mixed": ("bf16-mixed", "adamw8bit", 10 + 2 * 4 / 2048,
-                        "bf16 weights and gradients, fp32 master, 8-bit Adam moments (Dettmers et al. 2022): 2 + 2 + 4 + 2"),
+                        "bf16 weights and gradients, fp32 master, 8-bit Adam moments (Dettmers et al. 2022): "
+                        "2 + 2 + 4 + 2"),
 }
 
 
@@ -380,10 +381,14 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
             kept += e * (2 * n * hq + 2 * n_kv * kv_width) + f32 * n * shape.num_heads
             if math_attention:  # softmax probabilities, heads x s_q x s_k per sequence
                 kept += f32 * sequences * shape.num_heads * s_q * (s_q + extra_keys)
+        if attn_grad:
+            kept += n * family_attention_extras(shape, e, p.weight if norm_trains else 0)
         kept += n * matmul_input("o", hq, shared=attn_grad) + n * scaled(("o",), hq) + rebuilt(("o",), attn_grad)
         stream = stream or grad_out("o", attn_grad)
 
-        kept += n * norm(stream)
+        # the residual-stream norms past the first: one more in a Llama block, three in Gemma 2/3's, none in
+        # Falcon-7B's parallel block (its one norm feeds attention and MLP)
+        kept += (shape.layer_norms - 1) * n * norm(stream)
         y2_grad = stream or norm_trains
         mlp = ("gate", "up") if shape.gated_mlp else ("up",)
         kept += n * k_exp * norm_output(mlp, h)
@@ -391,6 +396,14 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
         hidden_grad = any(grad_out(m, y2_grad) for m in mlp)
         if hidden_grad:  # gated: gate output (SiLU input), SiLU output, up output; plain: the GELU input
             kept += n * k_exp * e * inter * (3 if shape.gated_mlp else 1)
+            if shape.is_moe_layer(layer):
+                # router logits and probabilities (fp32); each routed expert's output, kept for its routing
+                # weight's multiply, with the int64 token indices; shared experts as a gated MLP (and Qwen2-MoE's
+                # sigmoid gate keeps the shared output beside it)
+                kept += n * (2 * f32 * shape.num_experts + k_exp * (e * h + 16) + e * 4 * shape.shared_expert_size)
+                kept += n * (e * h + f32) if shape.shared_expert_gate else 0
+            # a GeLU written as Python arithmetic (GPT-2's gelu_new) keeps three more tensors of the hidden width
+            kept += n * k_exp * e * inter * COMPOSED_ACTIVATIONS.get(shape.activation, 0)
         kept += n * k_exp * matmul_input("down", inter, shared=False)
         kept += n * k_exp * scaled(("down",), inter) + rebuilt(("down",), hidden_grad)
         stream = stream or grad_out("down", hidden_grad)
@@ -421,6 +434,26 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
     head += f32 * loss_positions * shape.vocab_size  # log-softmax output, fp32
     transient = 2 * f32 * loss_positions * shape.vocab_size  # d(log-probs) and d(logits), fp32
     return Activations(tuple(blocks), tuple(checkpoints), head, transient)
+
+
+# transformers' NewGELUActivation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): autograd keeps tanh's output and
+# both operands of the last multiply, beyond the input the walk already counts (measured on a tiny GPT-2)
+COMPOSED_ACTIVATIONS = {"gelu_new": 3}
+
+
+def family_attention_extras(shape: ModelShape, e: float, norm_weight: float) -> float:
+    """Bytes per position the attention of a non-Llama block keeps beyond Q, K, V and the output: Qwen3/Gemma 3's
+    per-head q/k RMSNorms (an fp32 copy of q and k, and the normalised ones when the norm trains), MLA's latent
+    query and key/value (their RMSNorms' fp32 copies and the up-projections' inputs)."""
+    f32 = 4
+    total = 0.0
+    if shape.qk_norm:
+        q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+        total += (f32 + norm_weight) * (q_width + kv_width)
+    if shape.mla:
+        latent = shape.q_lora_rank + shape.kv_lora_rank
+        total += (f32 + norm_weight + e) * latent + e * (shape.kv_lora_rank + shape.qk_rope_head_dim)
+    return total
 
 
 # --- model states and the peak ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ HF_MODULE_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
 
 
 class ShapeError(ValueError):
-    """A config the cost formulas cannot read faithfully: one line naming the source, the field and what was expected."""
+    """A config the cost formulas cannot read faithfully: one line naming source, field and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class ModelShape:
     qk_rope_head_dim: int = 0  # MLA: the decoupled rotary part of each query/key head
     v_head_dim: int = 0  # 0 = head_dim
     sliding_window: int = 0  # 0 = full attention (noted, not costed: see flops.py)
+    activation: str = ""  # hidden_act / activation_function as the config names it ("" = the family's SiLU/GeLU)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -329,13 +330,14 @@ _LLAMA_LIKE = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qw
                "gemma3_text", "phi3", "deepseek_v3"}
 
 
-def _activation(r: _Reader, *keys: str) -> None:
+def _activation(r: _Reader, *keys: str) -> str:
     for key in keys:
         value = r.raw(key, None)
         if value is not None:
             if value not in _ACTIVATIONS:
                 raise r.fail(key, f"an activation the formulas know ({', '.join(sorted(_ACTIVATIONS))})", value)
-            return
+            return value
+    return ""
 
 
 def _read_llama_like(r: _Reader) -> dict:
@@ -347,7 +349,8 @@ def _read_llama_like(r: _Reader) -> dict:
                vocab_size=r.int("vocab_size"), intermediate_size=r.int("intermediate_size"),
                num_kv_heads=r.int("num_key_value_heads", default=heads),
                head_dim=r.int("head_dim", default=0, minimum=0) or d // heads)
-    _activation(r, "hidden_activation" if fam.startswith("gemma") else "hidden_act", "hidden_act")
+    out["activation"] = _activation(r, "hidden_activation" if fam.startswith("gemma") else "hidden_act",
+                                    "hidden_act")
     if fam in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "phi3", "mistral", "mixtral"):
         bias = r.flag("attention_bias") if fam not in ("mistral", "mixtral", "phi3") else False
         out.update(qkv_bias=bias, o_bias=bias)
@@ -402,8 +405,8 @@ def _read_gpt2(r: _Reader) -> dict:
     a non-gated MLP of n_inner (4d when null), tied head by default (GPT2Config)."""
     d = r.int("n_embd", "hidden_size")
     heads = r.int("n_head", "num_attention_heads")
-    _activation(r, "activation_function")
-    return dict(hidden_size=d, num_heads=heads, num_kv_heads=heads, num_layers=r.int("n_layer", "num_hidden_layers"),
+    return dict(activation=_activation(r, "activation_function"), hidden_size=d, num_heads=heads, num_kv_heads=heads,
+                num_layers=r.int("n_layer", "num_hidden_layers"),
                 vocab_size=r.int("vocab_size"), intermediate_size=r.int("n_inner", default=4 * d),
                 norm="layer", gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True,
                 learned_positions=r.int("n_positions", "max_position_embeddings"))
@@ -413,8 +416,8 @@ def _read_gpt_neox(r: _Reader) -> dict:
     """GPT-NeoX/Pythia: two LayerNorms per block, fused qkv and dense with bias (attention_bias), MLP with bias."""
     d, heads = r.int("hidden_size"), r.int("num_attention_heads")
     bias = r.flag("attention_bias")
-    _activation(r, "hidden_act")
-    return dict(hidden_size=d, num_heads=heads, num_kv_heads=heads, num_layers=r.int("num_hidden_layers"),
+    return dict(activation=_activation(r, "hidden_act"), hidden_size=d, num_heads=heads, num_kv_heads=heads,
+                num_layers=r.int("num_hidden_layers"),
                 vocab_size=r.int("vocab_size"), intermediate_size=r.int("intermediate_size"), norm="layer",
                 gated_mlp=False, qkv_bias=bias, o_bias=bias, mlp_bias=True)
 
@@ -436,8 +439,8 @@ def _read_falcon(r: _Reader) -> dict:
     if r.flag("alibi", False):
         pass  # ALiBi adds no parameters and no matmul
     bias = r.flag("bias")
-    _activation(r, "activation")
-    return dict(hidden_size=d, num_heads=heads, num_kv_heads=kv, num_layers=r.int("num_hidden_layers", "n_layer"),
+    return dict(activation=_activation(r, "activation"), hidden_size=d, num_heads=heads, num_kv_heads=kv,
+                num_layers=r.int("num_hidden_layers", "n_layer"),
                 vocab_size=r.int("vocab_size"), intermediate_size=r.int("ffn_hidden_size", default=4 * d),
                 norm="layer", layer_norms=norms, gated_mlp=False, qkv_bias=bias, o_bias=bias, mlp_bias=bias)
 
