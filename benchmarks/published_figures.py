@@ -176,17 +176,32 @@ def gpt3_row() -> Row:
                "1e23 FLOP", 0.005)
 
 
-def chinchilla_row() -> Row:
-    """Hoffmann et al. 2022, App. F: the full count against 6ND for Chinchilla's own shape."""
-    shape = ModelShape(vocab_size=32000, hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=64,
-                       intermediate_size=32768, head_dim=128, gated_mlp=False, name="Chinchilla 70B")
-    full = 3 * chinchilla_forward(shape, 2048)
-    six = 6 * shape.total_params() * 2048
-    return Row("chinchilla-appf", "App. F FLOPs / 6ND, Chinchilla 70B shape", "Hoffmann et al. 2022, App. F, Table A4",
-               "L 80, d 8192, 64 heads x 128, ffw 32768, V 32000, s 2048", 1.0, full / six, "x", 0.0,
-               expect="unchecked",
-               why="App. F's formula is implemented (convention chinchilla) and shown against 6ND; Table A4's printed "
-                   "ratios were not available offline to compare with, so no published value is claimed")
+# Hoffmann et al. 2022, Table A4: (parameters, layers, d_model, ffw_size, heads, kq size, FLOPs ours / 6ND)
+CHINCHILLA_A4 = (("73M", 10, 640, 2560, 10, 64, 1.03), ("305M", 20, 1024, 4096, 16, 64, 1.10),
+                 ("552M", 24, 1280, 5120, 10, 128, 1.08), ("1.1B", 26, 1792, 7168, 14, 128, 1.04),
+                 ("1.6B", 28, 2048, 8192, 16, 128, 1.03), ("6.8B", 40, 3584, 14336, 28, 128, 0.99))
+
+
+def chinchilla_rows() -> list[Row]:
+    """Hoffmann et al. 2022, App. F and Table A4: their full FLOP count against 6ND, s = 2048, V = 32000.
+
+    Table A4 is reproduced by App. F's count without its embeddings and logits terms (convention
+    chinchilla-blocks) and N as the paper counts parameters: Transformer-XL relative positions (d² + 2d per
+    layer) in, the input embedding out; App. F as printed (convention chinchilla) is the second column."""
+    out = []
+    for name, layers, d, ffw, heads, kq, ratio in CHINCHILLA_A4:
+        shape = ModelShape(vocab_size=32000, hidden_size=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+                           intermediate_size=ffw, head_dim=kq, gated_mlp=False, norm="layer", qkv_bias=True,
+                           o_bias=True, mlp_bias=True, name=f"Chinchilla-family {name}")
+        n = shape.total_params() - shape.embedding_params() + layers * (d * d + 2 * d)
+        blocks = convention_flops(shape, full_trainable(shape), "chinchilla-blocks", sequences=1, seq_len=2048).total
+        printed = convention_flops(shape, full_trainable(shape), "chinchilla", sequences=1, seq_len=2048).total
+        out.append(Row(f"chinchilla-a4-{name.lower()}", f"FLOPs / 6ND, {name} model",
+                       "Hoffmann et al. 2022, App. F, Table A4", f"L {layers}, d {d}, ffw {ffw}, {heads} heads x {kq}, "
+                       f"V 32000, s 2048, N = {n / 1e6:.1f}M; convention chinchilla-blocks (App. F as printed, "
+                       f"with embeddings and logits: {printed / (6 * n * 2048):.3f})", ratio,
+                       blocks / (6 * n * 2048), "x", 0.005))
+    return out
 
 
 def llama_rows() -> list[Row]:
@@ -293,7 +308,7 @@ def qlora_rows() -> list[Row]:
 
 
 def all_rows() -> list[Row]:
-    return [*zero_rows(), *korthikanti_rows(), *narayanan_rows(), palm_row(), gpt3_row(), chinchilla_row(),
+    return [*zero_rows(), *korthikanti_rows(), *narayanan_rows(), palm_row(), gpt3_row(), *chinchilla_rows(),
             *llama_rows(), deepseek_row(), *lora_rows(), *qlora_rows()]
 
 

@@ -50,14 +50,15 @@ def test_the_table_covers_every_paper_the_issue_names():
 
 
 def test_chinchilla_appendix_f_by_hand():
-    """The unchecked row's count is App. F's formula, term by term, for the Chinchilla shape."""
-    s, v, d, layers, heads, kq, f = 2048, 32000, 8192, 80, 64, 128, 32768
+    """A Table A4 row's count is App. F's formula, term by term, without embeddings and logits."""
+    s, layers, d, f, heads, kq = 2048, 10, 640, 2560, 10, 64
     attention = 2 * 3 * s * d * kq * heads + 2 * s * s * kq * heads + 3 * heads * s * s + 2 * s * s * kq * heads \
         + 2 * s * kq * heads * d
-    forward = 2 * s * v * d + layers * (attention + 2 * s * (d * f + d * f)) + 2 * s * d * v
-    row = _rows()["chinchilla-appf"]
-    shape_params = layers * (4 * d * d + 2 * d * f + 2 * d) + v * d * 2 + d
-    assert row.estimate == pytest.approx(3 * forward / (6 * shape_params * s), rel=1e-12)
+    forward = layers * (attention + 2 * s * (d * f + d * f))
+    per_layer = 3 * d * d + 3 * d + d * d + 2 * d + d * d + d + d * f + f + f * d + d + 4 * d
+    n = layers * per_layer + 2 * d + d * 32000  # nanoGPT's chinchilla_params: 73,825,280
+    assert n == 73_825_280
+    assert _rows()["chinchilla-a4-73m"].estimate == pytest.approx(3 * forward / (6 * n * s), rel=1e-12)
 
 
 def test_docs_table_is_current():

@@ -249,8 +249,10 @@ CONVENTIONS = {
             "Q head dim, T sequence length); the MFU convention of PaLM and Llama 3",
     "chinchilla": "Hoffmann et al. 2022, App. F: embeddings 2sVd, attention with softmax 3Hs², dense 2s·(params), "
                   "logits 2sdV per sequence forward; backward = 2 x forward",
+    "chinchilla-blocks": "App. F without the embeddings and logits terms: how its Table A4 was computed (the "
+                         "authors' correspondence reported in nanoGPT's scaling_laws.ipynb; it reproduces Table A4)",
 }
-FULL_ONLY = ("6nd", "6nd-nonembedding", "palm", "chinchilla")
+FULL_ONLY = ("6nd", "6nd-nonembedding", "palm", "chinchilla", "chinchilla-blocks")
 
 
 def convention_flops(shape: ModelShape, trainable: Trainable, convention: str, *, sequences: int, seq_len: int,
@@ -277,16 +279,15 @@ def convention_flops(shape: ModelShape, trainable: Trainable, convention: str, *
     elif convention == "palm":
         total = (6.0 * n_all + 12.0 * shape.num_layers * shape.num_heads * shape.head_dim * seq_len) * tokens
     else:
-        total = 3.0 * sequences * chinchilla_forward(shape, seq_len)
+        total = 3.0 * sequences * chinchilla_forward(shape, seq_len, ends=convention == "chinchilla")
     return Flops(total / 3, 2 * total / 3, 0.0)
 
 
-def chinchilla_forward(shape: ModelShape, seq_len: int) -> float:
+def chinchilla_forward(shape: ModelShape, seq_len: int, *, ends: bool = True) -> float:
     """Forward FLOPs of one sequence as Hoffmann et al. 2022, App. F counts them (their non-gated MLP's
     2s(d·f + d·f) is read here as 2s x the MLP's active weights, so a gated or MoE MLP is counted as it runs)."""
     s, d, v = float(seq_len), shape.hidden_size, shape.vocab_size
-    embeddings = 2 * s * v * d
-    total = embeddings + 2 * s * d * v
+    total = 2 * s * v * d + 2 * s * d * v if ends else 0.0  # embeddings, logits
     qk, vd = shape.attention_dims()
     for layer in range(shape.num_layers):
         projections = sum(shape.matrix_dims(m, layer)[0] * shape.matrix_dims(m, layer)[1]
