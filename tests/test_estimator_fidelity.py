@@ -271,3 +271,22 @@ def test_a_layout_needs_full_training():
     with pytest.raises(EstimateError, match="full training"):
         estimate_run(shape, make_method("lora"), tokens=1e6, sequences=500, seq_len=2048, steps=10,
                      setup=TrainSetup(precision="bf16-mixed", gpus=8), hardware=H100, layout=Layout(gpus=8, tp=8))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"memory_bytes": "Infinity"}, "memory_bytes: expected a positive finite"),
+    ({"peak_flops_per_s": {"bf16": -1}}, "peak_flops_per_s.bf16"),
+    ({"price_per_hour_usd": float("inf")}, "price_per_hour_usd"),
+])
+def test_bad_catalogue_entries_are_one_line(tmp_path, capsys, entry, message):
+    gpu = {"name": "X1", "memory_bytes": 8e10, "peak_flops_per_s": {"bf16": 1e15}, **entry}
+    (tmp_path / "gpus.json").write_text(json.dumps({"gpus": [gpu]}).replace('"Infinity"', "Infinity"))
+    assert main(["estimate", "--tokens", "1M", "--gpu", "X1", "--catalog", str(tmp_path / "gpus.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tunegap: error: ") and message in err and "\n" not in err
+
+
+def test_a_negative_price_is_refused_and_zero_is_free(capsys):
+    assert main(["estimate", "--tokens", "1M", "--price", "-1"]) == 2
+    assert "--price: expected a finite number at least 0" in capsys.readouterr().err
+    assert main(["estimate", "--tokens", "1M", "--price", "0"]) == 0

@@ -459,15 +459,17 @@ def _default_precision(device: Device) -> str:
     return "bf16-mixed" if device.peak_flops_per_s.get("bf16") else "fp16-mixed"
 
 
-def finite(name: str, value, *, low: float = 0.0, high: float = math.inf, inclusive_high: bool = True):
-    """A number given on the command line, finite and in (low, high]: else EstimateError naming the flag."""
+def finite(name: str, value, *, low: float = 0.0, high: float = math.inf, zero_ok: bool = False):
+    """A number given on the command line, finite and in (low, high] ([low, high] with `zero_ok`): else
+    EstimateError naming the flag and what was expected."""
     if value is None:
         return None
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and value > low and (
-        value <= high if inclusive_high else value < high)
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if zero_ok else value > low) \
+        and value <= high
     if not ok:
         bound = "" if high == math.inf else f" and at most {high:g}"
-        raise EstimateError(f"{name}: expected a finite number above {low:g}{bound}, got {value}")
+        floor = f"at least {low:g}" if zero_ok else f"above {low:g}"
+        raise EstimateError(f"{name}: expected a finite number {floor}{bound}, got {value}")
     return value
 
 
@@ -522,7 +524,7 @@ def estimate(args) -> dict:
     """The estimate for parsed `tunegap estimate` arguments."""
     for flag in ("tokens", "examples"):
         finite(f"--{flag}", getattr(args, flag))
-    finite("--price", args.price, low=-1e-300)
+    finite("--price", args.price, zero_ok=True)
     finite("--epochs", args.epochs)
     finite("--loss-fraction", args.loss_fraction, high=1.0)
     finite("--goodput", args.goodput, high=1.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -116,6 +117,26 @@ class Device:
         return {**self.__dict__, "notes": list(self.notes)}
 
 
+def _check_device(device: Device) -> None:
+    """A catalogue entry's numbers: memory and peaks finite and positive (a peak may be null), a price finite
+    and >= 0 (or null); one line naming the entry and field otherwise."""
+    def bad(field, value, expected):
+        return EstimateError(f"GPU catalogue entry {device.name!r}: {field}: expected {expected}, got {value!r}")
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not (number(device.memory_bytes) and device.memory_bytes > 0):
+        raise bad("memory_bytes", device.memory_bytes, "a positive finite number of bytes")
+    for key, value in device.peak_flops_per_s.items():
+        if value is not None and not (number(value) and value > 0):
+            raise bad(f"peak_flops_per_s.{key}", value, "a positive finite FLOP/s or null")
+    if device.price_per_hour is not None and not (number(device.price_per_hour) and device.price_per_hour >= 0):
+        raise bad("price_per_hour_usd", device.price_per_hour, "a finite price >= 0 or null")
+    if device.memory_bandwidth is not None and not (number(device.memory_bandwidth) and device.memory_bandwidth > 0):
+        raise bad("memory_bandwidth_bytes_per_s", device.memory_bandwidth, "a positive finite number or null")
+
+
 @functools.lru_cache(maxsize=None)
 def _shipped_gpus() -> dict:
     return _read_json(DATA / "gpus.json", "the GPU catalogue")
@@ -139,6 +160,7 @@ def gpu_catalog(extra: str | Path | None = None) -> dict[str, Device]:
             except (KeyError, TypeError, ValueError) as err:
                 raise EstimateError(f"GPU catalogue entry {entry.get('name', '?')!r}: missing or bad field {err}") \
                     from None
+            _check_device(device)
             for alias in [entry["name"], *entry.get("aliases", [])]:
                 devices[_key(alias)] = device
     return devices
