@@ -290,3 +290,10 @@ def test_a_negative_price_is_refused_and_zero_is_free(capsys):
     assert main(["estimate", "--tokens", "1M", "--price", "-1"]) == 2
     assert "--price: expected a finite number at least 0" in capsys.readouterr().err
     assert main(["estimate", "--tokens", "1M", "--price", "0"]) == 0
+
+
+def test_when_no_layout_fits_the_lowest_peak_layout_is_shown():
+    result = pretrain("llama-3.1-405b", tokens=1e9, seq_len=8192, gpus=8, zero=0, auto_layout=True)
+    mem, lay = result["memory"], result["layout"]
+    assert not mem["fits"] and "no layout of 8 devices fits" in mem["fit_message"]
+    assert lay["tp"] * lay["pp"] == 8 and mem["stage"]["peak"] == mem["peak"]  # the layout shown is the one costed

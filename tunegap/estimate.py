@@ -185,12 +185,11 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
         layout = layout or Layout(gpus=setup.gpus)
         stage = _megatron_memory(shape, setup, layout, **mega)
     if auto_layout and full and layout is None and mem.peak > hardware.memory_bytes:
-        found, stage = smallest_fitting_layout(shape, setup.gpus, hardware.memory_bytes,
-                                               lambda lay: _megatron_memory(shape, setup, lay, **mega))
-        layout = found or Layout(gpus=setup.gpus)
-        why = (f"smallest layout that fits {setup.gpus} devices: {found.describe()}" if found else
-               f"no layout of {setup.gpus} devices fits (the best one's peak is above); add devices, recompute, "
-               "or a smaller micro-batch")
+        layout, stage, found = smallest_fitting_layout(shape, setup.gpus, hardware.memory_bytes,
+                                                       lambda lay: _megatron_memory(shape, setup, lay, **mega))
+        why = (f"smallest layout that fits {setup.gpus} devices: {layout.describe()}" if found else
+               f"no layout of {setup.gpus} devices fits; the lowest peak (shown) is {layout.describe()}: add "
+               "devices, --recompute, --zero or a smaller --micro-batch")
         use_korthikanti = True
     layout = layout or Layout(gpus=setup.gpus)
     peak_bytes = stage.peak if stage is not None else mem.peak

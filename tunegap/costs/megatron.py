@@ -236,12 +236,13 @@ def candidate_layouts(shape: ModelShape, gpus: int, *, sp: bool = True, max_tp: 
 
 
 def smallest_fitting_layout(shape: ModelShape, gpus: int, capacity_bytes: float, memory_of) -> tuple:
-    """The first layout (in `candidate_layouts` order) whose busiest device fits, as (layout, memory) or
-    (None, smallest peak seen)."""
+    """(layout, memory, fits): the first layout (in `candidate_layouts` order) whose busiest device fits, or,
+    when none does, the one with the lowest peak."""
     lowest = None
     for layout in candidate_layouts(shape, gpus):
         mem = memory_of(layout)
         if mem.peak <= capacity_bytes:
-            return layout, mem
-        lowest = mem if lowest is None or mem.peak < lowest.peak else lowest
-    return None, lowest
+            return layout, mem, True
+        if lowest is None or mem.peak < lowest[1].peak:
+            lowest = (layout, mem)
+    return (*lowest, False)
