@@ -695,7 +695,9 @@ def against_run(run: str, runs_dir: str = "runs", *, mfu: float | None = None) -
     return {"run": ledger.get("run", str(path)), "ledger": str(path), "estimate": result, "comparison": rows_out,
             "note": f"time predicted at the run's own MFU ({run_mfu:.1%} of the {peak_key} peak), so it checks the "
                     "FLOP count, not the MFU assumption; micro-batch taken as "
-                    f"{rows} rows of {seq_len} (the run's positions per micro-batch, packed)"}
+                    f"{rows} rows of {seq_len} (the run's positions per micro-batch, packed); FLOP convention "
+                    f"{result['convention']['name']} (the ledger's); bytes/param layout "
+                    f"{result['bytes_per_param']['name']}"}
 
 
 def format_against(report: dict) -> str:
