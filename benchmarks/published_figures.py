@@ -244,7 +244,7 @@ def deepseek_row() -> Row:
                      layout=Layout(gpus=2048, pp=16, ep=64))["costs"]["gpu_hours"]["value"]
     return Row("deepseek-v3", "pre-training GPU-hours, DeepSeek-V3 from its config.json", "Liu et al. 2024, Table 1",
                f"config.json (671B, {shape.active_params() / 1e9:.1f}B active), 14.8T tokens, seq 4096, H800, "
-               f"FP8 peak, MFU {DEFAULT_MFU:.0%} (default), PP 16 x EP 64; implied MFU of the FP8 peak "
+               f"FP8 peak, MFU {DEFAULT_MFU:.0%} (default), PP 16 x EP 64 (their Sec. 3.2); implied MFU of the FP8 peak "
                f"{DEFAULT_MFU * got / 2.664e6:.0%}", 2.664, got / 1e6, "M GPU-hours", 0.15 * 2.664, expect="miss",
                why="FP8 GEMMs are only part of the step: MoE all-to-all, MLA and the pipeline keep the MFU of the "
                    f"FP8 peak low; at the bf16 peak the same default MFU gives {bf16 / 1e6:.2f}M GPU-hours "

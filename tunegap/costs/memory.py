@@ -436,8 +436,9 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
     return Activations(tuple(blocks), tuple(checkpoints), head, transient)
 
 
-# transformers' NewGELUActivation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): autograd keeps tanh's output and
-# both operands of the last multiply, beyond the input the walk already counts (measured on a tiny GPT-2)
+# transformers' NewGELUActivation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), written as Python arithmetic:
+# read off its autograd graph, it keeps tanh's output and both operands of the last multiply (0.5·x and
+# 1 + tanh) beyond the input the walk already counts
 COMPOSED_ACTIVATIONS = {"gelu_new": 3}
 
 
