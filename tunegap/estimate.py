@@ -20,9 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from .costs.catalog import Device, EstimateError, model_presets, resolve_device, resolve_model
-from .costs.flops import train_step_flops
-from .costs.memory import (OPTIMIZERS, PRECISIONS, TrainSetup, devices_needed, memory_per_device,
-                           nf4_bytes_per_param, precision)
+from .costs.flops import CONVENTIONS, convention_flops, recompute_flops, train_step_flops
+from .costs.megatron import RECOMPUTE, Layout, StageMemory, smallest_fitting_layout, stage_memory
+from .costs.memory import (NAMED_PRESETS, OPTIMIZERS, PRECISIONS, TrainSetup, bytes_per_param, devices_needed,
+                           memory_per_device, nf4_bytes_per_param, precision)
 from .costs.shape import ModelShape
 from .methods import ALL_LINEAR, METHODS, Method, make_method
 
@@ -46,14 +47,72 @@ def _q(value, key: str) -> dict:
     return {"value": None if value is None else float(value), "unit": COST_UNITS[key], "how": "estimate"}
 
 
+THROUGHPUT_FLAGS = {"mfu": "--mfu", "hfu": "--hfu", "tokens_per_s_per_gpu": "--tokens-per-second-per-gpu",
+                    "tflops_per_gpu": "--tflops-per-gpu"}
+THROUGHPUT_KEYS = tuple(THROUGHPUT_FLAGS)
+
+
+def resolve_throughput(given: dict | None, *, model_flops: float, hardware_flops: float, tokens: float,
+                       devices: int, peak: float) -> dict:
+    """MFU, HFU, seconds and per-device rates from whichever one the user gave (Chowdhery et al. 2022, App. B:
+    MFU = model FLOPs / (time x devices x peak), HFU the same with the recompute the hardware also ran).
+
+    `tflops_per_gpu` is achieved *hardware* FLOP/s per device, as Megatron-LM logs it and Narayanan et al. 2021
+    report it (their 8TP counts the recomputed forward); `tokens_per_s_per_gpu` a measured rate."""
+    given = dict(given or {"mfu": DEFAULT_MFU})
+    if len(given) != 1 or next(iter(given)) not in THROUGHPUT_KEYS:
+        raise EstimateError("give at most one of --mfu, --hfu, --tokens-per-second-per-gpu, --tflops-per-gpu")
+    (key, value), = given.items()
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise EstimateError(f"{THROUGHPUT_FLAGS[key]}: expected a positive finite number, got {value}")
+    if key in ("mfu", "hfu") and value > 1:
+        raise EstimateError(f"--{key}: expected a fraction in (0, 1], got {value}")
+    if key == "mfu":
+        seconds = model_flops / (devices * peak * value)
+    elif key == "hfu":
+        seconds = hardware_flops / (devices * peak * value)
+    elif key == "tflops_per_gpu":
+        seconds = hardware_flops / (devices * value * 1e12)
+    else:
+        seconds = tokens / (devices * value)
+    mfu, hfu = model_flops / (seconds * devices * peak), hardware_flops / (seconds * devices * peak)
+    if hfu > 1.0 + 1e-9:
+        raise EstimateError(f"{THROUGHPUT_FLAGS[key]} {value} implies HFU {hfu:.0%} of the {peak / 1e12:.4g} TFLOP/s "
+                            "peak: faster than the hardware can run")
+    return {"given": key, "value": value, "seconds": seconds, "mfu": mfu, "hfu": hfu,
+            "tokens_per_s_per_gpu": tokens / (seconds * devices),
+            "model_tflops_per_gpu": model_flops / (seconds * devices) / 1e12,
+            "hardware_tflops_per_gpu": hardware_flops / (seconds * devices) / 1e12}
+
+
+def _full_training(method: Method, label: str) -> bool:
+    return method.name == "full" or label in ("full", "pretrain")
+
+
+def _megatron_memory(shape, setup: TrainSetup, layout: Layout, *, seq_len: int, recompute: str, flash: bool,
+                     dropout: bool, runtime: float) -> StageMemory:
+    per = bytes_per_param(setup.precision, setup.optimizer)
+    return stage_memory(shape, layout, bytes_weights=per["weights"], bytes_grads=per["gradients"],
+                        bytes_states=per["optimizer_state"], zero=setup.zero, micro_batch=setup.micro_batch,
+                        seq_len=seq_len, micro_batches=setup.grad_accum, recompute=recompute, flash=flash,
+                        dropout=dropout, runtime_bytes=runtime)
+
+
 def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = None, sequences: int,
                  seq_len: int, steps: int, setup: TrainSetup, hardware: Device, examples: float | None = None,
-                 loss_tokens: float | None = None, label: str | None = None) -> dict:
+                 loss_tokens: float | None = None, label: str | None = None, convention: str = "hardware",
+                 throughput: dict | None = None, goodput: float = 1.0, layout: Layout | None = None,
+                 auto_layout: bool = False, recompute: str | None = None, activations: str = "auto",
+                 flash: bool = True, dropout: bool | None = None) -> dict:
     """Predict a run's ledger: `sequences` rows of `seq_len` tokens in all, over `steps` optimizer steps.
 
     `tokens`: real tokens (default sequences x seq_len; less when rows are padded); `loss_tokens`: positions
     with a loss, where logits are computed (default `tokens`); `examples`: for the record (default sequences).
-    The setup's micro-batch is in rows per device. Raises EstimateError (or MethodError) on impossible input.
+    The setup's micro-batch is in rows per device. `convention`: the FLOP count the totals and MFU use
+    (`flops.CONVENTIONS`). `throughput`: one of {"mfu" | "hfu" | "tokens_per_s_per_gpu" | "tflops_per_gpu": x}
+    (default the setup's MFU). `goodput`: the share of wall-clock spent training (restarts, downtime aside).
+    `layout`: model-parallel degrees (full training only; `setup.gpus` is then every device); `auto_layout`:
+    pick the smallest that fits when pure data parallelism does not. Raises EstimateError (or MethodError).
     """
     if sequences < 1 or seq_len < 1:
         raise EstimateError(f"no work: {sequences} sequences of {seq_len} tokens (give a positive token count)")
@@ -61,8 +120,10 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
         raise EstimateError(f"no work: {steps} optimizer steps")
     positions = float(sequences) * seq_len
     tokens = positions if tokens is None else float(tokens)
-    if tokens <= 0:
-        raise EstimateError("no work: zero tokens")
+    if not (math.isfinite(tokens) and tokens > 0):
+        raise EstimateError(f"--tokens: expected a positive finite count, got {tokens}")
+    if not (isinstance(goodput, (int, float)) and 0 < goodput <= 1):
+        raise EstimateError(f"--goodput: expected a fraction in (0, 1], got {goodput}")
     loss_tokens = tokens if loss_tokens is None else float(loss_tokens)
     method.check(shape)
     if method.base_format != "same":  # the method stores its base so (QLoRA: NF4), whatever the setup says
@@ -70,7 +131,17 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
     if setup.base_format == "nf4" and method.name not in ("lora", "qlora"):
         raise EstimateError(f"a 4-bit NF4 base (QLoRA) needs the lora method, not {method.name}")
     label = label or ("qlora" if setup.base_format == "nf4" else method.name)
+    full = _full_training(method, label)
     trainable = method.trainable(shape)
+    recompute = recompute or ("full" if setup.checkpointing else "none")
+    if recompute not in RECOMPUTE:
+        raise EstimateError(f"--recompute: expected one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    if recompute == "selective" and activations == "hf":
+        raise EstimateError("--recompute selective is Megatron's (Korthikanti et al. 2022): "
+                            "use --activations korthikanti")
+    setup = replace(setup, checkpointing=recompute == "full")
+    if (layout is not None and layout.gpus != setup.gpus):
+        raise EstimateError(f"--gpus {setup.gpus} and the layout's {layout.gpus} devices differ")
 
     # FLOPs of the whole run (train_step_flops is linear in sequences); logits only at loss positions,
     # except for methods that lengthen the sequence, which project every position (as tunegap.train does)
@@ -80,7 +151,15 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
                              checkpointing=setup.checkpointing, calls=calls)
     plain = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logit_tokens,
                              calls=calls) if setup.checkpointing else flops
-    recompute = flops.recompute - plain.recompute  # checkpointing's extra forward (HFU, not MFU)
+    checkpoint_recompute = flops.recompute - plain.recompute  # checkpointing's extra forward (HFU, not MFU)
+    model = convention_flops(shape, trainable, convention, sequences=sequences, seq_len=seq_len,
+                             logit_tokens=logit_tokens, calls=calls, full_training=full)
+    if recompute == "selective":
+        extra = recompute_flops(shape, sequences=sequences, seq_len=seq_len, recompute="selective", flash=flash)
+        flops = replace(flops, recompute=max(flops.recompute, extra))
+    hardware_flops = flops.hardware
+    if not all(math.isfinite(x) for x in (model.total, hardware_flops)):
+        raise EstimateError("the model's config gives no finite FLOP count (a dimension is out of range)")
 
     # memory of one device for one micro-batch
     per_micro = None if method.changes_sequence else loss_tokens / sequences * setup.micro_batch
@@ -89,13 +168,51 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
     math_attention = hardware.kind == "gpu" and p.activation == 4
     memory_args = dict(seq_len=seq_len, loss_positions=per_micro, runtime_bytes=hardware.runtime_bytes,
                        math_attention=math_attention, allocator_retention=hardware.allocator_retention)
-    mem = memory_per_device(shape, trainable, setup, **memory_args)
+    dropout = shape.family in ("gpt2", "gpt_neox") if dropout is None else dropout
+    parallel = layout is not None and (layout.model_parallel > 1 or layout.ep > 1)
+    use_korthikanti = activations == "korthikanti" or (activations == "auto" and (parallel or recompute == "selective"))
+    if activations not in ("auto", "hf", "korthikanti"):
+        raise EstimateError(f"--activations: expected auto, hf or korthikanti, got {activations!r}")
+    if (parallel or use_korthikanti or auto_layout and full) and not full:
+        raise EstimateError("model-parallel layouts and Korthikanti activations are modelled for full training "
+                            "(--method full or pretrain)")
+    mem = memory_per_device(shape, trainable, replace(setup, gpus=layout.dp if layout else setup.gpus),
+                            **memory_args)
     needed, why = devices_needed(shape, trainable, setup, capacity_bytes=hardware.memory_bytes, **memory_args)
-    fits = mem.peak <= hardware.memory_bytes
+    stage = None
+    mega = dict(seq_len=seq_len, recompute=recompute, flash=flash, dropout=dropout, runtime=hardware.runtime_bytes)
+    if use_korthikanti or parallel:
+        layout = layout or Layout(gpus=setup.gpus)
+        stage = _megatron_memory(shape, setup, layout, **mega)
+    if auto_layout and full and layout is None and mem.peak > hardware.memory_bytes:
+        layout, stage, found = smallest_fitting_layout(shape, setup.gpus, hardware.memory_bytes,
+                                                       lambda lay: _megatron_memory(shape, setup, lay, **mega))
+        why = (f"smallest layout that fits {setup.gpus} devices: {layout.describe()}" if found else
+               f"no layout of {setup.gpus} devices fits; the lowest peak (shown) is {layout.describe()}: add "
+               "devices, --recompute, --zero or a smaller --micro-batch")
+        use_korthikanti = True
+    layout = layout or Layout(gpus=setup.gpus)
+    peak_bytes = stage.peak if stage is not None else mem.peak
+    fits = peak_bytes <= hardware.memory_bytes
+    if stage is not None and not why.startswith(("smallest layout", "no layout")):
+        why = (f"fits on {layout.describe()}" if fits else
+               "its busiest device needs more than the capacity; try another layout, --recompute or a smaller "
+               "--micro-batch")
 
-    # time: model FLOPs (plus checkpointing's recompute) at MFU x peak on every device
+    if stage is not None:  # Megatron's recompute: the whole forward of each block ("full"), or QK^T and AV
+        base = train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logit_tokens,
+                                calls=calls, attention_rescore=False)
+        flops = replace(base, recompute=recompute_flops(shape, sequences=sequences, seq_len=seq_len,
+                                                        recompute=recompute, flash=flash))
+        checkpoint_recompute = flops.recompute if recompute == "full" else 0.0
+        hardware_flops = flops.hardware
+
+    # time: model FLOPs (in the chosen convention) at MFU x peak on every device; HFU beside it
     peak, peak_note = hardware.peak(p.peak)
-    compute_s = (flops.total + recompute) / (setup.gpus * peak * setup.mfu)
+    rate = resolve_throughput(throughput if throughput is not None else {"mfu": setup.mfu}, model_flops=model.total,
+                              hardware_flops=hardware_flops * model.total / flops.total, tokens=tokens,
+                              devices=setup.gpus, peak=peak)
+    compute_s = rate["seconds"]
     dequant_s, dequant_note = 0.0, ""
     if setup.base_format == "nf4":
         # bitsandbytes dequantises each 4-bit matrix to bf16 before every matmul that reads it: forward,
@@ -108,11 +225,15 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
             dequant_s = traffic / hardware.memory_bandwidth
         else:
             dequant_note = f"{hardware.name}: no memory bandwidth in the catalogue, QLoRA dequantisation time left out"
-    wall = compute_s + dequant_s
+    wall = (compute_s + dequant_s) / goodput
     gpu_hours = wall * setup.gpus / 3600
     dollars = gpu_hours * hardware.price_per_hour if hardware.price_per_hour is not None else None
     params_total = shape.total_params() + mem.detail["added_params"]
     params_trainable = trainable.params(shape)
+    if stage is not None:
+        weights, grads, states, acts = stage.weights, stage.gradients, stage.optimizer_state, stage.activations
+    else:
+        weights, grads, states, acts = mem.weights, mem.gradients, mem.optimizer_state, mem.activations
 
     costs = {
         "tokens": _q(tokens, "tokens"),
@@ -122,15 +243,15 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
         "params_total": _q(params_total, "params_total"),
         "params_trainable": _q(params_trainable, "params_trainable"),
         "trainable_share": _q(params_trainable / params_total, "trainable_share"),
-        "weights_bytes": _q(mem.weights, "weights_bytes"),
-        "gradient_bytes": _q(mem.gradients, "gradient_bytes"),
-        "optimizer_state_bytes": _q(mem.optimizer_state, "optimizer_state_bytes"),
-        "activation_bytes": _q(mem.activations, "activation_bytes"),
-        "peak_memory_bytes": _q(mem.peak, "peak_memory_bytes"),
-        "flops_forward": _q(flops.forward, "flops_forward"),
-        "flops_backward": _q(flops.backward, "flops_backward"),
-        "flops_total": _q(flops.total, "flops_total"),
-        "flops_hardware": _q(flops.hardware, "flops_hardware"),
+        "weights_bytes": _q(weights, "weights_bytes"),
+        "gradient_bytes": _q(grads, "gradient_bytes"),
+        "optimizer_state_bytes": _q(states, "optimizer_state_bytes"),
+        "activation_bytes": _q(acts, "activation_bytes"),
+        "peak_memory_bytes": _q(peak_bytes, "peak_memory_bytes"),
+        "flops_forward": _q(model.forward, "flops_forward"),
+        "flops_backward": _q(model.backward, "flops_backward"),
+        "flops_total": _q(model.total, "flops_total"),
+        "flops_hardware": _q(hardware_flops, "flops_hardware"),
         "wall_time_s": _q(wall, "wall_time_s"),
         "tokens_per_s": _q(tokens / wall, "tokens_per_s"),
         "gpu_hours": _q(gpu_hours, "gpu_hours"),
@@ -138,7 +259,7 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
     }
     full_flops = train_step_flops(shape, METHODS["full"]().trainable(shape), sequences=sequences, seq_len=seq_len,
                                   logit_tokens=logit_tokens).total
-    notes = [] if label in ("full", "pretrain") else [
+    notes = [] if full else [
         f"{label}: {flops.total / full_flops:.0%} of a full fine-tune's FLOPs for the same tokens (frozen weights "
         "skip their weight-gradient matmuls, but not the forward or the input gradients)"
         + ("; LoRA costs about 2/3 of full fine-tuning per token, not 1%: its saving is memory"
@@ -148,50 +269,102 @@ def estimate_run(shape: ModelShape, method: Method, *, tokens: float | None = No
         notes.append("fp32 matmuls use the non-tensor-core fp32 peak; enabling TF32 would be faster")
     if seq_len > (shape.max_position_embeddings or seq_len):
         notes.append(f"--seq-len {seq_len} exceeds the model's {shape.max_position_embeddings} positions")
+    if shape.sliding_window and seq_len > shape.sliding_window:
+        notes.append(f"the config's sliding window ({shape.sliding_window}) is shorter than --seq-len: attention "
+                     "FLOPs count the full square (an upper bound)")
+    if layout.pp > 1:
+        notes.append(f"pipeline bubble (p - 1)/m = {(layout.pp - 1) / setup.grad_accum:.1%} of the ideal step "
+                     f"(1F1B, Narayanan et al. 2021, Sec. 2.2): inside the MFU, which is end to end")
     opt = OPTIMIZERS[setup.optimizer]
+    per_param = _bytes_layout(setup)
+    activation_model = (
+        f"Korthikanti et al. 2022, Table 2: sbh(34 + 5as/h) per layer at 16 bits, generalised to this block "
+        f"({'with' if dropout else 'without'} dropout), TP {layout.tp}{' + SP' if layout.sp else ''}, CP {layout.cp}, "
+        f"recompute {recompute}, " + ("fused/flash attention: no 5as/h term (fp32 logsumexp kept)" if flash else
+                                      "eager attention: the 5as/h term kept")
+        + f"; PP {layout.pp}: {stage.in_flight if stage else 1} micro-batches in flight (1F1B)"
+        if use_korthikanti or stage is not None else
+        "tensors saved by a Hugging Face Llama-style block with SDPA attention (checked against autograd), "
+        "adapted from Korthikanti et al. 2022, Sec. 4.1: " + ("math kernel on GPU in fp32, s^2 probabilities kept"
+                                                               if math_attention else "flash-style kernel, no s^2 term")
+        + "; PEFT adapters in fp32; loss in fp32 over loss positions x vocabulary")
     assumptions = [
-        f"MFU {setup.mfu:.0%} of the {p.peak} peak {peak / 1e12:.3g} TFLOP/s ({hardware.name}); "
-        "communication and input pipeline are inside that figure",
+        f"FLOP convention {convention}: {CONVENTIONS[convention]}",
+        f"throughput from {THROUGHPUT_FLAGS[rate['given']]} {rate['value']:.4g}: MFU {rate['mfu']:.1%} (model "
+        f"FLOPs), HFU {rate['hfu']:.1%} (with recompute) of the {p.peak} peak {peak / 1e12:.4g} TFLOP/s "
+        f"({hardware.name}); communication and input pipeline are inside that figure",
+        f"goodput {goodput:.0%}: wall-clock = compute time / goodput (restarts, failures, evaluation)",
+        f"bytes/param layout {per_param['name']}: weights {per_param['weights']:g} + gradients "
+        f"{per_param['gradients']:g} + optimizer state {per_param['optimizer_state'] or 0:g} = "
+        f"{per_param['total'] or 0:g} B per trained parameter ({per_param['source']})",
         f"precision {setup.precision}: {p.source}",
         f"optimizer {setup.optimizer}: {opt.source}",
-        "activations: tensors saved by a Hugging Face Llama-style block with SDPA attention, adapted from "
-        "Korthikanti et al. 2022, Sec. 4.1: " + ("math kernel on GPU in fp32, s^2 probabilities kept" if math_attention
-                                                 else "flash-style kernel, no s^2 term")
-        + "; PEFT adapters in fp32; loss in fp32 over loss positions x vocabulary",
-        f"memory per device at the busiest moment ({mem.phase}); runtime overhead {mem.runtime / 2**30:.2f} GiB "
-        + ("(measured process baseline)" if hardware.kind == "cpu" else "(CUDA context and allocator reserve, "
-                                                                          "0.75 GiB measured on an H200 + margin)"),
+        "activations: " + activation_model,
+        f"memory per device at the busiest moment ({mem.phase if stage is None else 'first pipeline stage'}); runtime "
+        "overhead " + ("= the measured process baseline" if hardware.kind == "cpu" else
+                       "= CUDA context and allocator reserve (measured on an H200, plus a margin)"),
         *hardware.notes,
-        "pure data parallelism (ZeRO/FSDP only; no tensor or pipeline parallelism)",
+        f"layout {layout.describe()}, ZeRO-{setup.zero}",
     ]
     if hardware.price_per_hour is None:
         assumptions.append(f"{hardware.name}: no price given (pass --price), dollars left out")
     else:
         assumptions.append(f"price ${hardware.price_per_hour:.2f} per device-hour")
+    memory = {**mem.to_dict(), "capacity_bytes": hardware.memory_bytes, "fits": fits, "devices_needed": needed,
+              "fit_message": why, "activation_model": "korthikanti" if stage is not None else "hf"}
+    if stage is not None:
+        memory.update(weights=stage.weights, gradients=stage.gradients, optimizer_state=stage.optimizer_state,
+                      activations=stage.activations, peak=stage.peak, stage=stage.to_dict())
+    memory["zero3_sharded_bytes"] = (stage.model_states if stage is not None else
+                                     mem.weights - mem.detail["zero3_gathered_bytes"] + mem.gradients
+                                     + mem.optimizer_state) if setup.zero == 3 else None
+    memory["zero3_gathered_bytes"] = (stage.gathered_layers if stage is not None else
+                                      mem.detail["zero3_gathered_bytes"]) if setup.zero == 3 else None
     return {
         "schema": 1,
         "kind": "estimate",
-        "model": {"name": shape.name, "shape": shape.to_dict()},
+        "model": {"name": shape.name, "shape": shape.to_dict(), "params_active": shape.active_params()},
         "method": {**method.to_dict(), "label": label},
-        "setup": {**setup.to_dict(), "seq_len": seq_len},
+        "setup": {**setup.to_dict(), "seq_len": seq_len, "recompute": recompute},
+        "layout": layout.to_dict(),
         "hardware": hardware.to_dict(),
         "work": {"sequences": sequences, "seq_len": seq_len, "tokens": tokens, "loss_tokens": loss_tokens,
                  "steps": steps, "examples": examples},
+        "convention": {"name": convention, "description": CONVENTIONS[convention]},
+        "bytes_per_param": per_param,
         "costs": costs,
-        "flops": {**flops.to_dict(), "checkpoint_recompute": recompute},
-        "memory": {**mem.to_dict(), "capacity_bytes": hardware.memory_bytes, "fits": fits,
-                   "devices_needed": needed, "fit_message": why},
-        "time": {"compute_s": compute_s, "dequantisation_s": dequant_s, "peak_flops_per_s": peak,
-                 "mfu": setup.mfu},
+        "flops": {**flops.to_dict(), "checkpoint_recompute": checkpoint_recompute, "model_total": model.total,
+                  "convention": convention},
+        "memory": memory,
+        "time": {"compute_s": compute_s, "dequantisation_s": dequant_s, "peak_flops_per_s": peak, "mfu": rate["mfu"],
+                 "hfu": rate["hfu"], "goodput": goodput, "given": rate["given"],
+                 "tokens_per_s_per_gpu": rate["tokens_per_s_per_gpu"],
+                 "model_tflops_per_gpu": rate["model_tflops_per_gpu"],
+                 "hardware_tflops_per_gpu": rate["hardware_tflops_per_gpu"],
+                 "pipeline_bubble": (layout.pp - 1) / setup.grad_accum},
         "assumptions": assumptions,
         "notes": notes,
     }
 
 
+def _bytes_layout(setup: TrainSetup) -> dict:
+    """The bytes/param layout of the setup, named by the preset that matches it (if any)."""
+    name, source = f"{setup.precision} + {setup.optimizer}", "see precision and optimizer below"
+    for preset, (prec, opt, _total, cite) in NAMED_PRESETS.items():
+        if (prec, opt) == (setup.precision, setup.optimizer):
+            name, source = preset, cite
+            break
+    if OPTIMIZERS[setup.optimizer].factored:
+        p = precision(setup.precision)
+        return {"name": name, "weights": p.weight, "gradients": p.grad, "optimizer_state": None, "total": None,
+                "source": "Adafactor's state is per matrix (rows + columns), not per parameter"}
+    return {"name": name, **bytes_per_param(setup.precision, setup.optimizer), "source": source}
+
+
 # --- work: how many tokens ---------------------------------------------------------------------------------
 
 def parse_count(text: str) -> float:
-    """'2e12', '15T', '500M', '10k' -> a number."""
+    """'2e12', '15T', '500M', '10k' -> a number (its range is checked where it is used, in one line)."""
     scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
     t = str(text).strip().lower().replace(",", "").replace("_", "")
     try:
@@ -285,13 +458,50 @@ def _default_precision(device: Device) -> str:
     return "bf16-mixed" if device.peak_flops_per_s.get("bf16") else "fp16-mixed"
 
 
+def finite(name: str, value, *, low: float = 0.0, high: float = math.inf, zero_ok: bool = False):
+    """A number given on the command line, finite and in (low, high] ([low, high] with `zero_ok`): else
+    EstimateError naming the flag and what was expected."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if zero_ok else value > low) \
+        and value <= high
+    if not ok:
+        bound = "" if high == math.inf else f" and at most {high:g}"
+        floor = f"at least {low:g}" if zero_ok else f"above {low:g}"
+        raise EstimateError(f"{name}: expected a finite number {floor}{bound}, got {value}")
+    return value
+
+
 def setup_from_args(args, device: Device, method_name: str) -> TrainSetup:
-    prec = args.precision if args.precision != "auto" else _default_precision(device)
-    if method_name == "qlora" and prec in ("fp32", "bf16-autocast") and args.precision == "auto":
-        prec = "bf16-mixed"
-    return TrainSetup(optimizer=args.optimizer, precision=prec, micro_batch=args.micro_batch,
+    preset = getattr(args, "bytes_preset", None)
+    if preset:  # a named bytes/param layout sets precision and optimizer together
+        prec, opt = NAMED_PRESETS[preset][:2]
+    else:
+        prec = args.precision if args.precision != "auto" else _default_precision(device)
+        if method_name == "qlora" and prec in ("fp32", "bf16-autocast") and args.precision == "auto":
+            prec = "bf16-mixed"
+        opt = args.optimizer
+    mfu = DEFAULT_MFU if args.mfu is None else finite("--mfu", args.mfu, high=1.0)
+    return TrainSetup(optimizer=opt, precision=prec, micro_batch=args.micro_batch,
                       grad_accum=args.grad_accum, gpus=args.gpus, zero=args.zero, checkpointing=args.checkpointing,
-                      base_format="nf4" if method_name == "qlora" else "same", mfu=args.mfu)
+                      base_format="nf4" if method_name == "qlora" else "same", mfu=mfu,
+                      double_quant=getattr(args, "double_quant", True))
+
+
+def _throughput_from_args(args) -> dict | None:
+    given = {key: getattr(args, key, None) for key in THROUGHPUT_KEYS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if len(given) > 1:
+        raise EstimateError("give at most one of --mfu, --hfu, --tokens-per-second-per-gpu, --tflops-per-gpu")
+    return given or None
+
+
+def _layout_from_args(args) -> Layout | None:
+    degrees = {k: getattr(args, k, None) for k in ("tp", "pp", "cp", "ep")}
+    if all(v in (None, 1) for v in degrees.values()) and not getattr(args, "sp", False):
+        return None
+    return Layout(gpus=args.gpus, sp=bool(getattr(args, "sp", False)),
+                  **{k: (1 if v is None else v) for k, v in degrees.items()})
 
 
 def data_counts(args) -> dict | None:
@@ -311,19 +521,33 @@ def data_counts(args) -> dict | None:
 
 def estimate(args) -> dict:
     """The estimate for parsed `tunegap estimate` arguments."""
+    for flag in ("tokens", "examples"):
+        finite(f"--{flag}", getattr(args, flag))
+    finite("--price", args.price, zero_ok=True)
+    finite("--epochs", args.epochs)
+    finite("--loss-fraction", args.loss_fraction, high=1.0)
+    finite("--goodput", args.goodput, high=1.0)
     shape, preset = resolve_model(args.model)
     device = resolve_device(args.gpu, catalog=args.catalog, price=args.price)
     method, name = _method_from_args(args)
     setup = setup_from_args(args, device, name)
-    work = resolve_work(seq_len=args.seq_len, rows_per_step=setup.micro_batch * setup.grad_accum * setup.gpus,
+    layout = _layout_from_args(args)
+    dp = layout.dp if layout else setup.gpus
+    work = resolve_work(seq_len=args.seq_len, rows_per_step=setup.micro_batch * setup.grad_accum * dp,
                         tokens=args.tokens, examples=args.examples, epochs=args.epochs,
                         example_tokens=args.example_tokens, data=data_counts(args))
-    if not 0 < args.loss_fraction <= 1:
-        raise EstimateError(f"--loss-fraction: must be in (0, 1], got {args.loss_fraction}")
     result = estimate_run(shape, method, tokens=work["tokens"], sequences=work["sequences"], seq_len=work["seq_len"],
                           steps=work["steps"], setup=setup, hardware=device, examples=work["examples"],
-                          loss_tokens=work["tokens"] * args.loss_fraction, label=name)
+                          loss_tokens=work["tokens"] * args.loss_fraction, label=name,
+                          convention=args.flop_convention, throughput=_throughput_from_args(args),
+                          goodput=args.goodput, layout=layout, auto_layout=layout is None,
+                          recompute=args.recompute, activations=args.activations, flash=args.flash)
     result["work"]["how"] = work["how"]
+    result["units"] = args.units
+    if not result["memory"]["fits"]:  # it would not run: no wall-clock or dollars as if it did
+        for key in ("wall_time_s", "tokens_per_s", "gpu_hours", "dollars"):
+            result["costs"][key]["value"] = None
+        result["notes"].append("does not fit: wall-clock, throughput, GPU-hours and dollars left out")
     if preset is not None:
         result["model"].update(preset.to_dict())
     if args.method == "pretrain" and preset is not None and preset.pretrain_tokens:
@@ -341,16 +565,24 @@ def _fmt(entry: dict) -> str:
 
 
 def format_estimate(result: dict) -> str:
+    """A table for people: one memory unit throughout (GiB = 2^30 B or GB = 10^9 B, stated in the header)."""
     c, mem, m = result["costs"], result["memory"], result["method"]
-    hw, setup = result["hardware"], result["setup"]
+    hw, setup, t = result["hardware"], result["setup"], result["time"]
+    unit = result.get("units", "GiB")
+    scale = 2**30 if unit == "GiB" else 1e9
+    per = result["bytes_per_param"]
     lines = [f"tunegap estimate: {result['model'].get('display') or result['model']['name']}, "
              f"method {m['label']}, {setup['precision']}, {setup['optimizer']}, micro-batch {setup['micro_batch']} x "
-             f"{setup['seq_len']} tokens, {setup['gpus']} x {hw['name']}, ZeRO-{setup['zero']}"
-             + (", activation checkpointing" if setup["checkpointing"] else ""),
-             "(every number below is an estimate)"]
+             f"{setup['seq_len']} tokens, {setup['gpus']} x {hw['name']}, ZeRO-{setup['zero']}, recompute "
+             f"{setup['recompute']}",
+             f"(every number below is an estimate; FLOP convention: {result['convention']['name']}; bytes/param "
+             f"layout: {per['name']}; memory in {unit} = {'2^30' if unit == 'GiB' else '10^9'} bytes)"]
 
     def row(label, key):
         lines.append(f"  {label:<28}{_fmt(c[key])}")
+
+    def size(label, value):
+        lines.append(f"  {label:<28}" + ("n/a" if value is None else f"{value / scale:,.2f} {unit}") + " (estimate)")
 
     lines.append("work")
     for label, key in (("tokens", "tokens"), ("loss tokens", "loss_tokens"), ("examples", "examples"),
@@ -358,30 +590,46 @@ def format_estimate(result: dict) -> str:
         row(label, key)
     lines.append("parameters")
     row("total", "params_total")
+    if result["model"].get("params_active") and result["model"]["params_active"] < c["params_total"]["value"]:
+        lines.append(f"  {'active per token (MoE)':<28}{result['model']['params_active']:,.0f} parameter (estimate)")
     row("trainable", "params_trainable")
     lines.append(f"  {'trainable share':<28}{100 * c['trainable_share']['value']:.4g}% "
                  f"({c['params_total']['value'] / max(c['params_trainable']['value'], 1):,.0f}x fewer) (estimate)")
-    lines.append("FLOPs (model FLOPs; hardware adds recompute)")
+    lines.append(f"FLOPs (model FLOPs in the {result['convention']['name']} convention; hardware = what the "
+                 "kernels run, recompute included)")
     for label, key in (("forward", "flops_forward"), ("backward", "flops_backward"), ("total", "flops_total"),
                        ("hardware (HFU)", "flops_hardware")):
         row(label, key)
-    lines.append("memory per device")
-    for label, key in (("weights", "weights_bytes"), ("gradients", "gradient_bytes"),
-                       ("optimizer state", "optimizer_state_bytes"), ("activations", "activation_bytes")):
-        row(label, key)
-    gib = 2**30
-    lines.append(f"  {'  without checkpointing':<28}{mem['activations_no_checkpointing'] / gib:.2f} GiB (estimate)")
-    lines.append(f"  {'  with checkpointing':<28}{mem['activations_checkpointing'] / gib:.2f} GiB (estimate)")
-    lines.append(f"  {'runtime overhead':<28}{mem['runtime'] / gib:.2f} GiB (estimate)")
+    lines.append(f"memory per device ({result['layout']['tp']}-way TP x {result['layout']['pp']}-way PP x "
+                 f"{result['layout']['cp']}-way CP x {result['layout']['dp']}-way DP; activations: "
+                 f"{mem['activation_model']})")
+    size("weights", mem["weights"])
+    size("gradients", mem["gradients"])
+    size("optimizer state", mem["optimizer_state"])
+    if mem.get("zero3_sharded_bytes") is not None:
+        size("ZeRO-3 sharded states", mem["zero3_sharded_bytes"])
+        size("ZeRO-3 gathered layers", mem["zero3_gathered_bytes"])
+    size("activations", mem["activations"])
+    if mem["activation_model"] == "hf":
+        size("  without checkpointing", mem["activations_no_checkpointing"])
+        size("  with checkpointing", mem["activations_checkpointing"])
+    size("runtime overhead", mem["runtime"])
     if mem["allocator"]:
-        lines.append(f"  {'allocator retention':<28}{mem['allocator'] / gib:.2f} GiB (estimate)")
-    row("peak", "peak_memory_bytes")
-    lines.append(f"  {'capacity':<28}{mem['capacity_bytes'] / gib:.2f} GiB -> "
+        size("allocator retention", mem["allocator"])
+    size("peak", mem["peak"])
+    lines.append(f"  {'capacity':<28}{mem['capacity_bytes'] / scale:,.2f} {unit} -> "
                  + ("fits" if mem["fits"] else "DOES NOT FIT") + f"; {mem['fit_message']}")
     lines.append("time and money")
-    for label, key in (("wall-clock", "wall_time_s"), ("throughput", "tokens_per_s"), ("GPU-hours", "gpu_hours"),
-                       ("dollars", "dollars")):
-        row(label, key)
+    if not mem["fits"]:
+        lines.append("  not estimated: the run does not fit (see capacity above)")
+    else:
+        lines.append(f"  {'utilisation':<28}MFU {t['mfu']:.1%}, HFU {t['hfu']:.1%} (from "
+                     f"{THROUGHPUT_FLAGS[t['given']]}; estimate)")
+        lines.append(f"  {'per device':<28}{t['tokens_per_s_per_gpu']:,.4g} token/s, {t['model_tflops_per_gpu']:,.4g} "
+                     f"model TFLOP/s, {t['hardware_tflops_per_gpu']:,.4g} hardware TFLOP/s (estimate)")
+        for label, key in (("wall-clock", "wall_time_s"), ("throughput", "tokens_per_s"), ("GPU-hours", "gpu_hours"),
+                           ("dollars", "dollars")):
+            row(label, key)
     lines.append("assumptions")
     lines += [f"  - {a}" for a in result["assumptions"]]
     if result["notes"]:
@@ -447,7 +695,9 @@ def against_run(run: str, runs_dir: str = "runs", *, mfu: float | None = None) -
     return {"run": ledger.get("run", str(path)), "ledger": str(path), "estimate": result, "comparison": rows_out,
             "note": f"time predicted at the run's own MFU ({run_mfu:.1%} of the {peak_key} peak), so it checks the "
                     "FLOP count, not the MFU assumption; micro-batch taken as "
-                    f"{rows} rows of {seq_len} (the run's positions per micro-batch, packed)"}
+                    f"{rows} rows of {seq_len} (the run's positions per micro-batch, packed); FLOP convention "
+                    f"{result['convention']['name']} (the ledger's); bytes/param layout "
+                    f"{result['bytes_per_param']['name']}"}
 
 
 def format_against(report: dict) -> str:
@@ -488,7 +738,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, seq_len: int) -> None:
     p.add_argument("--gpu", default="H100-SXM", help="a catalogue GPU, or 'cpu' for this machine (measured)")
     p.add_argument("--price", type=float, help="$ per device-hour (default: the catalogue's)")
     p.add_argument("--catalog", help="a JSON file of extra GPUs in gpus.json's format")
-    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed model-FLOPs utilisation")
+    p.add_argument("--mfu", type=float, help=f"assumed model-FLOPs utilisation (default {DEFAULT_MFU})")
     p.add_argument("--rank", type=int, default=8, help="LoRA/QLoRA rank")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (no cost effect)")
     p.add_argument("--targets", default=",".join(ALL_LINEAR), help="LoRA target matrices, comma-separated")
@@ -501,8 +751,20 @@ def cmd_estimate(args) -> int:
         print(json.dumps(report, indent=2, default=str) if args.json else format_against(report))
         return 0
     result = estimate(args)
-    print(json.dumps(result, indent=2, default=str) if args.json else format_estimate(result))
+    print(json.dumps(_json_safe(result), indent=2, default=str, allow_nan=False) if args.json
+          else format_estimate(result))
     return 0
+
+
+def _json_safe(value):
+    """JSON has no NaN or Infinity: a non-finite number becomes null (none should reach here)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def add_parser(subparsers) -> None:
@@ -516,6 +778,33 @@ def add_parser(subparsers) -> None:
     est.add_argument("--adapter-dim", type=int, default=16, help="bottleneck adapter width")
     est.add_argument("--loss-fraction", type=float, default=1.0,
                      help="share of tokens that carry loss (SFT replies only: below 1)")
+    est.add_argument("--flop-convention", default="hardware", choices=tuple(CONVENTIONS),
+                     help="how FLOPs are counted (totals and MFU): " + "; ".join(
+                         f"{k}: {v.split(' (')[0]}" for k, v in CONVENTIONS.items()))
+    est.add_argument("--hfu", type=float, help="assumed hardware-FLOPs utilisation (recompute included)")
+    est.add_argument("--tokens-per-second-per-gpu", dest="tokens_per_s_per_gpu", type=float,
+                     help="a measured training rate per device")
+    est.add_argument("--tflops-per-gpu", type=float,
+                     help="achieved hardware TFLOP/s per device (as Megatron-LM logs it, recompute included)")
+    est.add_argument("--goodput", type=float, default=1.0,
+                     help="share of wall-clock spent training (restarts, failures, evaluation aside)")
+    est.add_argument("--bytes-preset", choices=tuple(NAMED_PRESETS),
+                     help="a named bytes/param layout (sets --precision and --optimizer): " + "; ".join(
+                         f"{k} = {v[2]:g} B" for k, v in NAMED_PRESETS.items()))
+    est.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                     help="QLoRA double quantization of the NF4 constants (Dettmers et al. 2023)")
+    for flag, what in (("tp", "tensor"), ("pp", "pipeline"), ("cp", "context"), ("ep", "expert")):
+        est.add_argument(f"--{flag}", type=int, help=f"{what}-parallel degree (full training; default: pure data "
+                                                    "parallelism, or the smallest layout that fits --gpus)")
+    est.add_argument("--sp", action="store_true", help="Megatron sequence parallelism in the TP region")
+    est.add_argument("--recompute", choices=RECOMPUTE,
+                     help="activation recomputation (default: full with --checkpointing, else none)")
+    est.add_argument("--activations", default="auto", choices=("auto", "hf", "korthikanti"),
+                     help="activation model: hf (the tensors a Hugging Face block saves, as tunegap trains) or "
+                          "korthikanti (Megatron, Korthikanti et al. 2022); auto: hf unless model-parallel")
+    est.add_argument("--flash", action=argparse.BooleanOptionalAction, default=True,
+                     help="fused/flash attention (no s x s activations)")
+    est.add_argument("--units", default="GiB", choices=("GiB", "GB"), help="memory units of the table")
     est.add_argument("--against", help="a run name or folder: compare its measured ledger with the estimate")
     est.add_argument("--runs-dir", default="runs")
     est.set_defaults(func=cmd_estimate)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .shape import ModelShape
+from .shape import ModelShape, validate_config
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -52,7 +53,7 @@ class ModelPreset:
     notes: str = ""
 
     def shape(self) -> ModelShape:
-        return ModelShape.from_hf_config(self.config)
+        return ModelShape.from_hf_config(self.config, f"preset {self.name}")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "config"}
@@ -76,11 +77,12 @@ def resolve_model(name_or_path: str) -> tuple[ModelShape, ModelPreset | None]:
         path = path / "config.json"
     if path.is_file():
         config = _read_json(path, "a Hugging Face config")
-        config.setdefault("_name_or_path", str(name_or_path))
+        if isinstance(config, dict):
+            config.setdefault("_name_or_path", str(name_or_path))
         try:
-            return ModelShape.from_hf_config(config), None
-        except (TypeError, ValueError) as err:
-            raise EstimateError(f"{path}: not a decoder config the estimator understands: {err}") from None
+            return validate_config(config, str(path)), None
+        except ValueError as err:
+            raise EstimateError(str(err)) from None
     raise EstimateError(f"--model: {name_or_path!r} is neither a preset ({', '.join(presets)}) "
                         "nor a config.json / model folder")
 
@@ -115,6 +117,26 @@ class Device:
         return {**self.__dict__, "notes": list(self.notes)}
 
 
+def _check_device(device: Device) -> None:
+    """A catalogue entry's numbers: memory and peaks finite and positive (a peak may be null), a price finite
+    and >= 0 (or null); one line naming the entry and field otherwise."""
+    def bad(field, value, expected):
+        return EstimateError(f"GPU catalogue entry {device.name!r}: {field}: expected {expected}, got {value!r}")
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not (number(device.memory_bytes) and device.memory_bytes > 0):
+        raise bad("memory_bytes", device.memory_bytes, "a positive finite number of bytes")
+    for key, value in device.peak_flops_per_s.items():
+        if value is not None and not (number(value) and value > 0):
+            raise bad(f"peak_flops_per_s.{key}", value, "a positive finite FLOP/s or null")
+    if device.price_per_hour is not None and not (number(device.price_per_hour) and device.price_per_hour >= 0):
+        raise bad("price_per_hour_usd", device.price_per_hour, "a finite price >= 0 or null")
+    if device.memory_bandwidth is not None and not (number(device.memory_bandwidth) and device.memory_bandwidth > 0):
+        raise bad("memory_bandwidth_bytes_per_s", device.memory_bandwidth, "a positive finite number or null")
+
+
 @functools.lru_cache(maxsize=None)
 def _shipped_gpus() -> dict:
     return _read_json(DATA / "gpus.json", "the GPU catalogue")
@@ -138,6 +160,7 @@ def gpu_catalog(extra: str | Path | None = None) -> dict[str, Device]:
             except (KeyError, TypeError, ValueError) as err:
                 raise EstimateError(f"GPU catalogue entry {entry.get('name', '?')!r}: missing or bad field {err}") \
                     from None
+            _check_device(device)
             for alias in [entry["name"], *entry.get("aliases", [])]:
                 devices[_key(alias)] = device
     return devices
@@ -216,8 +239,8 @@ def cpu_device(peaks: dict | None = None) -> Device:
                   peak_flops_per_s={"fp32": peaks["fp32_flops_per_s"], "bf16": peaks["bf16_flops_per_s"]},
                   runtime_bytes=float(baseline), price_per_hour=None, allocator_retention=CPU_ALLOCATOR_RETENTION,
                   source="matmul peaks measured on this machine (hardware.measure_peaks); memory from sysconf",
-                  notes=(f"runtime overhead = peak RSS of a process that only imports torch, transformers and peft: "
-                         f"{baseline / 2**20:.0f} MiB (measured)", CPU_ALLOCATOR_SOURCE))
+                  notes=("runtime overhead = peak RSS of a process that only imports torch, transformers and peft "
+                         "(measured)", CPU_ALLOCATOR_SOURCE))
 
 
 def resolve_device(name: str = "H100-SXM", *, catalog: str | Path | None = None,

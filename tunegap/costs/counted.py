@@ -9,6 +9,7 @@ backward pass (hardware FLOPs), so counted totals compare with `Flops.hardware`.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch.utils import flop_counter
@@ -26,6 +27,21 @@ if _CPU_SDPA not in flop_counter.flop_registry:
     @flop_counter.register_flop_formula(_CPU_SDPA_BACKWARD)
     def _cpu_sdpa_backward_flop(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
         return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_GROUPED_MM = getattr(torch.ops.aten, "_grouped_mm", None)
+
+if _GROUPED_MM is not None and _GROUPED_MM not in flop_counter.flop_registry:
+    # transformers runs MoE experts as one grouped matmul (`experts_implementation="grouped_mm"`), which
+    # PyTorch's counter does not know: without this every routed expert would count as zero FLOPs.
+
+    @flop_counter.register_flop_formula(_GROUPED_MM)
+    def _grouped_mm_flop(mat_a, mat_b, *args, out_shape=None, **kwargs) -> int:
+        """2 x rows x inner x cols, every row in exactly one group: a (M x K) by b (G x K x N) gives M x N;
+        a (K x M) by b (M x N) with groups along M (the weight gradient) gives G x K x N from M rows."""
+        if len(mat_a) == 2 and len(mat_b) == 2:
+            return 2 * mat_a[0] * mat_a[1] * mat_b[1]
+        return 2 * math.prod(out_shape) * mat_a[-1]
 
 
 class _Counter(TorchDispatchMode):

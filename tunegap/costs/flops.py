@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .parts import PARALLEL, SCALE_INPUT, SCALE_OUTPUT, SERIAL
-from .shape import MLP_MATRICES, ModelShape, Trainable
+from .shape import MLP_MATRICES, ModelShape, Trainable, full_trainable
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,17 @@ def _matmul(fan_in: int, fan_out: int, tokens: float, *, input_grad: bool, weigh
     return Flops(mm, mm if input_grad else 0.0, mm if weight_grad else 0.0)
 
 
+def _extras(extras: dict, part: str, tokens: float, *, input_grad: bool, weight_grad: bool) -> Flops:
+    """A layer's matmuls outside the seven sites (`ModelShape.extra_linears`) in one part of the block: an MoE
+    router and shared experts, MLA's query down-projection. They read the normed stream: a gradient to their
+    input when the stream carries one, to their weight when the method trains the layer's extras."""
+    total = ZERO
+    for where, fan_in, fan_out, _, active, _ in extras.values():
+        if where == part:
+            total = total + _matmul(fan_in, fan_out, tokens * active, input_grad=input_grad, weight_grad=weight_grad)
+    return total
+
+
 def _chain(matmuls, tokens: float, *, input_grad: bool) -> list[Flops]:
     """A part's matmuls in order, every weight trained: the first needs its input gradient only where the
     site's input carries one; the later ones read a trained matmul's output, so theirs is always needed
@@ -99,8 +110,8 @@ def _last_matmul(shape: ModelShape, trainable: Trainable, layer: int, tokens: fl
         return _matmul(last.fan_in, last.fan_out, tokens, input_grad=False, weight_grad=False).forward
     if trainable.parts_at(layer, "down", SCALE_OUTPUT):  # the recompute runs through the last matmul
         return 0.0
-    fan_in, fan_out = shape.matrix_dims("down")
-    copies = shape.matrix_copies("down")[1]
+    fan_in, fan_out = shape.matrix_dims("down", layer)
+    copies = shape.matrix_copies("down", layer)[1]
     beside = trainable.parts_at(layer, "down", PARALLEL)
     if beside:
         last = beside[-1].matmuls[-1]
@@ -132,8 +143,8 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
     stream_grad = trainable.input_trains  # does the residual stream carry a gradient yet?
 
     def project(layer: int, m: str, input_grad: bool) -> tuple[Flops, bool]:
-        fan_in, fan_out = shape.matrix_dims(m)
-        routed = tokens * shape.matrix_copies(m)[1]
+        fan_in, fan_out = shape.matrix_dims(m, layer)
+        routed = tokens * shape.matrix_copies(m, layer)[1]
         input_grad = input_grad or bool(trainable.parts_at(layer, m, SCALE_INPUT))  # a trained vector scales x
         trains = (layer, m) in trainable.dense
         flops = _matmul(fan_in, fan_out, routed, input_grad=input_grad, weight_grad=trains)
@@ -146,6 +157,8 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
     for layer in range(shape.num_layers):
         block_start = total.forward
         attn_in = stream_grad or layer in trainable.norms
+        extras = shape.extra_linears(layer)
+        total = total + _extras(extras, "attn", tokens, input_grad=attn_in, weight_grad=layer in trainable.extras)
         qkv_grad = False
         for m in ("q", "k", "v"):
             flops, out_grad = project(layer, m, attn_in)
@@ -153,7 +166,7 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
         extra_keys = trainable.extra_keys(layer)
         qkv_grad = qkv_grad or extra_keys > 0  # trained keys/values: the attention's backward runs
         s_k = s_q + extra_keys
-        attn = 4.0 * sequences * s_q * s_k * shape.num_heads * shape.head_dim * (0.5 if causal else 1.0)
+        attn = 2.0 * sequences * s_q * s_k * shape.num_heads * sum(shape.attention_dims()) * (0.5 if causal else 1.0)
         total = total + Flops(attn, 2 * attn if qkv_grad else 0.0, 0.0,
                               attn / 2 if qkv_grad and attention_rescore else 0.0)
         flops, o_grad = project(layer, "o", qkv_grad)
@@ -161,9 +174,8 @@ def train_step_flops(shape: ModelShape, trainable: Trainable, *, sequences: int,
         stream_grad = stream_grad or o_grad
 
         mlp_in = stream_grad or layer in trainable.norms
-        if shape.num_experts:  # router: d -> experts
-            total = total + _matmul(shape.hidden_size, shape.num_experts, tokens, input_grad=mlp_in,
-                                    weight_grad=(layer, "gate") in trainable.dense)
+        # router, shared experts: beside the routed experts, on every token
+        total = total + _extras(extras, "mlp", tokens, input_grad=mlp_in, weight_grad=layer in trainable.extras)
         hidden_grad = False
         for m in MLP_MATRICES[:-1] if shape.gated_mlp else ("up",):
             flops, out_grad = project(layer, m, mlp_in)
@@ -189,12 +201,12 @@ def forward_flops(shape: ModelShape, *, sequences: int, seq_len: int, logit_toke
                   causal: bool = False, past_len: int = 0) -> float:
     """Inference FLOPs of one forward pass (prefill when past_len=0); the in-context-learning arm's cost."""
     tokens = float(sequences * seq_len)
-    per_token = sum(2.0 * shape.matrix_dims(m)[0] * shape.matrix_dims(m)[1] * shape.matrix_copies(m)[1]
-                    for m in shape.layer_matrices()) * shape.num_layers
-    if shape.num_experts:
-        per_token += 2.0 * shape.hidden_size * shape.num_experts * shape.num_layers
+    per_token = 2.0 * sum(shape.matrix_dims(m, i)[0] * shape.matrix_dims(m, i)[1] * shape.matrix_copies(m, i)[1]
+                          for i in range(shape.num_layers) for m in shape.layer_matrices())
+    per_token += 2.0 * sum(k * n * active for i in range(shape.num_layers)
+                           for _, k, n, _, active, _ in shape.extra_linears(i).values())
     s_k = past_len + seq_len
-    attn = 4.0 * sequences * seq_len * s_k * shape.num_heads * shape.head_dim * shape.num_layers
+    attn = 2.0 * sequences * seq_len * s_k * shape.num_heads * sum(shape.attention_dims()) * shape.num_layers
     attn *= 0.5 if causal and past_len == 0 else 1.0
     logits = 2.0 * shape.hidden_size * shape.vocab_size * (tokens if logit_tokens is None else logit_tokens)
     return per_token * tokens + attn + logits
@@ -216,3 +228,91 @@ def six_n_d(params: float, tokens: float) -> float:
 def non_embedding_params(shape: ModelShape) -> int:
     """N in 6ND: Kaplan et al. exclude embeddings; the output projection's matmul is counted by us apart."""
     return shape.num_layers * shape.layer_params()
+
+
+# --- the conventions papers publish FLOP counts in --------------------------------------------------------
+
+# name -> (description with its source). "hardware" is the ledger's: what the kernels execute and
+# FlopCounterMode counts (full attention square, logits in); the others count what a paper counted, so a
+# published budget or MFU can be read in its own terms.
+CONVENTIONS = {
+    "hardware": "every matmul the kernels run: full s x s attention square, vocabulary logits in "
+                "(torch.utils.flop_counter's rule; the ledger's convention)",
+    "causal": "as hardware, attention scores halved for the causal mask (FlashAttention-2, Dao 2023, Sec. 4.1: "
+              "'for causal, divide by 2')",
+    "causal-no-logits": "causal, without the vocabulary projection (matmuls of the blocks only)",
+    "no-logits": "hardware without the vocabulary projection",
+    "6nd": "C = 6ND, N = all parameters (active ones for MoE), D = tokens (Kaplan et al. 2020, Sec. 2.1; "
+           "Hoffmann et al. 2022 use it with N including embeddings); no attention term",
+    "6nd-nonembedding": "C = 6ND with N the non-embedding parameters (Kaplan et al. 2020, Table 1 and Eq. 2.1)",
+    "palm": "6N + 12·L·H·Q·T per token (Chowdhery et al. 2022, PaLM, App. B: N parameters, L layers, H heads, "
+            "Q head dim, T sequence length); the MFU convention of PaLM and Llama 3",
+    "chinchilla": "Hoffmann et al. 2022, App. F: embeddings 2sVd, attention with softmax 3Hs², dense 2s·(params), "
+                  "logits 2sdV per sequence forward; backward = 2 x forward",
+    "chinchilla-blocks": "App. F without the embeddings and logits terms: how its Table A4 was computed (the "
+                         "authors' correspondence reported in nanoGPT's scaling_laws.ipynb; it reproduces Table A4)",
+}
+FULL_ONLY = ("6nd", "6nd-nonembedding", "palm", "chinchilla", "chinchilla-blocks")
+
+
+def convention_flops(shape: ModelShape, trainable: Trainable, convention: str, *, sequences: int, seq_len: int,
+                     logit_tokens: float | None = None, calls: int = 1, full_training: bool = True) -> Flops:
+    """Model FLOPs of `sequences` rows of `seq_len` tokens in a named convention (`CONVENTIONS`).
+
+    The closed forms (6nd, palm, chinchilla) assume every weight trains: for another method they are refused.
+    Their forward is a third of the total, as the papers split it."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"--flop-convention: expected one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    if convention in FULL_ONLY and not full_training:
+        raise ValueError(f"--flop-convention {convention}: a closed form for training every weight; use hardware, "
+                         "causal or no-logits for a parameter-efficient method")
+    tokens = float(sequences) * seq_len
+    if convention in ("hardware", "causal", "causal-no-logits", "no-logits"):
+        logits = 0.0 if convention.endswith("no-logits") else logit_tokens
+        return train_step_flops(shape, trainable, sequences=sequences, seq_len=seq_len, logit_tokens=logits,
+                                causal=convention.startswith("causal"), calls=calls, attention_rescore=False)
+    n_all = shape.active_params()
+    if convention == "6nd":
+        total = 6.0 * n_all * tokens
+    elif convention == "6nd-nonembedding":
+        total = 6.0 * (n_all - shape.embedding_params() - shape.head_params()) * tokens
+    elif convention == "palm":
+        total = (6.0 * n_all + 12.0 * shape.num_layers * shape.num_heads * shape.head_dim * seq_len) * tokens
+    else:
+        total = 3.0 * sequences * chinchilla_forward(shape, seq_len, ends=convention == "chinchilla")
+    return Flops(total / 3, 2 * total / 3, 0.0)
+
+
+def chinchilla_forward(shape: ModelShape, seq_len: int, *, ends: bool = True) -> float:
+    """Forward FLOPs of one sequence as Hoffmann et al. 2022, App. F counts them (their non-gated MLP's
+    2s(d·f + d·f) is read here as 2s x the MLP's active weights, so a gated or MoE MLP is counted as it runs)."""
+    s, d, v = float(seq_len), shape.hidden_size, shape.vocab_size
+    total = 2 * s * v * d + 2 * s * d * v if ends else 0.0  # embeddings, logits
+    qk, vd = shape.attention_dims()
+    for layer in range(shape.num_layers):
+        projections = sum(shape.matrix_dims(m, layer)[0] * shape.matrix_dims(m, layer)[1]
+                          for m in ("q", "k", "v", "o"))
+        mlp = sum(shape.matrix_dims(m, layer)[0] * shape.matrix_dims(m, layer)[1] * shape.matrix_copies(m, layer)[1]
+                  for m in shape.layer_matrices() if m in MLP_MATRICES)
+        mlp += sum(k * n * active for _, k, n, _, active, _ in shape.extra_linears(layer).values())
+        attention = 2 * s * projections + 2 * s * s * qk * shape.num_heads + 3 * shape.num_heads * s * s \
+            + 2 * s * s * vd * shape.num_heads
+        total += attention + 2 * s * mlp
+    return total
+
+
+def recompute_flops(shape: ModelShape, *, sequences: int, seq_len: int, recompute: str, flash: bool = True) -> float:
+    """Hardware FLOPs redone for memory's sake in a full-training step, beside the model FLOPs (HFU - MFU):
+    "full" repeats each block's forward (Korthikanti et al. 2022, Sec. 5: about 33% more); "selective" repeats
+    only QK^T and AV (their Sec. 5: 2.7% of GPT-3's forward); a flash kernel recomputes QK^T in its backward
+    whatever the policy (Dao et al. 2022, Alg. 4), so selective adds nothing more under flash."""
+    qk, vd = shape.attention_dims()
+    scores = 2.0 * sequences * seq_len * seq_len * shape.num_heads * shape.num_layers
+    rescore = scores * qk if flash else 0.0
+    if recompute == "none":
+        return rescore
+    if recompute == "selective":
+        return rescore if flash else scores * (qk + vd)
+    full = train_step_flops(shape, full_trainable(shape), sequences=sequences, seq_len=seq_len, logit_tokens=0,
+                            attention_rescore=False).forward
+    return rescore + full

@@ -74,6 +74,13 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               "parameter dtype)"),
     Precision("fp16-mixed", 2, 2, 4, 1.0, 2, 0, False, "fp16",
               "as bf16-mixed with fp16 and loss scaling (Micikevicius et al. 2018): 16 B/param"),
+    Precision("bf16-fp32-moments", 2, 2, 0, 1.0, 2, 0, False, "bf16",
+              "bf16 weights and gradients, fp32 Adam moments, no fp32 master copy (2 + 2 + 8 = 12 B/param; e.g. "
+              "torchtitan/FSDP2 with bf16 parameters and fp32 optimizer state)"),
+    Precision("fp8-mixed", 2, 2, 4, 1.0, 2, 0, False, "fp8",
+              "FP8 matmuls (NVIDIA Transformer Engine; DeepSeek-V3, Liu et al. 2024, Sec. 3.3): bf16 weights and "
+              "gradients, fp32 master and moments (16 B/param), matmuls at the FP8 peak; activations kept at 16 bits "
+              "(a conservative bound: TE caches some matmul inputs in FP8)"),
 )}
 
 
@@ -143,6 +150,12 @@ NAMED_PRESETS: dict[str, tuple[str, str, float, str]] = {
     "autocast-adam": ("bf16-autocast", "adamw", 16, "fp32 master = weights under torch.autocast"),
     "bf16-adam": ("bf16", "adamw", 8, "everything in bf16 (2 + 2 + 4)"),
     "fp32-sgd-momentum": ("fp32", "sgd", 12, "4 + 4 + 4"),
+    "bf16-no-master-adam": ("bf16-fp32-moments", "adamw", 12,
+                            "bf16 weights and gradients, fp32 Adam moments, no master copy (2 + 2 + 8)"),
+    "fp8-mixed-adam": ("fp8-mixed", "adamw", 16, "FP8 compute, the ZeRO mixed-precision states (2 + 2 + 12)"),
+    "adam-8bit-mixed": ("bf16-mixed", "adamw8bit", 10 + 2 * 4 / 2048,
+                        "bf16 weights and gradients, fp32 master, 8-bit Adam moments (Dettmers et al. 2022): "
+                        "2 + 2 + 4 + 2"),
 }
 
 
@@ -166,18 +179,29 @@ def trainable_tensors(shape: ModelShape, tr: Trainable) -> list[TensorShape]:
     """Every trainable tensor; a test checks the numels sum to `Trainable.params` (itself checked on real models)."""
     d, out = shape.hidden_size, []
     for layer, m in sorted(tr.dense):
-        k, n = shape.matrix_dims(m)
-        out.append(TensorShape(layer, k, n, shape.matrix_copies(m)[0]))
-        if shape.qkv_bias and m in ("q", "k", "v"):
-            out.append(TensorShape(layer, n, 1))
+        k, n = shape.matrix_dims(m, layer)
+        copies = shape.matrix_copies(m, layer)[0]
+        out.append(TensorShape(layer, k, n, copies))
+        if shape.matrix_bias(m, layer):
+            out.append(TensorShape(layer, shape.matrix_bias(m, layer), 1, copies))
+    for layer in sorted(tr.extras):
+        for _, k, n, stored, _, bias in shape.extra_linears(layer).values():
+            out.append(TensorShape(layer, k, n, stored))
+            if bias:
+                out.append(TensorShape(layer, bias, 1, stored))
     out += [TensorShape(part.layer, t.rows, t.cols, t.copies, True)
             for part in sorted((p for p in tr.parts if p.layer is not None), key=Part.sort_key) for t in part.tensors]
+    per_norm = shape.norm_params()
     for layer in sorted(tr.norms):
-        out += [TensorShape(layer, d, 1), TensorShape(layer, d, 1)]
+        out += [TensorShape(layer, per_norm, 1)] * shape.layer_norms
+        if shape.layer_norm_params() > shape.layer_norms * per_norm:  # q/k norms, MLA's latent norms
+            out.append(TensorShape(layer, shape.layer_norm_params() - shape.layer_norms * per_norm, 1))
     if tr.final_norm:
-        out.append(TensorShape(None, d, 1))
+        out.append(TensorShape(None, per_norm, 1))
     if tr.embeddings:
         out.append(TensorShape(None, shape.vocab_size, d))
+        if shape.learned_positions:
+            out.append(TensorShape(None, shape.learned_positions, d))
     if tr.head and not (shape.tied_embeddings and tr.embeddings):
         out.append(TensorShape(None, shape.vocab_size, d))  # untied head, or the tied matrix trained as head
     out += [TensorShape(None, t.rows, t.cols, t.copies, True)
@@ -281,16 +305,16 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
     lora_in = 2 if autocast else f32  # bytes of the input copy a LoRA A keeps (fp32 adapters)
     lora_copies = autocast or p.weight < 4  # does each adapted matrix keep its own copy?
     h, hq = shape.hidden_size, shape.num_heads * shape.head_dim
-    hkv, inter = shape.num_kv_heads * shape.head_dim, shape.intermediate_size
+    hkv = shape.num_kv_heads * shape.head_dim
     s_q = seq_len + tr.extra_queries
     n = sequences * s_q  # token positions in the blocks
-    k_exp = shape.experts_per_token if shape.num_experts else 1
     stream = tr.input_trains  # does the residual stream require a gradient yet?
     blocks, checkpoints = [], []
-    matrix_params = {m: shape.matrix_dims(m)[0] * shape.matrix_dims(m)[1] * shape.matrix_copies(m)[0]
-                     for m in shape.layer_matrices()}
-
     for layer in range(shape.num_layers):
+        inter, k_exp = shape.matrix_dims("down", layer)[0], shape.matrix_copies("down", layer)[1]
+        matrix_params = {m: shape.matrix_dims(m, layer)[0] * shape.matrix_dims(m, layer)[1]
+                         * shape.matrix_copies(m, layer)[0] for m in shape.layer_matrices()}
+
         def trains(m):
             return (layer, m) in tr.dense
 
@@ -357,10 +381,14 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
             kept += e * (2 * n * hq + 2 * n_kv * kv_width) + f32 * n * shape.num_heads
             if math_attention:  # softmax probabilities, heads x s_q x s_k per sequence
                 kept += f32 * sequences * shape.num_heads * s_q * (s_q + extra_keys)
+        if attn_grad:
+            kept += n * family_attention_extras(shape, e, p.weight if norm_trains else 0)
         kept += n * matmul_input("o", hq, shared=attn_grad) + n * scaled(("o",), hq) + rebuilt(("o",), attn_grad)
         stream = stream or grad_out("o", attn_grad)
 
-        kept += n * norm(stream)
+        # the residual-stream norms past the first: one more in a Llama block, three in Gemma 2/3's, none in
+        # Falcon-7B's parallel block (its one norm feeds attention and MLP)
+        kept += (shape.layer_norms - 1) * n * norm(stream)
         y2_grad = stream or norm_trains
         mlp = ("gate", "up") if shape.gated_mlp else ("up",)
         kept += n * k_exp * norm_output(mlp, h)
@@ -368,6 +396,14 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
         hidden_grad = any(grad_out(m, y2_grad) for m in mlp)
         if hidden_grad:  # gated: gate output (SiLU input), SiLU output, up output; plain: the GELU input
             kept += n * k_exp * e * inter * (3 if shape.gated_mlp else 1)
+            if shape.is_moe_layer(layer):
+                # router logits and probabilities (fp32); each routed expert's output, kept for its routing
+                # weight's multiply, with the int64 token indices; shared experts as a gated MLP (and Qwen2-MoE's
+                # sigmoid gate keeps the shared output beside it)
+                kept += n * (2 * f32 * shape.num_experts + k_exp * (e * h + 16) + e * 4 * shape.shared_expert_size)
+                kept += n * (e * h + f32) if shape.shared_expert_gate else 0
+            # a GeLU written as Python arithmetic (GPT-2's gelu_new) keeps three more tensors of the hidden width
+            kept += n * k_exp * e * inter * COMPOSED_ACTIVATIONS.get(shape.activation, 0)
         kept += n * k_exp * matmul_input("down", inter, shared=False)
         kept += n * k_exp * scaled(("down",), inter) + rebuilt(("down",), hidden_grad)
         stream = stream or grad_out("down", hidden_grad)
@@ -398,6 +434,27 @@ def activation_bytes(shape: ModelShape, tr: Trainable, p: Precision, *, sequence
     head += f32 * loss_positions * shape.vocab_size  # log-softmax output, fp32
     transient = 2 * f32 * loss_positions * shape.vocab_size  # d(log-probs) and d(logits), fp32
     return Activations(tuple(blocks), tuple(checkpoints), head, transient)
+
+
+# transformers' NewGELUActivation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), written as Python arithmetic:
+# read off its autograd graph, it keeps tanh's output and both operands of the last multiply (0.5·x and
+# 1 + tanh) beyond the input the walk already counts
+COMPOSED_ACTIVATIONS = {"gelu_new": 3}
+
+
+def family_attention_extras(shape: ModelShape, e: float, norm_weight: float) -> float:
+    """Bytes per position the attention of a non-Llama block keeps beyond Q, K, V and the output: Qwen3/Gemma 3's
+    per-head q/k RMSNorms (an fp32 copy of q and k, and the normalised ones when the norm trains), MLA's latent
+    query and key/value (their RMSNorms' fp32 copies and the up-projections' inputs)."""
+    f32 = 4
+    total = 0.0
+    if shape.qk_norm:
+        q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+        total += (f32 + norm_weight) * (q_width + kv_width)
+    if shape.mla:
+        latent = shape.q_lora_rank + shape.kv_lora_rank
+        total += (f32 + norm_weight + e) * latent + e * (shape.kv_lora_rank + shape.qk_rope_head_dim)
+    return total
 
 
 # --- model states and the peak ----------------------------------------------------------------------------
@@ -469,9 +526,8 @@ def memory_per_device(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, se
     base, added = shape.total_params(), sum(t.numel for t in tensors if t.added)
     quantized = 0
     if setup.base_format == "nf4":
-        quantized = shape.num_layers * sum(
-            shape.matrix_dims(m)[0] * shape.matrix_dims(m)[1] * shape.matrix_copies(m)[0]
-            for m in shape.layer_matrices())
+        quantized = sum(shape.matrix_dims(m, i)[0] * shape.matrix_dims(m, i)[1] * shape.matrix_copies(m, i)[0]
+                        for i in range(shape.num_layers) for m in shape.layer_matrices())
     adapter = _adapter_precision(p)
     weights = (quantized * nf4_bytes_per_param(setup.double_quant) + (base - quantized) * p.weight
                + added * adapter.weight)
@@ -555,15 +611,16 @@ def devices_needed(shape: ModelShape, tr: Trainable, setup: TrainSetup, *, seq_l
     if peak(1) <= capacity_bytes:
         return 1, "fits on one device"
     if setup.zero == 0:
-        return None, (f"needs {peak(1) / 1e9:.1f} GB per device and ZeRO-0 replicates everything on each; "
+        return None, ("ZeRO-0 replicates everything on each device; "
                       "try --zero 3 (FSDP), --checkpointing, a smaller --micro-batch or a larger device")
     floor = peak(MAX_DEVICES)
     if floor > capacity_bytes:
         return None, (f"does not fit even on {MAX_DEVICES:,} devices with ZeRO-{setup.zero}: what cannot be "
                       f"sharded (activations of one micro-batch, gathered weights, runtime) is "
-                      f"{floor / 1e9:.1f} GB > {capacity_bytes / 1e9:.1f} GB; try "
+                      "above the capacity; try "
                       + ("--zero 3, " if setup.zero < 3 else "")
-                      + "--checkpointing or a smaller --micro-batch (tensor/pipeline parallelism is not modelled)")
+                      + "--checkpointing, a smaller --micro-batch, or model parallelism (--tp/--pp/--cp, full "
+                        "training)")
     lo, hi = 1, 2
     while peak(hi) > capacity_bytes:
         lo, hi = hi, hi * 2

@@ -42,4 +42,5 @@ class Freeze(Method):
     def trainable(self, shape):
         top = list(self._top(shape))
         return Trainable(dense=frozenset((i, m) for i in top for m in shape.layer_matrices()),
-                         norms=frozenset(top), final_norm=True, head=not shape.tied_embeddings)
+                         norms=frozenset(top), final_norm=True, head=not shape.tied_embeddings,
+                         extras=frozenset(top))
