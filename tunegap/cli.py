@@ -26,6 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
+    from .costs.shape import ShapeError
     from .data.loaders import DataError
     from .methods import MethodError
     from .models import ModelError
@@ -36,7 +37,7 @@ def _user_errors() -> tuple:
 
     # OSError: a full disk, a permission, a missing path; each is the user's to fix and says which file
     errors = [ConfigError, DataError, MethodError, ModelError, RunPathError, TrainingError, CheckpointError,
-              RunLoadError, UserError, UnsafeFileError, OSError]
+              RunLoadError, UserError, UnsafeFileError, ShapeError, OSError]
     try:
         from .estimate import EstimateError
 
