@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
@@ -27,16 +28,17 @@ class _Parser(argparse.ArgumentParser):
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .data.loaders import DataError
+    from .io import DamagedFileError
     from .methods import MethodError
     from .models import ModelError
     from .outputs import RunLoadError
-    from .runs import RunPathError
+    from .runs import RunIndexError, RunPathError
     from .safety import UnsafeFileError
     from .trainer import TrainingError
 
     # OSError: a full disk, a permission, a missing path; each is the user's to fix and says which file
     errors = [ConfigError, DataError, MethodError, ModelError, RunPathError, TrainingError, CheckpointError,
-              RunLoadError, UserError, UnsafeFileError, OSError]
+              RunLoadError, UserError, UnsafeFileError, DamagedFileError, RunIndexError, OSError]
     try:
         from .estimate import EstimateError
 
@@ -65,8 +67,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .runs import format_runs_table, list_runs
+    from .runs import format_runs_table, list_runs, rebuild_index
 
+    if args.rebuild:
+        print(f"tunegap runs: index rebuilt from the run folders: {rebuild_index(args.runs_dir)} run(s)", flush=True)
     rows = list_runs(args.runs_dir)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -135,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list runs in the runs folder")
     runs.add_argument("--runs-dir", default="runs")
     runs.add_argument("--json", action="store_true")
+    runs.add_argument("--rebuild", action="store_true",
+                      help="re-create runs/index.sqlite from the run folders' ledgers (it is a cache of them)")
     runs.set_defaults(func=cmd_runs)
 
     for name, func, helptext in (("eval", cmd_eval, "task metrics of a base model or a run"),
@@ -166,7 +172,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, torchrun stopping its workers): stop as Ctrl-C does, with the same
+    atomic writes unwinding and the same one line, rather than dying silently mid-write."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Stopped()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every outcome is an exit code and at most one line on stderr: user errors 2, Ctrl-C 130, SIGTERM 143,
+    a closed pipe (`tunegap runs | head`) quietly; only a bug in tunegap shows a traceback."""
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    except ValueError:  # not the main thread (main() called from a thread): leave signals alone
+        pass
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as stop:  # also while imports and the parser are still being set up
+        how, code = ("stopped (SIGTERM)", 143) if isinstance(stop, Stopped) else ("interrupted", 130)
+        print(f"tunegap: {how}; rerun with --resume to continue a training run from its last checkpoint",
+              file=sys.stderr, flush=True)
+        return code
+    except BrokenPipeError:  # the reader went away: no more output is wanted, and none is an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout would raise again
+        return 141
+    finally:
+        if previous is not None:  # main() called in-process (tests, notebooks): give the handler back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -179,9 +219,6 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"tunegap: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tunegap: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
