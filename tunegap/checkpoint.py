@@ -20,6 +20,7 @@ from pathlib import Path
 from .io import fsync_dir
 from .ledger import Totals
 from .runs import run_identity
+from .safety import unpickler_reason
 
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "state.pt", "progress.json")  # a step-* folder holds all three or is ignored
@@ -193,7 +194,7 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, expect_config_ha
         state = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError and friends
         raise CheckpointError(f"{path / 'state.pt'}: refused to load (only tensors and plain data are allowed): "
-                              f"{str(err).splitlines()[0]}") from None
+                              f"{unpickler_reason(err)}") from None
     if not isinstance(state, dict) or not all(k in state for k in ("optimizer", "scheduler", "rng")):
         raise CheckpointError(f"{path / 'state.pt'}: not a tunegap optimizer state (no optimizer, scheduler, rng)")
     with torch.no_grad():
@@ -330,7 +331,7 @@ class DistributedBackend:
         try:
             extra = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
         except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"{path / 'state.pt'}: refused to load: {str(err).splitlines()[0]}") from None
+            raise CheckpointError(f"{path / 'state.pt'}: refused to load: {unpickler_reason(err)}") from None
         scheduler.load_state_dict(extra["scheduler"])
         if len(extra["rng"]) == self.world_size:
             torch.set_rng_state(extra["rng"][self.rank])

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
 
@@ -172,24 +173,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, raised by tunegap's own handler. A subclass on purpose: CPython kills itself with SIGINT at exit
+    whenever a plain KeyboardInterrupt escaped code run through PyRun_String (pybind11 modules do so while
+    torch imports), even if it was caught later; it checks the exact type, so a subclass exits with 130."""
+
+
 class Stopped(KeyboardInterrupt):
     """SIGTERM (a scheduler, `kill`, torchrun stopping its workers): stop as Ctrl-C does, with the same
     atomic writes unwinding and the same one line, rather than dying silently mid-write."""
 
 
-def _stop_on_sigterm(signum, frame):
-    raise Stopped()
+_HANDLED = threading.Event()  # main() has reported the stop: no signal needs sending again
+
+
+def _raise_for(signum, frame):
+    """Raise Interrupted/Stopped, and send the signal again in a second unless main() has reported it by then:
+    an exception raised at the wrong bytecode can be swallowed by C code (PyObject_HasAttr clears every
+    exception in 3.11), and a Ctrl-C during imports was seen lost that way, the run going on to its end."""
+    again = threading.Timer(1.0, lambda: None if _HANDLED.is_set() else os.kill(os.getpid(), signum))
+    again.daemon = True
+    again.start()
+    raise Stopped() if signum == signal.SIGTERM else Interrupted()
+
+
+def _install_handlers() -> dict:
+    """Our handlers for SIGINT and SIGTERM where Python's defaults are in place; the previous ones, to restore."""
+    previous = {}
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    for signum, default in defaults.items():
+        try:
+            if signal.getsignal(signum) is default:
+                previous[signum] = signal.signal(signum, _raise_for)
+        except ValueError:  # not the main thread (main() called from a thread): leave signals alone
+            pass
+    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
     """Every outcome is an exit code and at most one line on stderr: user errors 2, Ctrl-C 130, SIGTERM 143,
     a closed pipe (`tunegap runs | head`) quietly; only a bug in tunegap shows a traceback."""
-    previous = None
-    try:
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    except ValueError:  # not the main thread (main() called from a thread): leave signals alone
-        pass
+    previous = _install_handlers()
+    _HANDLED.clear()
     try:
         return _main(argv)
     except KeyboardInterrupt as stop:  # also while imports and the parser are still being set up
@@ -202,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout would raise again
         return 141
     finally:
-        if previous is not None:  # main() called in-process (tests, notebooks): give the handler back
-            signal.signal(signal.SIGTERM, previous)
+        _HANDLED.set()
+        for signum, handler in previous.items():  # main() called in-process (tests, notebooks): give them back
+            signal.signal(signum, handler)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -215,6 +241,8 @@ def _main(argv: list[str] | None) -> int:
         return done.code if isinstance(done.code, int) else 2
     try:
         return args.func(args)
+    except (KeyboardInterrupt, BrokenPipeError):  # `main` reports these; matching them against _user_errors()
+        raise  # would import torch again mid-way through a Ctrl-C that interrupted its import
     except _user_errors() as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"tunegap: error: {message}", file=sys.stderr)

@@ -10,6 +10,7 @@ A model folder's own Python code (`auto_map` in config.json) runs only with `--t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .io import DamagedFileError, read_json, require_regular
@@ -96,14 +97,23 @@ def check_safetensors(path: str | Path) -> None:
         raise DamagedFileError(f"{path}: not a valid safetensors file: {detail}") from None
 
 
+def unpickler_reason(err: BaseException) -> str:
+    """What torch's restricted unpickler objected to, in a few words: never its advice to retry with the unsafe
+    weights_only=False, which its message offers first."""
+    text = str(err)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text)
+    if found:
+        return found.group(1).strip()[:160]
+    first = text.splitlines()[0] if text else type(err).__name__
+    return "it holds objects other than tensors" if "weights_only" in first else first[:160]
+
+
 def refused_pickle(path: Path, err: BaseException) -> UnsafeFileError:
-    """torch.load(weights_only=True) refused a pickle: one line that names the file and never suggests the
-    unsafe weights_only=False that torch's own message offers."""
-    first = str(err).split("\n")[0] if str(err) else type(err).__name__
-    reason = first.split(". ")[0][:200] if "weights_only" not in first else "it holds objects other than tensors"
-    return UnsafeFileError(f"{path}: refused: {reason}; loading this pickle could run code, and tunegap reads "
-                           "pickles only as plain tensors (convert the weights to safetensors)")
+    """torch.load(weights_only=True) refused a pickle: one line naming the file, without the unsafe advice."""
+    return UnsafeFileError(f"{path}: refused ({unpickler_reason(err)}): this pickle holds more than plain tensors, "
+                           "and loading it could run code; tunegap reads pickles only as tensors (convert the "
+                           "weights to safetensors)")
 
 
 __all__ = ["ADAPTER_FILES", "MODEL_FILES", "UnsafeFileError", "check_safetensors", "pickled_files", "refused_pickle",
-           "weights_format"]
+           "unpickler_reason", "weights_format"]
