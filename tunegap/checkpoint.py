@@ -332,12 +332,16 @@ class DistributedBackend:
             extra = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"{path / 'state.pt'}: refused to load: {unpickler_reason(err)}") from None
-        scheduler.load_state_dict(extra["scheduler"])
-        if len(extra["rng"]) == self.world_size:
-            torch.set_rng_state(extra["rng"][self.rank])
-        comm = extra.get("communication_s") or []
-        if len(comm) == self.world_size:
-            self.clock.seconds = float(comm[self.rank])
+        try:
+            scheduler.load_state_dict(extra["scheduler"])
+            if len(extra["rng"]) == self.world_size:
+                torch.set_rng_state(extra["rng"][self.rank])
+            comm = extra.get("communication_s") or []
+            if len(comm) == self.world_size:
+                self.clock.seconds = float(comm[self.rank])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            raise CheckpointError(f"{path / 'state.pt'}: not a tunegap scheduler and RNG state: "
+                                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         return progress
 
     @staticmethod

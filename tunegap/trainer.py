@@ -551,7 +551,9 @@ def _lock_run(folder: Path):
         import fcntl
     except ImportError:  # not POSIX: no lock
         return None
-    handle = open(folder / ".lock", "a")
+    # O_NOFOLLOW: a link planted as .lock would otherwise create or open a file wherever it points
+    handle = os.fdopen(os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0),
+                               0o644), "a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
