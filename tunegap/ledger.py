@@ -70,6 +70,9 @@ def environment() -> dict:
             "tunegap_commit": commit}
 
 
+REQUIRED_TOTALS = ("steps", "examples", "tokens", "loss_tokens", "train_seconds", "flops")  # what every checkpoint held
+
+
 @dataclass
 class Totals:
     """Running sums that a checkpoint saves and a resumed run continues from."""
@@ -100,8 +103,9 @@ class Totals:
         if not isinstance(d, dict):
             raise ValueError(f"totals: expected an object, got {type(d).__name__}")
         wanted = {f.name: f for f in fields(cls)}
-        if set(d) != set(wanted):
-            raise ValueError(f"totals: missing {sorted(set(wanted) - set(d))}, unknown {sorted(set(d) - set(wanted))}")
+        missing = sorted(k for k in REQUIRED_TOTALS if k not in d)  # later fields default: older checkpoints resume
+        if missing or set(d) - set(wanted):
+            raise ValueError(f"totals: missing {missing}, unknown {sorted(set(d) - set(wanted))}"[:200])
         values = {}
         for name, value in d.items():
             if name == "flops":

@@ -240,7 +240,7 @@ class Trainer:
         sequences = per_rank * getattr(self.objective, "group_size", 1) * pairs  # GRPO: a group of replies each
         setup = TrainSetup(precision="bf16-autocast" if self.precision == "bf16" else "fp32", micro_batch=sequences,
                            gpus=world, zero=3 if getattr(strategy, "mode", "") == "fsdp" else 0,
-                           checkpointing=config.activation_checkpointing)
+                           checkpointing=config.activation_checkpointing, base_format=self.method.base_format)
         peak = memory_per_device(self.shape, self.trainable, setup, seq_len=config.seq_len).peak
         if strategy.device_type == "cuda":
             capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
