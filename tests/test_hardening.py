@@ -328,6 +328,47 @@ def test_full_disk_at_the_index_write_leaves_a_completed_listed_run(tmp_path, ca
     assert "1 run(s)" in capsys.readouterr().out
 
 
+def _ledger_row(name: str, path_text: str = "") -> tuple[dict, str]:
+    ledger = {"run": name, "status": "completed", "method": {"name": "lora"}, "config": {"model": "m"}, "metrics": {},
+              "costs": {k: {"value": 1} for k in ("tokens", "optimizer_steps", "params_trainable", "params_total",
+                                                   "flops_total", "wall_time_s")}}
+    return ledger, path_text or f"{name}/ledger.json"
+
+
+def test_a_real_write_failure_in_the_index_is_one_error_and_the_index_stays_whole(tmp_path):
+    """Not a patched call: a forked writer whose file-size limit (RLIMIT_FSIZE) stops the index's WAL from
+    growing gets real EFBIG errors inside SQLite, the way a full disk fails it."""
+    import resource
+
+    from tunegap.runs import RunIndexError, index_run, list_runs
+
+    runs = tmp_path / "runs"
+    index_run(runs, *_ledger_row("before"))
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            with open(tmp_path / "child.log", "w") as log:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(2) instead of a signal
+                resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+                try:
+                    index_run(runs, *_ledger_row("big", "x" * 200_000))  # 50 pages: past the limit
+                    code = 0
+                except RunIndexError as err:
+                    log.write(str(err))
+                    code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    message = (tmp_path / "child.log").read_text()
+    assert os.WEXITSTATUS(status) == 3, message
+    assert "index.sqlite" in message and "--rebuild" in message and "\n" not in message
+    assert [r["name"] for r in list_runs(runs)] == ["before"]  # the transaction rolled back; the index is whole
+    con = sqlite3.connect(runs / "index.sqlite")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+
+
 # --------------------------------------------------------------------------- input that must not crash or hang
 
 def _model_folder(folder: Path, **config_changes) -> Path:
