@@ -96,9 +96,11 @@ def _replace_tensor(file: Path, make) -> str:
 def test_checkpoint_tensor_of_another_shape_or_dtype_is_refused_naming_it(runs, capsys, damage):
     newest = ckpt.list_checkpoints(runs / "t" / "checkpoints")[-1]
     name = _replace_tensor(newest / "trainable.safetensors", damage)
+    before = outside(runs.parent, runs)
     one_line(capsys, finetune(runs, "--resume"), "trainable.safetensors", name)
     shutil.rmtree(newest)  # the last good checkpoint is still usable
     assert finetune(runs, "--resume") == 0 and steps_of(runs / "t") == [1, 2, 3, 4]
+    assert outside(runs.parent, runs) == before
 
 
 def test_optimizer_moment_of_another_shape_is_refused(runs, capsys):
@@ -438,7 +440,11 @@ def test_damaged_safetensors_anywhere_is_one_line_naming_the_file(runs, tmp_path
     one_line(capsys, finetune(runs, "--resume"), "trainable.safetensors")
 
     _damage_safetensors(runs / "t" / "adapter" / "adapter_model.safetensors", how)
+    before = outside(tmp_path, runs)
     one_line(capsys, main(["generate", "hi", "--run", "t", "--runs-dir", str(runs)]), "adapter_model.safetensors")
+    assert outside(tmp_path, runs) == before
+    shutil.rmtree(newest)  # the checkpoint before the damaged one still resumes
+    assert finetune(runs, "--resume") == 0
 
 
 def test_deeply_nested_json_on_a_data_line_is_one_line(tmp_path, capsys):
