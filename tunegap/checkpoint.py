@@ -18,7 +18,9 @@ import tempfile
 from pathlib import Path
 
 from .io import fsync_dir
+from .ledger import Totals
 from .runs import run_identity
+from .safety import unpickler_reason
 
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "state.pt", "progress.json")  # a step-* folder holds all three or is ignored
@@ -124,51 +126,120 @@ def clean_staging(folder: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, expect_config_hash: str | None = None) -> dict:
-    """Restore trained tensors, optimizer, scheduler and RNG; return progress.json.
+def read_progress(path: Path) -> dict:
+    """A checkpoint's progress.json, checked field by field: every way it can be wrong (truncated, tampered
+    with, `totals: {}`) is a one-line `CheckpointError` naming the file, never a KeyError later."""
+    file = path / "progress.json"
+    try:
+        progress = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(progress, dict):
+            raise ValueError(f"expected an object, got {type(progress).__name__}")
+        Totals.from_dict(progress.get("totals"))
+        step = progress.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step != progress["totals"]["steps"]:
+            raise ValueError(f"step {step!r} does not match totals.steps {progress['totals']['steps']!r}"[:160])
+        if not isinstance(progress.get("config_hash"), str):
+            raise ValueError("no 'config_hash' string")
+        resolved = progress.get("resolved", {})
+        if not isinstance(resolved, dict) or not all(isinstance(v, str) for v in resolved.values()):
+            raise ValueError("'resolved' must map settings to strings")
+    except (OSError, ValueError, RecursionError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{file}: unreadable ({detail}); delete {path} to resume from the checkpoint "
+                              "before it") from None
+    return progress
 
-    Every way a checkpoint folder can be wrong (truncated, tampered with, from another run) is a one-line
-    `CheckpointError` naming the file, never a traceback from deep inside safetensors or torch.
-    """
-    import torch
+
+def check_tensors(file: Path, tensors: dict, params: dict) -> None:
+    """Saved tensors must be the model's trained tensors by name, shape and dtype: `copy_` would broadcast a
+    [8] into an [8, 64] without a word, and the run would go on with corrupted weights."""
+    if set(tensors) != set(params):
+        missing, extra = sorted(set(params) - set(tensors))[:3], sorted(set(tensors) - set(params))[:3]
+        raise CheckpointError(f"{file}: does not match this model/method (missing {missing}, extra {extra})")
+    for name, value in tensors.items():
+        want = params[name]
+        if tuple(value.shape) != tuple(want.shape) or value.dtype != want.dtype:
+            raise CheckpointError(f"{file}: tensor {name} is {value.dtype} {list(value.shape)}, this model's is "
+                                  f"{want.dtype} {list(want.shape)}; refusing to load it")
+
+
+def load_tensors(file: Path) -> dict:
+    """A safetensors file's tensors; a damaged one (short header, offsets past the end...) is one line."""
     from safetensors.torch import load_file
 
     try:
-        progress = json.loads((path / "progress.json").read_text(encoding="utf-8"))
-        if not isinstance(progress, dict) or not isinstance(progress.get("totals"), dict):
-            raise ValueError("no 'totals' object")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path / 'progress.json'}: unreadable ({err}); delete {path} to resume from "
-                              "the checkpoint before it") from None
+        return load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - SafetensorError (a plain Exception), OSError: a damaged file
+        raise CheckpointError(f"{file}: unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                              ) from None
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, expect_config_hash: str | None = None) -> dict:
+    """Restore trained tensors, optimizer, scheduler and RNG; return progress.json.
+
+    Every way a checkpoint folder can be wrong (truncated, tampered with, from another run, a tensor of
+    another shape or dtype) is a one-line `CheckpointError` naming the file, never a traceback from deep
+    inside safetensors or torch, and nothing is restored unless everything checks out.
+    """
+    import torch
+
+    progress = read_progress(path)
     if expect_config_hash is not None and progress.get("config_hash") != expect_config_hash:
         raise CheckpointError(f"{path}: written under different settings (config hash {progress.get('config_hash')}, "
                               f"this run {expect_config_hash}); refusing to mix runs")
-    try:
-        tensors = load_file(str(path / "trainable.safetensors"))
-    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: a damaged file
-        raise CheckpointError(f"{path / 'trainable.safetensors'}: unreadable: {str(err).splitlines()[0]}") from None
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
-        raise CheckpointError(f"{path}: checkpoint does not match this model/method (missing {missing}, extra {extra})")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
+    tensors = load_tensors(path / "trainable.safetensors")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_tensors(path / "trainable.safetensors", tensors, params)
     try:
         state = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
     except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError and friends
         raise CheckpointError(f"{path / 'state.pt'}: refused to load (only tensors and plain data are allowed): "
-                              f"{str(err).splitlines()[0]}") from None
+                              f"{unpickler_reason(err)}") from None
+    if not isinstance(state, dict) or not all(k in state for k in ("optimizer", "scheduler", "rng")):
+        raise CheckpointError(f"{path / 'state.pt'}: not a tunegap optimizer state (no optimizer, scheduler, rng)")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
         raise CheckpointError(f"{path / 'state.pt'}: not a tunegap optimizer state: "
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    _check_optimizer_state(path / "state.pt", optimizer)
     return progress
 
+
+def _check_optimizer_state(file: Path, optimizer) -> None:
+    """AdamW's moments must match their parameters: load_state_dict casts dtypes but keeps any shape, and a
+    wrong-shaped moment would broadcast in the next step."""
+    import torch
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                    raise CheckpointError(f"{file}: optimizer state {key} is {list(value.shape)} for a parameter of "
+                                          f"{list(p.shape)}; refusing to load it")
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Every complete step-* folder, one-process or distributed, oldest first."""
+    if not folder.is_dir():
+        return []
+    dcp = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(PREFIX)
+           and all((p / f).is_file() for f in DCP_FILES)]
+    return sorted(set(list_checkpoints(folder)) | set(dcp), key=lambda p: p.name)
+
+
+def recorded_choices(folder: Path) -> tuple[Path, dict] | None:
+    """(newest checkpoint, what its run's `auto` settings resolved to), or None without a checkpoint.
+    Older checkpoints recorded nothing: {}."""
+    found = complete_checkpoints(folder)
+    if not found:
+        return None
+    return found[-1], read_progress(found[-1]).get("resolved", {})
 
 
 class LocalBackend:
@@ -196,11 +267,7 @@ class DistributedBackend:
 
     def list(self, folder: Path) -> list[Path]:
         """Complete DCP checkpoints, and single-process ones (which `load` then refuses with a clear message)."""
-        if not folder.is_dir():
-            return []
-        dcp = [p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(PREFIX)
-               and all((p / f).is_file() for f in DCP_FILES)]
-        return sorted(set(list_checkpoints(folder)) | set(dcp), key=lambda p: p.name)
+        return complete_checkpoints(folder)
 
     def _state(self, optimizer) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -264,13 +331,17 @@ class DistributedBackend:
         try:
             extra = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
         except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"{path / 'state.pt'}: refused to load: {str(err).splitlines()[0]}") from None
-        scheduler.load_state_dict(extra["scheduler"])
-        if len(extra["rng"]) == self.world_size:
-            torch.set_rng_state(extra["rng"][self.rank])
-        comm = extra.get("communication_s") or []
-        if len(comm) == self.world_size:
-            self.clock.seconds = float(comm[self.rank])
+            raise CheckpointError(f"{path / 'state.pt'}: refused to load: {unpickler_reason(err)}") from None
+        try:
+            scheduler.load_state_dict(extra["scheduler"])
+            if len(extra["rng"]) == self.world_size:
+                torch.set_rng_state(extra["rng"][self.rank])
+            comm = extra.get("communication_s") or []
+            if len(comm) == self.world_size:
+                self.clock.seconds = float(comm[self.rank])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            raise CheckpointError(f"{path / 'state.pt'}: not a tunegap scheduler and RNG state: "
+                                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         return progress
 
     @staticmethod
@@ -280,10 +351,7 @@ class DistributedBackend:
                 raise CheckpointError(f"{path}: written by a single-process run; resume it without torchrun "
                                       "(or start a new --name)")
             raise CheckpointError(f"{path}: not a torch.distributed.checkpoint folder (no .metadata)")
-        try:
-            progress = json.loads((path / "progress.json").read_text())
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{path / 'progress.json'}: unreadable: {err}") from None
+        progress = read_progress(path)
         if expect_config_hash is not None and progress.get("config_hash") != expect_config_hash:
             raise CheckpointError(f"{path}: written under different settings (config hash "
                                   f"{progress.get('config_hash')}, this run {expect_config_hash}); refusing to mix runs")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
 
@@ -28,16 +30,17 @@ def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .costs.shape import ShapeError
     from .data.loaders import DataError
+    from .io import DamagedFileError
     from .methods import MethodError
     from .models import ModelError
     from .outputs import RunLoadError
-    from .runs import RunPathError
+    from .runs import RunIndexError, RunPathError
     from .safety import UnsafeFileError
     from .trainer import TrainingError
 
     # OSError: a full disk, a permission, a missing path; each is the user's to fix and says which file
     errors = [ConfigError, DataError, MethodError, ModelError, RunPathError, TrainingError, CheckpointError,
-              RunLoadError, UserError, UnsafeFileError, ShapeError, OSError]
+              RunLoadError, UserError, UnsafeFileError, DamagedFileError, RunIndexError, ShapeError, OSError]
     try:
         from .estimate import EstimateError
 
@@ -66,8 +69,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .runs import format_runs_table, list_runs
+    from .runs import format_runs_table, list_runs, rebuild_index
 
+    if args.rebuild:
+        print(f"tunegap runs: index rebuilt from the run folders: {rebuild_index(args.runs_dir)} run(s)", flush=True)
     rows = list_runs(args.runs_dir)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -136,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list runs in the runs folder")
     runs.add_argument("--runs-dir", default="runs")
     runs.add_argument("--json", action="store_true")
+    runs.add_argument("--rebuild", action="store_true",
+                      help="re-create runs/index.sqlite from the run folders' ledgers (it is a cache of them)")
     runs.set_defaults(func=cmd_runs)
 
     for name, func, helptext in (("eval", cmd_eval, "task metrics of a base model or a run"),
@@ -168,7 +175,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, raised by tunegap's own handler. A subclass on purpose: CPython kills itself with SIGINT at exit
+    whenever a plain KeyboardInterrupt escaped code run through PyRun_String (pybind11 modules do so while
+    torch imports), even if it was caught later; it checks the exact type, so a subclass exits with 130."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, torchrun stopping its workers): stop as Ctrl-C does, with the same
+    atomic writes unwinding and the same one line, rather than dying silently mid-write."""
+
+
+_HANDLED = threading.Event()  # main() has reported the stop: no signal needs sending again
+
+
+def _raise_for(signum, frame):
+    """Raise Interrupted/Stopped, and send the signal again in a second unless main() has reported it by then:
+    an exception raised at the wrong bytecode can be swallowed by C code (PyObject_HasAttr clears every
+    exception in 3.11), and a Ctrl-C during imports was seen lost that way, the run going on to its end."""
+    again = threading.Timer(1.0, lambda: None if _HANDLED.is_set() else os.kill(os.getpid(), signum))
+    again.daemon = True
+    again.start()
+    raise Stopped() if signum == signal.SIGTERM else Interrupted()
+
+
+def _install_handlers() -> dict:
+    """Our handlers for SIGINT and SIGTERM where Python's defaults are in place; the previous ones, to restore."""
+    previous = {}
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    for signum, default in defaults.items():
+        try:
+            if signal.getsignal(signum) is default:
+                previous[signum] = signal.signal(signum, _raise_for)
+        except ValueError:  # not the main thread (main() called from a thread): leave signals alone
+            pass
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every outcome is an exit code and at most one line on stderr: user errors 2, Ctrl-C 130, SIGTERM 143,
+    a closed pipe (`tunegap runs | head`) quietly; only a bug in tunegap shows a traceback."""
+    previous = _install_handlers()
+    _HANDLED.clear()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as stop:  # also while imports and the parser are still being set up
+        how, code = ("stopped (SIGTERM)", 143) if isinstance(stop, Stopped) else ("interrupted", 130)
+        print(f"tunegap: {how}; rerun with --resume to continue a training run from its last checkpoint",
+              file=sys.stderr, flush=True)
+        return code
+    except BrokenPipeError:  # the reader went away: no more output is wanted, and none is an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout would raise again
+        return 141
+    finally:
+        _HANDLED.set()
+        for signum, handler in previous.items():  # main() called in-process (tests, notebooks): give them back
+            signal.signal(signum, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -177,13 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else 2
     try:
         return args.func(args)
+    except (KeyboardInterrupt, BrokenPipeError):  # `main` reports these; matching them against _user_errors()
+        raise  # would import torch again mid-way through a Ctrl-C that interrupted its import
     except _user_errors() as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"tunegap: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tunegap: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

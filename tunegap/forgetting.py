@@ -200,7 +200,7 @@ def cached_base_reference(model_name: str, base, tokenizer, *, precision: str = 
             data = json.loads(path.read_text())
             return {"sequences": [(list(s), int(start)) for s, start in data["sequences"]],
                     "base_right": [bool(x) for x in data["base_right"]]}
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             pass  # a damaged cache file is measured afresh
     reference = base_reference(base, tokenizer, prompts=prompts, questions=questions, reply_tokens=reply_tokens,
                                answer_tokens=answer_tokens, autocast=autocast_for(precision))

@@ -8,12 +8,13 @@ so `tunegap estimate --against RUN` compares like with like.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .costs.flops import ZERO, Flops
@@ -69,6 +70,9 @@ def environment() -> dict:
             "tunegap_commit": commit}
 
 
+REQUIRED_TOTALS = ("steps", "examples", "tokens", "loss_tokens", "train_seconds", "flops")  # what every checkpoint held
+
+
 @dataclass
 class Totals:
     """Running sums that a checkpoint saves and a resumed run continues from."""
@@ -94,10 +98,60 @@ class Totals:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Totals":
-        d = dict(d)
-        f = d.pop("flops")
-        d["flops"] = Flops(f["forward"], f["backward_input"], f["backward_weight"], f.get("recompute", 0.0))
-        return cls(**d)
+        """Totals saved by `to_dict`; anything else (a missing, extra or mistyped field) is a ValueError
+        naming the field, since a resumed run would otherwise carry the damage into its ledger."""
+        if not isinstance(d, dict):
+            raise ValueError(f"totals: expected an object, got {type(d).__name__}")
+        wanted = {f.name: f for f in fields(cls)}
+        missing = sorted(k for k in REQUIRED_TOTALS if k not in d)  # later fields default: older checkpoints resume
+        if missing or set(d) - set(wanted):
+            raise ValueError(f"totals: missing {missing}, unknown {sorted(set(d) - set(wanted))}"[:200])
+        values = {}
+        for name, value in d.items():
+            if name == "flops":
+                values[name] = _flops_from_dict(value)
+            elif isinstance(wanted[name].default, int):
+                values[name] = _count(value, f"totals.{name}")
+            elif isinstance(wanted[name].default, float):
+                values[name] = _amount(value, f"totals.{name}")
+            else:
+                values[name] = _list(name, value)
+        return cls(**values)
+
+
+def _count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: expected a count >= 0, got {value!r}"[:160])
+    return value
+
+
+def _amount(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: expected a finite number >= 0, got {value!r}"[:160])
+    return float(value)
+
+
+def _list(name: str, value) -> list:
+    check = {"counted_steps": lambda v: _count(v, f"totals.{name}[]"),
+             "step_seconds": lambda v: _amount(v, f"totals.{name}[]")}.get(name)
+    if not isinstance(value, list):
+        raise ValueError(f"totals.{name}: expected a list, got {type(value).__name__}")
+    if check is None:
+        if not all(isinstance(v, dict) for v in value):
+            raise ValueError(f"totals.{name}: expected a list of objects")
+        return list(value)
+    return [check(v) for v in value]
+
+
+def _flops_from_dict(f) -> Flops:
+    if not isinstance(f, dict):
+        raise ValueError(f"totals.flops: expected an object, got {type(f).__name__}")
+    parts = ("forward", "backward_input", "backward_weight")
+    missing = [k for k in parts if k not in f]
+    if missing:
+        raise ValueError(f"totals.flops: missing {missing}")
+    return Flops(*(_amount(f[k], f"totals.flops.{k}") for k in parts), _amount(f.get("recompute", 0.0),
+                                                                              "totals.flops.recompute"))
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -7,10 +7,15 @@ one training loop see the same kind of object whatever the source.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
+
+from .io import DamagedFileError, read_json, require_regular
+from .safety import UnsafeFileError, refused_pickle, weights_format
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no machine here reaches a hub; fail fast instead of waiting
 
@@ -144,11 +149,11 @@ def load_model(name: str = DEFAULT_MODEL, *, init: str = "pretrained", seed: int
         return _llama_from_preset(ARCH_PRESETS[name], ARCH_PRESETS[name]["vocab_size"], tokenizer, seed), tokenizer
 
     folder = default_model_folder() if name == DEFAULT_MODEL else Path(name)
+    require_regular(folder / "config.json", "model config")  # a FIFO would block the JSON parser forever
     if not (folder / "config.json").is_file():
         known = ", ".join([DEFAULT_MODEL, *TINY_PRESETS, *ARCH_PRESETS])
         raise ModelError(f"{name}: not a known model ({known}) nor a folder with config.json")
-    from .safety import UnsafeFileError, weights_format
-
+    check_model_config(folder / "config.json")
     fmt = weights_format(folder, allow_pickle=allow_pickle) if init == "pretrained" else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -163,14 +168,63 @@ def load_model(name: str = DEFAULT_MODEL, *, init: str = "pretrained", seed: int
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=torch.float32, use_safetensors=fmt == "safetensors", weights_only=True,
                 trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        if isinstance(err, UnsafeFileError):
+    except pickle.UnpicklingError as err:  # --allow-pickle, and the restricted unpickler refused an object
+        raise refused_pickle(folder / "pytorch_model.bin", err) from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, RecursionError) as err:
+        if isinstance(err, (UnsafeFileError, DamagedFileError)):
             raise
+        if "weights_only" in str(err):  # torch's refusal, wrapped by transformers: never suggest the unsafe flag
+            raise refused_pickle(folder / "pytorch_model.bin", err) from None
         # transformers refuses remote code without trust_remote_code with a ValueError; a damaged folder
         # gives OSError/KeyError/...: either way one line naming the folder, not a traceback
         detail = " ".join(str(err).split())[:300] or type(err).__name__
         raise ModelError(f"{folder}: cannot load: {detail}") from None
     return model, tokenizer
+
+
+# Fields of a Hugging Face config that must be positive integers, and those that must be positive numbers.
+# transformers accepts "64" or 1.5 and fails later inside torch with a traceback, or allocates without end.
+CONFIG_COUNTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim")
+CONFIG_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+
+
+def check_model_config(path: Path) -> dict:
+    """A model folder's config.json, checked before transformers reads it: each size a positive integer,
+    each epsilon or base a positive finite number, and weights that fit this machine; else one line naming
+    the file and the key."""
+    config = read_json(path, what="model config")
+    for key in CONFIG_COUNTS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ModelError(f"{path}: {key}: must be a positive integer, got {value!r}"[:200])
+    for key in CONFIG_NUMBERS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ModelError(f"{path}: {key}: must be a positive finite number, got {value!r}"[:200])
+    weights = _weights_bytes_estimate(config)
+    memory = physical_memory()
+    if memory and weights > memory:
+        raise ModelError(f"{path}: these sizes make about {weights / 2**30:,.0f} GiB of fp32 weights (formula), more "
+                         f"than this machine's {memory / 2**30:,.0f} GiB")
+    return config
+
+
+def _weights_bytes_estimate(config: dict) -> float:
+    """fp32 bytes of a decoder's embeddings, head and blocks (attention and a gated MLP): a bound to refuse
+    absurd sizes before anything is allocated, not the estimator's exact count."""
+    hidden, layers = config.get("hidden_size") or 0, config.get("num_hidden_layers") or 0
+    inter, vocab = config.get("intermediate_size") or 4 * hidden, config.get("vocab_size") or 0
+    return 4.0 * (2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter))
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 when unknown: nothing is refused for it)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def count_parameters(model) -> tuple[int, int]:

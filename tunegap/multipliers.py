@@ -29,6 +29,7 @@ from .costs.catalog import Device, EstimateError, resolve_device, resolve_model
 from .costs.memory import TrainSetup
 from .costs.shape import ModelShape
 from .estimate import add_common_arguments, data_counts, estimate_run, parse_count, resolve_work, setup_from_args
+from .io import write_figure
 from .ledger import format_quantity
 from .methods import ALL_LINEAR, Full, LoRA
 
@@ -225,7 +226,7 @@ def plot_gap(result: dict, path) -> None:
                  "* separate axes: they do not multiply into cost", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path))
+    write_figure(fig, path)  # atomic, and never through a planted symbolic link
 
 
 def cmd_gap(args) -> int:

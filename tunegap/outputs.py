@@ -8,18 +8,18 @@ Layout inside runs/<name>/:
 
 from __future__ import annotations
 
-import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import trainable_state
+from .checkpoint import CheckpointError, check_tensors, load_tensors, trainable_state
 from .costs.shape import ModelShape
 from .errors import ConfigError
-from .io import atomic_dir, atomic_write_bytes
+from .io import atomic_dir, atomic_write_bytes, read_json
 from .methods import make_method
 from .models import load_model
 from .runs import run_folder
-from .safety import weights_format
+from .safety import ADAPTER_FILES, refused_pickle, weights_format
 
 ADAPTER_DIR, MODEL_DIR, TRAINABLE_FILE = "adapter", "model", "bottleneck_adapter.safetensors"
 
@@ -61,8 +61,8 @@ def finished_run(run: str | Path, runs_dir: str | Path = "runs") -> tuple[Path, 
     path = folder / "ledger.json"
     if not path.is_file():
         raise RunLoadError(f"{folder}: not a finished tunegap run (no ledger.json)")
-    ledger = json.loads(path.read_text())
-    if ledger.get("status") != "completed":
+    ledger = read_json(path, what="run ledger")  # truncated or not an object: one line naming it
+    if ledger.get("status") != "completed" or not isinstance(ledger.get("config"), dict):
         raise RunLoadError(f"{folder}: run status is {ledger.get('status')!r}, not 'completed'")
     return folder, ledger
 
@@ -105,9 +105,17 @@ def load_run(run: str | Path, runs_dir: str | Path = "runs", *, merge: bool = Tr
     if (folder / ADAPTER_DIR).is_dir():
         from peft import PeftModel
 
-        weights_format(folder / ADAPTER_DIR, allow_pickle=allow_pickle, what="adapter weights")
+        adapter = folder / ADAPTER_DIR  # the file PEFT will read is the one checked, not any file beside it
+        weights_format(adapter, allow_pickle=allow_pickle, what="adapter weights", files=ADAPTER_FILES)
+        read_json(adapter / "adapter_config.json", what="adapter config")
         base, tokenizer = load_start(config, allow_pickle=allow_pickle)
-        model = PeftModel.from_pretrained(base, folder / ADAPTER_DIR)
+        try:
+            model = PeftModel.from_pretrained(base, adapter)  # reads adapter_model.safetensors first, as checked
+        except pickle.UnpicklingError as err:  # --allow-pickle, and torch's restricted unpickler refused it
+            raise refused_pickle(adapter / ADAPTER_FILES[1][0], err) from None
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:  # a tensor of another shape, a bad config
+            detail = " ".join(str(err).split())[:300] or type(err).__name__
+            raise RunLoadError(f"{adapter}: does not fit the run's starting model: {detail}") from None
         return LoadedRun(folder, ledger, model.merge_and_unload() if merge else model, tokenizer)
     if (folder / MODEL_DIR).is_dir():
         model, tokenizer = load_model(str(folder / MODEL_DIR), allow_pickle=allow_pickle)
@@ -120,15 +128,18 @@ def load_run(run: str | Path, runs_dir: str | Path = "runs", *, merge: bool = Tr
 def _rebuild_with_tensors(path: Path, ledger: dict):
     """The starting model, prepared by the run's method, with the saved trained tensors put back (strict)."""
     import torch
-    from safetensors.torch import load_file
 
     base, tokenizer = load_start(ledger["config"])
     options = {k: v for k, v in ledger["method"].items() if k != "name"}
     model = make_method(ledger["method"]["name"], **options).prepare(base, ModelShape.from_hf_config(base.config))
-    tensors = load_file(str(path))
-    params = dict(model.named_parameters())
-    if set(tensors) - set(params):
-        raise RunLoadError(f"{path}: tensors {sorted(set(tensors) - set(params))[:3]} do not fit the run's model")
+    try:
+        tensors = load_tensors(path)
+        params = dict(model.named_parameters())
+        if set(tensors) - set(params):
+            raise RunLoadError(f"{path}: tensors {sorted(set(tensors) - set(params))[:3]} do not fit the run's model")
+        check_tensors(path, tensors, {n: params[n] for n in tensors})  # shapes and dtypes too: copy_ broadcasts
+    except CheckpointError as err:
+        raise RunLoadError(str(err)) from None
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .io import atomic_write_json, atomic_write_text
+from .errors import ConfigError
+from .io import DamagedFileError, atomic_write_json, atomic_write_text, read_json, read_jsonl, write_figure
 
 
 @dataclass
@@ -43,15 +43,45 @@ class Section:
 
     @classmethod
     def from_dict(cls, data: dict, folder: Path) -> "Section":
-        return cls(title=data["title"], verdicts=[Verdict(**v) for v in data.get("verdicts", [])],
-                   body_markdown=data.get("body_markdown", ""), images=[folder / p for p in data.get("images", [])],
-                   order=int(data.get("order", 50)))
+        """A section as `to_dict` wrote it; each image must be a file of `folder` itself (by name), so a
+        section.json that names `../../secret.txt` or a link cannot put another file into the report."""
+        title, body, order = data.get("title"), data.get("body_markdown", ""), data.get("order", 50)
+        verdicts, images = data.get("verdicts", []), data.get("images", [])
+        if not isinstance(title, str) or not isinstance(body, str):
+            raise ValueError("'title' and 'body_markdown' must be strings")
+        if isinstance(order, bool) or not isinstance(order, (int, float)) or order != order:
+            raise ValueError(f"'order' must be a number, got {order!r}"[:120])
+        if not isinstance(verdicts, list) or not isinstance(images, list):
+            raise ValueError("'verdicts' and 'images' must be lists")
+        return cls(title=title, verdicts=[_verdict(v) for v in verdicts], body_markdown=body,
+                   images=[image_inside(folder, name) for name in images], order=int(order))
 
     def save(self, folder: str | Path) -> Path:
         """`folder/section.json`; images are stored by file name, so they must live in `folder`."""
         path = Path(folder) / "section.json"
         atomic_write_json(path, self.to_dict())
         return path
+
+
+def _verdict(data) -> Verdict:
+    fields = {"claim": str, "measured": str, "note": str}
+    if not isinstance(data, dict) or set(data) - {*fields, "supported"} or not {"claim", "measured"} <= set(data):
+        raise ValueError("each verdict must be an object with 'claim', 'measured', 'supported' and 'note'")
+    if any(not isinstance(data[k], kind) for k, kind in fields.items() if k in data) \
+            or data.get("supported") not in (True, False, None):
+        raise ValueError("a verdict's claim, measured and note must be strings, 'supported' true, false or null")
+    return Verdict(**data)
+
+
+def image_inside(folder: Path, name) -> Path:
+    """`folder/name` for a plain file name of a regular file there; anything else (a path, `..`, a link,
+    a missing file) is refused: a report inlines its images, so it would publish whatever they point at."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"image {name!r}: must be the name of a file in {folder}"[:200])
+    path = folder / name
+    if path.is_symlink() or not path.is_file() or path.resolve().parent != folder.resolve():
+        raise ValueError(f"image {name!r}: not a regular file in {folder} (links are refused)"[:200])
+    return path
 
 
 def _inline(text: str) -> str:
@@ -188,12 +218,66 @@ def gather_sections(root: str | Path) -> list[Section]:
     sections = []
     for p in sorted(root.rglob("section.json")):
         try:
-            sections.append(Section.from_dict(json.loads(p.read_text(encoding="utf-8")), p.parent))
-        except (ValueError, KeyError, TypeError) as err:
-            from .config import ConfigError  # a user error: one line, exit 2
-
-            raise ConfigError(f"{p}: not a section file: {err}") from None
+            sections.append(Section.from_dict(read_json(p, what="section file"), p.parent))
+        except DamagedFileError:
+            raise
+        except (ValueError, KeyError, TypeError) as err:  # a user error: one line, exit 2
+            raise ConfigError(f"{p}: not a section file: {str(err).splitlines()[0]}") from None
     return sorted(sections, key=lambda s: s.order)  # stable: path order within equal `order`
+
+
+def run_sections(root: Path, charts: Path) -> list[Section]:
+    """A section per training run under `root` (the folder itself, or its sub-folders: a runs folder), with
+    its ledger's totals and its loss curve drawn from metrics.jsonl into `charts`."""
+    folders = [root] if (root / "ledger.json").is_file() else sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / "ledger.json").is_file())
+    sections = []
+    for folder in folders:
+        ledger = read_json(folder / "ledger.json", what="run ledger")
+        rows = [r for r in read_jsonl(folder / "metrics.jsonl") if _finite(r.get("step")) and _finite(r.get("loss"))]
+        images = [_loss_chart(folder.name, rows, charts / f"{folder.name}.loss.png")] if rows else []
+        sections.append(Section(f"Run {folder.name}", body_markdown=_run_summary(ledger, rows), images=images,
+                                order=100))
+    return sections
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+
+
+def _run_summary(ledger: dict, rows: list[dict]) -> str:
+    costs = ledger.get("costs") if isinstance(ledger.get("costs"), dict) else {}
+
+    def cost(key: str, unit: str) -> str:
+        item = costs.get(key)
+        if not isinstance(item, dict) or not _finite(item.get("value")):
+            return "-"
+        return f"{item['value']:,.4g} {unit} ({item.get('how', 'measured')})"
+
+    method = ledger.get("method", {}).get("name") if isinstance(ledger.get("method"), dict) else None
+    config = ledger.get("config") if isinstance(ledger.get("config"), dict) else {}
+    lines = ["| field | value |", "|---|---|", f"| status | {ledger.get('status', '-')} |", f"| method | {method or '-'} |",
+             f"| model | {config.get('model', '-')} |", f"| optimizer steps | {cost('optimizer_steps', 'steps')} |",
+             f"| tokens | {cost('tokens', 'tokens')} |", f"| FLOPs | {cost('flops_total', 'FLOP')} |",
+             f"| wall time | {cost('wall_time_s', 's')} |"]
+    if rows:
+        lines.append(f"| last training loss | {rows[-1]['loss']:.4f} nats/token (measured, step {rows[-1]['step']}) |")
+    return "\n".join(lines)
+
+
+def _loss_chart(name: str, rows: list[dict], path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="#3a7")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token, measured)")
+    ax.set_title(name)
+    fig.tight_layout()
+    return write_figure(fig, path)
 
 
 def write_gathered_report(root: str | Path, out: str | Path | None = None,
@@ -203,6 +287,10 @@ def write_gathered_report(root: str | Path, out: str | Path | None = None,
     root = Path(root)
     sections = gather_sections(root)
     out = Path(out) if out else root
+    if not sections:  # plain training runs: a section per run, with its loss curve
+        sections = run_sections(root, out / "report-charts")
+    if not sections:
+        raise ConfigError(f"{root}: no section.json and no training run (ledger.json) in it; nothing to report")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.md", render_markdown(sections, title, relative_to=out))
     atomic_write_text(out / "report.html", render_html(sections, title))

@@ -18,30 +18,33 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from . import compiling
 from .callbacks import default_callbacks
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, clean_staging, recorded_choices
 from .config import ConfigError, TrainConfig
 from .costs.catalog import EstimateError, gpu_peak_flops
 from .costs.counted import count_flops, count_on_fake_tensors
 from .costs.flops import ZERO, train_step_flops
 from .costs.hardware import DEFAULT_MFU, measure_peaks
+from .costs.memory import TrainSetup, memory_per_device
 from .costs.shape import ModelShape
-from .io import append_line, atomic_write_json, atomic_write_text, read_jsonl
+from .io import DamagedFileError, append_line, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from .ledger import (Totals, build_ledger, environment, format_ledger, optimizer_state_bytes, peak_rss_bytes,
                      reset_peak_rss, write_ledger)
 from .methods import make_method
-from .models import base_model, checkpoint_activations, count_parameters, parameter_bytes
+from .models import base_model, checkpoint_activations, count_parameters, parameter_bytes, physical_memory
 from .objectives import Context, make_objective
+from .objectives.pairs import PairObjective
 from .outputs import load_start_model, save_outputs
 from .predict import Forecast, minutes, probe_forward, training_seconds
 from .precision import (FP32_ATTENTION, FP32_MATH_ATTENTION, autocast_factory, can_store_frozen_low,
                         choose_precision, fp32_attention, frozen_linears_to)
-from .runs import changed_settings, index_run, run_folder, run_identity
+from .runs import RunIndexError, changed_settings, default_run_name, index_run, run_folder, run_identity
 from .schedule import DataOrder, lr_lambda, total_steps, warmup_steps
 from .strategies import start as start_strategy
 
@@ -70,7 +73,7 @@ def run_or_reuse(config: TrainConfig, *, name: str | None = None, prefix: str = 
         if ledger and ledger.get("status") == "completed":
             print(f"tunegap: reusing {what} {name} (same settings, already run: {folder})", flush=True)
             return folder, ledger
-        resume = any((folder / "checkpoints").glob("step-*"))
+        resume = True  # from its newest checkpoint, or from step 0 with its log cleared when it has none
     else:
         if folder.exists():
             shutil.rmtree(folder)
@@ -78,10 +81,11 @@ def run_or_reuse(config: TrainConfig, *, name: str | None = None, prefix: str = 
     return folder, train(replace(config, name=name, resume=resume))
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> dict | None:
+    """A run's own JSON object, or None when it is missing or damaged (the caller then starts afresh)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json(path)
+    except DamagedFileError:
         return None
 
 
@@ -159,7 +163,7 @@ class Trainer:
     def _open_run_folder(self) -> None:
         """Name the run, refuse a clash or a changed resume, lock the folder and write config.json."""
         config, strategy = self.config, self.strategy
-        name = config.name or f"{config.method}-{Path(config.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = config.name or default_run_name(config.method, Path(config.model).name, time.strftime("%Y%m%d-%H%M%S"))
         self.name = strategy.broadcast(name)  # every rank uses rank 0's (time-stamped) name
         self.folder = folder = run_folder(config.runs_dir, self.name)
         self.config_dict = {**config.to_dict(), "name": self.name}
@@ -167,17 +171,19 @@ class Trainer:
             self.config_dict["nproc"] = strategy.local_world_size
         self.identity = run_identity(self.config_dict)
         self.metrics_path = folder / "metrics.jsonl"
-        old = _read_json(folder / "config.json") if config.resume else None
-        if old is not None and run_identity(old) != self.identity:
-            raise TrainingError(f"{folder / 'config.json'}: --resume with changed settings "
-                                f"{changed_settings(old, self.config_dict)}; use the original ones or a new --name")
-        if not config.resume and ((folder / "ledger.json").exists() or any((folder / "checkpoints").glob("step-*"))):
-            raise TrainingError(f"{folder}: run exists; pass --resume to continue it or choose another --name")
+        if config.resume and (folder / "config.json").exists():
+            old = read_json(folder / "config.json", what="run config")  # damaged: one line naming it
+            if run_identity(old) != self.identity:
+                raise TrainingError(f"{folder / 'config.json'}: --resume with changed settings "
+                                    f"{changed_settings(old, self.config_dict)}; use the original ones or a new --name")
+        if not config.resume:
+            _refuse_existing_run(folder)
         strategy.barrier()  # every rank has checked before rank 0 writes
         if strategy.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             self._lock = _lock_run(folder)
             _remove_temporaries(folder)
+            clean_staging(folder / "checkpoints")  # before the newest checkpoint's choices are read
             atomic_write_json(folder / "config.json", self.config_dict)
 
     def _build_model(self) -> None:
@@ -189,7 +195,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         with self.timed("peak measurement"):
             self.peaks = strategy.from_main(measure_peaks, strategy.device_type)
-        self.precision = choose_precision(config, self.peaks)
+        self.resolved = self._resolve_auto()
+        self.precision = self.resolved["precision"]
         with self.timed("model load"):
             model, self.tokenizer = load_start_model(config)
         self.shape = ModelShape.from_hf_config(model.config)
@@ -213,6 +220,54 @@ class Trainer:
                                         keep=config.keep_checkpoints, is_main=strategy.is_main)
         self.objective.setup(self.ctx, self.data)
         self.params_total, self.params_trainable = count_parameters(model)  # after setup: a head it adds trains
+        self._check_memory()
+
+    def _resolve_auto(self) -> dict:
+        """What `auto` settings choose on this machine, except that a resumed run keeps what its checkpoint
+        recorded: its ledger must describe every step, so a machine that now measures bf16 faster may not
+        switch a fp32 run halfway. A device that changed cannot be kept: that is refused."""
+        config = self.config
+        chosen = {"precision": choose_precision(config, self.peaks), "device": self.strategy.device_type}
+        found = recorded_choices(self.folder / "checkpoints") if config.resume else None
+        if found is None:
+            return chosen
+        newest, recorded = found
+        if "precision" not in recorded:  # written before the choice was recorded: the running ledger has it
+            ledger = _read_json(self.folder / "ledger.json") or {}
+            if ledger.get("precision") not in ("fp32", "bf16"):
+                raise TrainingError(f"{newest / 'progress.json'}: does not record the precision --precision auto "
+                                    "chose, nor does ledger.json; start a new --name")
+            recorded = {**recorded, "precision": ledger["precision"]}
+        if config.precision == "auto":
+            chosen["precision"] = recorded["precision"]
+        if recorded.get("device", chosen["device"]) != chosen["device"]:
+            raise TrainingError(f"{newest / 'progress.json'}: trained on {recorded['device']}, and --device "
+                                f"{config.device} means {chosen['device']} here; resume it where it started")
+        return chosen
+
+    def _check_memory(self) -> None:
+        """Refuse, before step 1, a micro-batch that cannot fit: the estimator's peak (`costs.memory`) for this
+        model, method and batch against the device's memory; `--batch-size 1000000000` would otherwise run until
+        killed. Refused only above the whole memory, so an estimate that errs by 10-20% never blocks a run."""
+        import torch
+
+        config, strategy = self.config, self.strategy
+        world = getattr(strategy, "world_size", 1) if strategy.enabled else 1
+        per_rank = math.ceil(config.batch_size / world)  # torchrun: --batch-size is global
+        pairs = 2 if isinstance(self.objective, PairObjective) else 1  # chosen and rejected, in one batch
+        sequences = per_rank * getattr(self.objective, "group_size", 1) * pairs  # GRPO: a group of replies each
+        setup = TrainSetup(precision="bf16-autocast" if self.precision == "bf16" else "fp32", micro_batch=sequences,
+                           gpus=world, zero=3 if getattr(strategy, "mode", "") == "fsdp" else 0,
+                           checkpointing=config.activation_checkpointing, base_format=self.method.base_format)
+        peak = memory_per_device(self.shape, self.trainable, setup, seq_len=config.seq_len).peak
+        if strategy.device_type == "cuda":
+            capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        else:  # the processes of one node share its memory
+            capacity = physical_memory() / max(1, getattr(strategy, "local_world_size", 1) if strategy.enabled else 1)
+        if capacity and peak > capacity:
+            raise ConfigError(f"--batch-size {config.batch_size} x --seq-len {config.seq_len}: a step needs about "
+                              f"{peak / 2**30:,.1f} GiB (estimate), more than the {capacity / 2**30:,.1f} GiB this "
+                              "device has; lower --batch-size and raise --grad-accum for the same step")
 
     def _set_precision(self, base) -> None:
         import torch
@@ -468,7 +523,7 @@ class Trainer:
         with self.writing(f"checkpoint step-{step:06d}"):
             self.checkpoints.save(step, model=self.ctx.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                   progress={"step": step, "totals": self.totals.to_dict(),
-                                            "config_hash": self.identity})
+                                            "config_hash": self.identity, "resolved": self.resolved})
 
     def ledger_now(self, status: str, metrics: dict) -> dict:
         model, config = self.ctx.model, self.config
@@ -525,7 +580,11 @@ class Trainer:
         ledger["costs"]["peak_memory_bytes"]["value"] = train_peak  # training peak, not the later evaluation
         with self.writing("ledger.json"):
             write_ledger(self.folder / "ledger.json", ledger)
-        index_run(self.config.runs_dir, ledger, self.folder / "ledger.json")
+        try:  # the run is whole now; the index is a cache of ledgers, rebuilt by `tunegap runs --rebuild`
+            index_run(self.config.runs_dir, ledger, self.folder / "ledger.json")
+        except (RunIndexError, OSError) as err:
+            print(f"tunegap: {self.name}: completed, but not indexed: {str(err).splitlines()[0]}", file=sys.stderr,
+                  flush=True)
         return strategy.broadcast(ledger)
 
     def _predictions(self) -> dict:
@@ -564,13 +623,26 @@ def _lock_run(folder: Path):
         import fcntl
     except ImportError:  # not POSIX: no lock
         return None
-    handle = open(folder / ".lock", "a")
+    # O_NOFOLLOW: a link planted as .lock would otherwise create or open a file wherever it points
+    handle = os.fdopen(os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0),
+                               0o644), "a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         raise TrainingError(f"{folder}: another process is training this run now; wait for it or stop it") from None
     return handle
+
+
+def _refuse_existing_run(folder: Path) -> None:
+    """Without --resume, a folder that holds a run (a ledger, a checkpoint, or logged steps of a run killed
+    before its first checkpoint) is refused: appending to it would log step 1 twice. A folder where setup
+    failed before any step (only config.json) is started afresh."""
+    steps = len(read_jsonl(folder / "metrics.jsonl"))
+    checkpoints = any((folder / "checkpoints").glob("step-*"))
+    if (folder / "ledger.json").exists() or checkpoints or steps:
+        logged = f" ({steps} logged steps, no checkpoint yet)" if steps and not checkpoints else ""
+        raise TrainingError(f"{folder}: run exists{logged}; pass --resume to continue it or choose another --name")
 
 
 def _remove_temporaries(folder: Path) -> None:

@@ -129,9 +129,10 @@ def figure(width: float = 7.5, height: float = 4.5):
 
 
 def save_figure(fig, path: Path) -> Path:
+    from ..io import write_figure
+
     fig.tight_layout()
-    fig.savefig(str(path))
-    return path
+    return write_figure(fig, path)  # atomic, and never through a planted symbolic link
 
 
 def write_outputs(out: Path, results: dict, section) -> None:

@@ -92,6 +92,8 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(path, 0, "file", "file not found")
     if path.is_dir():
         raise DataError(path, 0, "file", "is a directory, expected a .jsonl file")
+    if not path.is_file():  # a FIFO or a device: reading it would block or never end
+        raise DataError(path, 0, "file", "not a regular file (a pipe, socket or device)")
     try:
         return path.read_bytes()
     except OSError as exc:

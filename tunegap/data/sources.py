@@ -29,13 +29,15 @@ def data_kind(path: str) -> str:
     p = Path(path)
     if not p.exists():
         raise DataError(path, 0, "file", "no such file or folder (or 'support' for the shipped task)")
+    if not (p.is_dir() or p.is_file()):  # a FIFO would block the first read forever, a device never end
+        raise DataError(path, 0, "file", "not a regular file or folder (a pipe, socket or device)")
     if p.is_dir() or p.suffix.lower() in CORPUS_SUFFIXES:
         return "corpus"
     with open(p, "rb") as f:
         for raw in f:
             try:
                 first = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return "sft"  # let the SFT loader report the exact line and problem
             if isinstance(first, dict):
                 return "corpus" if "text" in first and "messages" not in first and "prompt" not in first else "sft"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..io import write_figure
+
 QUALITY_KEYS = ("style_adherence", "product_accuracy", "refusal_f1")
 
 
@@ -202,7 +204,7 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure(fig, path, dpi=110)  # atomic, and never through a planted symbolic link
     plt.close(fig)
     return path
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..costs.shape import ModelShape
-from ..io import atomic_write_json
+from ..io import atomic_write_json, write_figure
 from ..models import load_model
 from ..report import Section, Verdict, write_report
 from ..trainer import run_or_reuse
@@ -217,8 +217,7 @@ def stages_chart(results: dict, path: Path) -> Path:
     for i, v in enumerate(values):
         ax.text(i, v, f"10^{math.log10(v):.1f}", ha="center", va="bottom")
     fig.tight_layout()
-    fig.savefig(str(path))
-    return path
+    return write_figure(fig, path)  # atomic, and never through a planted symbolic link
 
 
 def write_stages_report(folder: Path, results: dict) -> Path:
