@@ -33,7 +33,7 @@ def main(argv=None):
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         ledger = json.loads((Path(runs) / "startup" / "ledger.json").read_text())
-    phases = ledger["metrics"]["phase_seconds"]
+    phases = ledger["timings"]["phase_seconds"]
     steps = phases.pop("steps", 0.0)
     print(f"{args.method}, {args.steps} step(s) on {args.model}: process wall {wall:.1f} s (measured), of which "
           f"steps {steps:.1f} s and outside the steps {wall - steps:.1f} s")
@@ -43,7 +43,7 @@ def main(argv=None):
     print(f"  {'imports, CLI, ledger, index':<28} {wall - accounted:6.2f} s (measured: the rest of the wall time)")
     step_times = ledger.get("costs", {}).get("train_time_s", {}).get("value")
     print(f"  training steps: {step_times:.2f} s (measured), predicted "
-          f"{ledger['metrics'].get('predicted_seconds', {}).get('training', float('nan')):.2f} s (estimate)")
+          f"{ledger['timings'].get('predicted_seconds', {}).get('training', float('nan')):.2f} s (estimate)")
 
 
 if __name__ == "__main__":

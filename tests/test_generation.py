@@ -107,7 +107,7 @@ def test_durations_are_predicted_before_step_1_and_kept_beside_the_measured_ones
     ledger = train(tiny_config(tmp_path, max_steps=3, generate_examples=2, task_metrics="auto"), on_step=on_step)
     line = next(x for x in seen["before step 1"].splitlines() if "predicted (estimate" in x)
     assert "training" in line and "held-out loss" in line and "task metrics (2 replies)" in line
-    predicted = ledger["metrics"]["predicted_seconds"]
+    predicted = ledger["timings"]["predicted_seconds"]
     assert predicted["training"] > 0
     # auto: task metrics ran exactly when their prediction was below the training's
     ran = "style_adherence" in ledger["metrics"]

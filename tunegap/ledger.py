@@ -280,7 +280,7 @@ def format_ledger(ledger: dict) -> str:
                 continue
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
             lines.append(f"    {key:<{width - 2}}  {shown}")
-    predicted = (ledger.get("metrics") or {}).get("predicted_seconds")
+    predicted = (ledger.get("timings") or {}).get("predicted_seconds")
     if predicted and "train_time_s" in ledger["costs"]:
         lines.append(f"  training time: predicted {predicted['training']:.3g} s (estimate), took "
                      f"{ledger['costs']['train_time_s']['value']:.3g} s (measured)")

@@ -558,7 +558,7 @@ class Trainer:
             self.save(self.totals.steps)
         with self.timed("objective's end metrics"):
             metrics = {"train_loss": _last_loss(self.metrics_path) if strategy.is_main else None,
-                       **self.objective.end_metrics(self.ctx), **self._predictions()}
+                       **self.objective.end_metrics(self.ctx)}
         for callback in self.callbacks:
             with self.timed(type(callback).__name__):
                 metrics.update(callback.on_train_end(self))
@@ -575,8 +575,8 @@ class Trainer:
         for callback in self.callbacks:
             with self.timed(type(callback).__name__):
                 metrics.update(callback.on_outputs(self, model, self.tokenizer))
-        metrics["phase_seconds"] = dict(self.phase_seconds)
         ledger = self.ledger_now("completed", metrics)
+        ledger["timings"] = {"phase_seconds": dict(self.phase_seconds), **self._predictions()}
         ledger["costs"]["peak_memory_bytes"]["value"] = train_peak  # training peak, not the later evaluation
         with self.writing("ledger.json"):
             write_ledger(self.folder / "ledger.json", ledger)
