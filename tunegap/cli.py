@@ -37,6 +37,9 @@ def _user_errors() -> tuple:
     # OSError: a full disk, a permission, a missing path; each is the user's to fix and says which file
     errors = [ConfigError, DataError, MethodError, ModelError, RunPathError, TrainingError, CheckpointError,
               RunLoadError, UserError, UnsafeFileError, OSError]
+    from .export import ExportError
+
+    errors.append(ExportError)
     try:
         from .estimate import EstimateError
 
@@ -156,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=int, default=96)
         p.set_defaults(func=func)
 
-    from . import compare, estimate, experiments, multipliers
+    from . import compare, estimate, experiments, export, multipliers
 
     compare.add_parser(sub)
+    export.add_parser(sub)
     estimate.add_parser(sub)
     multipliers.add_parser(sub)
     experiments.add_parser(sub)
