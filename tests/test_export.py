@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import needs_smollm2, tiny_config
 from tunegap.cli import main
 from tunegap.export import ExportError, export_gguf, export_merged
 from tunegap.outputs import load_run
@@ -113,3 +113,22 @@ def test_gguf_refuses_other_architectures_in_one_line(tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tunegap:")]
     assert len(errors) == 1 and "Llama architecture only" in errors[0] and "'gpt2'" in errors[0]
     assert main(["export", "g", "--runs-dir", str(tmp_path / "runs")]) == 0  # the merged folder works for any model
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_default_model_lora_run_exports_to_gguf_that_transformers_reads_back(tmp_path):
+    """The real tokenizer (49,152 tokens, 48,900 merges) and the real shape (30 layers, 9 heads, 3 KV heads)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train(tiny_config(tmp_path, model="smollm2-135m", name="real", max_steps=1, batch_size=2, train_examples=4,
+                      seq_len=256, eval_examples=2, forgetting=False))
+    own = load_run(tmp_path / "runs" / "real")
+    config = json.loads((tmp_path / "runs" / "real" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    path = export_gguf(tmp_path / "runs" / "real", tmp_path / "real-f16.gguf")
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = "Hello, Lumora! Ünïcode and   spaces."
+    assert tokenizer(text)["input_ids"] == own.tokenizer(text)["input_ids"]
+    assert greedy(back, tokenizer) == greedy(own.model.eval(), own.tokenizer)

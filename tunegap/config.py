@@ -50,6 +50,10 @@ class TrainConfig:
     # data
     data: str = _f("support", "SFT JSONL, a text corpus (pretraining), preference pairs in TRL's JSONL formats "
                               "(dpo, reward), or 'support' (the shipped task, or its preference pairs)")
+    format: str = _f("auto", "SFT data layout: auto (from the first record), messages, prompt-response, "
+                             "prompt-completion (TRL), alpaca (instruction/input/output), sharegpt "
+                             "(conversations of from/value)",
+                      choices=("auto", "messages", "prompt-response", "prompt-completion", "alpaca", "sharegpt"))
     eval_data: str = _f("", "held-out JSONL of the same kind ('' = the shipped support eval set when data is "
                             "'support')")
     seq_len: int = _f(128, "maximum tokens per example (longer ones are truncated, or dropped with --drop-long)")
