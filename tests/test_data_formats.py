@@ -145,3 +145,22 @@ def test_a_plain_folder_of_text_files_is_still_a_corpus(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.md").write_text("# Notes\nplain prose")
     assert data_kind(str(tmp_path / "c")) == "corpus" and load_corpus(tmp_path / "c") == ["# Notes\nplain prose"]
+
+
+def test_data_show_marks_exactly_the_reply_and_its_end_of_turn(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "s.jsonl", [LAYOUTS["sharegpt"](r) for r in FEW])
+    assert main(["data", "show", str(path), "--model", "tiny", "--row", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "layout sharegpt (detected)" in out
+    assert "<|im_start|>user\nSay hi to Bo.<|im_end|>\n<|im_start|>assistant\n[[Hi Bo, nice to meet you.<|im_end|>]]" in out
+    assert out.count("[[") == 2  # the header's legend and the reply: the prompt and the markup carry none
+    n = len("Hi Bo, nice to meet you.") + 1  # byte-level tokenizer: one token per byte, plus <|im_end|>
+    assert f", {n} carry loss" in out
+
+
+def test_data_show_says_what_seq_len_cuts_and_refuses_a_missing_row(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "s.jsonl", FEW)
+    assert main(["data", "show", str(path), "--model", "tiny", "--seq-len", "40"]) == 0
+    assert "cut by --seq-len 40" in capsys.readouterr().out
+    assert main(["data", "show", str(path), "--model", "tiny", "--row", "9"]) == 2
+    assert "s.jsonl:0: row: --row 9 is outside 1..4" in capsys.readouterr().err

@@ -160,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     from . import compare, estimate, experiments, export, multipliers
+    from .data import show
 
     compare.add_parser(sub)
     export.add_parser(sub)
+    show.add_parser(sub)  # data show
     estimate.add_parser(sub)
     multipliers.add_parser(sub)
     experiments.add_parser(sub)
