@@ -117,6 +117,9 @@ class TrainConfig:
     allow_pickle: bool = _f(False, "accept a model folder whose weights are pickled *.bin/*.pt (read as tensors only, "
                                    "torch.load(weights_only=True)); off: safetensors only")
     progress: bool = _f(True, "show a progress bar")
+    log: str = _f("none", "also send metrics.jsonl, line for line, to TensorBoard (a tensorboard/ folder in the run; "
+                          "pip install 'tunegap[log]') or MLflow (MLFLOW_TRACKING_URI, else ./mlruns; "
+                          "pip install 'tunegap[mlflow]')", choices=("none", "tensorboard", "mlflow"))
 
     def __post_init__(self):
         self._check_types()
