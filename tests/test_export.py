@@ -132,3 +132,13 @@ def test_default_model_lora_run_exports_to_gguf_that_transformers_reads_back(tmp
     text = "Hello, Lumora! Ünïcode and   spaces."
     assert tokenizer(text)["input_ids"] == own.tokenizer(text)["input_ids"]
     assert greedy(back, tokenizer) == greedy(own.model.eval(), own.tokenizer)
+
+
+def test_merged_folder_in_bf16_is_half_the_bytes_and_loads(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    fp32 = export_merged(runs / "full", tmp_path / "fp32")
+    bf16 = export_merged(runs / "full", tmp_path / "bf16", dtype="bf16")
+    size = lambda folder: (folder / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(bf16) < 0.55 * size(fp32)
+    assert AutoModelForCausalLM.from_pretrained(bf16).dtype == torch.bfloat16

@@ -19,6 +19,7 @@ from .io import atomic_dir, fsync_dir
 from .outputs import TRAINABLE_FILE, finished_run, load_run
 
 QUANTS = ("f16", "q8_0")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype of the merged folder
 GGUF_ARCHITECTURES = ("llama",)  # the tensor layout written here (q/k permuted for GGML's RoPE) is Llama's
 
 
@@ -57,9 +58,15 @@ def _generation_config(model, tokenizer):
 
 
 def export_merged(run: str | Path, out: str | Path | None = None, runs_dir: str | Path = "runs", *,
-                  allow_pickle: bool = False) -> Path:
-    """Write the run's merged model as a Hugging Face folder (built hidden, renamed into place)."""
+                  dtype: str = "fp32", allow_pickle: bool = False) -> Path:
+    """Write the run's merged model as a Hugging Face folder (built hidden, renamed into place); fp32 keeps the
+    merged weights exactly, bf16/fp16 halve the folder."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype: choose from {', '.join(DTYPES)}, got {dtype!r}")
     model, tokenizer, folder, _ = merged_model(run, runs_dir, allow_pickle=allow_pickle)
+    model = model.to(getattr(torch, DTYPES[dtype]))
     out = Path(out) if out else folder / "merged"
     model.generation_config = _generation_config(model, tokenizer)
     with atomic_dir(out) as staging:
@@ -115,6 +122,7 @@ def _add_metadata(writer, config, name: str, quant: str) -> None:
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quant == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _add_tokenizer(writer, tokenizer, n_vocab: int, pre: str) -> None:
@@ -128,6 +136,8 @@ def _add_tokenizer(writer, tokenizer, n_vocab: int, pre: str) -> None:
     with tempfile.TemporaryDirectory() as saved:  # SpecialVocab reads merges, special ids, chat template from files
         tokenizer.save_pretrained(saved)
         special = gguf.SpecialVocab(saved, load_merges=True, n_vocab=n_vocab)
+    if "bos" not in special.add_special_token:  # say it: llama.cpp's own default differs between vocab types
+        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
     if not special.merges:  # byte-level with no merges (the tiny presets): GGUF cannot store an empty list, and
         writer.add_token_scores([0.0] * n_vocab)  # transformers' reader then rebuilds merges from scores (none here)
     special.add_to_gguf(writer, quiet=True)
@@ -201,7 +211,7 @@ def cmd_export(args) -> int:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, measured, GGUF {args.quant}); "
               f"run it: llama-cli -m {path} -cnv")
     else:
-        path = export_merged(args.run, args.out, args.runs_dir, allow_pickle=args.allow_pickle)
+        path = export_merged(args.run, args.out, args.runs_dir, dtype=args.dtype, allow_pickle=args.allow_pickle)
         size = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
         print(f"wrote {path}/ ({size / 1e6:.1f} MB of safetensors, measured); load it with "
               f"AutoModelForCausalLM.from_pretrained({json.dumps(str(path))})")
@@ -215,6 +225,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="", help="folder (merged) or .gguf file to write; default: inside the run folder")
     p.add_argument("--gguf", action="store_true", help="write one GGUF file (Llama architecture) instead")
     p.add_argument("--quant", default="f16", choices=QUANTS, help="GGUF tensor type of the weight matrices")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="weights of the merged folder")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled *.bin weights (tensors only, torch.load(weights_only=True))")
