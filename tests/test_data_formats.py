@@ -164,3 +164,11 @@ def test_data_show_says_what_seq_len_cuts_and_refuses_a_missing_row(tmp_path, ca
     assert "cut by --seq-len 40" in capsys.readouterr().out
     assert main(["data", "show", str(path), "--model", "tiny", "--row", "9"]) == 2
     assert "s.jsonl:0: row: --row 9 is outside 1..4" in capsys.readouterr().err
+
+
+def test_dpo_trains_on_a_hub_folder_of_preference_pairs(tmp_path):
+    """TRL's preference layout as parquet in a Hub-style folder, through the preference loader DPO uses."""
+    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "No."} for r in FEW]
+    path = write_table(tmp_path / "prefs", pairs, "hub-folder")
+    ledger = train(tiny_config(tmp_path, objective="dpo", data=str(path), name="dpo", max_steps=1, seq_len=128))
+    assert ledger["status"] == "completed" and ledger["data"]["train"]["n_pairs"] == len(FEW)
