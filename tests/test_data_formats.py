@@ -10,6 +10,7 @@ import json
 
 import datasets
 import pyarrow as pa
+import pyarrow.ipc  # noqa: F401  (pa.ipc)
 import pyarrow.parquet as pq
 import pytest
 
@@ -49,6 +50,12 @@ def write_table(path, rows, kind):
     if kind == "parquet":
         pq.write_table(pa.Table.from_pylist(rows), path.with_suffix(".parquet"))
         return path.with_suffix(".parquet")
+    if kind in ("arrow-stream", "arrow-file"):
+        table = pa.Table.from_pylist(rows)
+        open_writer = pa.ipc.new_stream if kind == "arrow-stream" else pa.ipc.new_file
+        with pa.OSFile(str(path.with_suffix(".arrow")), "wb") as sink, open_writer(sink, table.schema) as writer:
+            writer.write_table(table)
+        return path.with_suffix(".arrow")
     if kind == "save_to_disk":
         datasets.Dataset.from_list(rows).save_to_disk(str(path))
         return path
@@ -114,7 +121,7 @@ def test_the_config_offers_exactly_the_loaders_formats():
     assert tuple(field.metadata["choices"]) == SFT_FORMATS
 
 
-@pytest.mark.parametrize("kind", ["parquet", "save_to_disk", "hub-folder"])
+@pytest.mark.parametrize("kind", ["parquet", "arrow-stream", "arrow-file", "save_to_disk", "hub-folder"])
 def test_tables_load_and_train_like_jsonl(tmp_path, reference, kind):
     path = write_table(tmp_path / "set", [LAYOUTS["alpaca"](r) for r in FEW], kind)
     assert data_kind(str(path)) == "sft"
@@ -172,3 +179,9 @@ def test_dpo_trains_on_a_hub_folder_of_preference_pairs(tmp_path):
     path = write_table(tmp_path / "prefs", pairs, "hub-folder")
     ledger = train(tiny_config(tmp_path, objective="dpo", data=str(path), name="dpo", max_steps=1, seq_len=128))
     assert ledger["status"] == "completed" and ledger["data"]["train"]["n_pairs"] == len(FEW)
+
+
+def test_an_empty_parquet_file_is_one_line_not_a_traceback(tmp_path):
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match=r"empty.parquet:0: file: empty data set"):
+        load_sft(tmp_path / "empty.parquet")

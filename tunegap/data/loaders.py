@@ -199,42 +199,52 @@ def is_table(path: str | Path) -> bool:
                               or bool(_table_files(path)))
 
 
-def _import_table_readers():
+def _import_table_readers(path: Path):
     try:
         import datasets
         import pyarrow
     except ImportError:
-        raise DataError("--data", 0, "file", f"parquet/arrow data needs the optional 'data' extra: {DATA_EXTRA}") from None
+        raise DataError(path, 0, "file", f"parquet/arrow data needs the optional 'data' extra: {DATA_EXTRA}") from None
     return datasets, pyarrow
 
 
-def _read_arrow(path: Path, pa) -> list[dict[str, Any]]:
+def _read_arrow(path: Path, pa, limit: int | None) -> list[dict[str, Any]]:
     """An .arrow file: the IPC stream format `datasets` writes, or the IPC file (Feather v2) format."""
     import pyarrow.ipc
 
     with pa.memory_map(str(path)) as source:
         try:
-            return pyarrow.ipc.open_stream(source).read_all().to_pylist()
+            reader = pyarrow.ipc.open_stream(source)
         except pa.ArrowInvalid:
             source.seek(0)
-            return pyarrow.ipc.open_file(source).read_all().to_pylist()
+            reader = pyarrow.ipc.open_file(source)
+            return (reader.read_all() if limit is None else reader.get_batch(0)).to_pylist()[:limit]
+        return (reader.read_all() if limit is None else reader.read_next_batch()).to_pylist()[:limit]
 
 
-def _table_rows(path: Path):
-    """(file, rows) pairs, read by `datasets` (save_to_disk folders) or its pyarrow (parquet, arrow)."""
-    datasets, pa = _import_table_readers()
+def _read_parquet(path: Path, limit: int | None) -> list[dict[str, Any]]:
     import pyarrow.parquet
 
+    if limit is None:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    first = next(pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=limit), None)
+    return first.to_pylist() if first is not None else []
+
+
+def _table_rows(path: Path, limit: int | None = None):
+    """(file, rows) pairs, read by `datasets` (save_to_disk folders) or its pyarrow (parquet, arrow); `limit`
+    reads only the first rows of each file (enough to tell a layout)."""
+    datasets, pa = _import_table_readers(path)
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
+        loaded = datasets.load_from_disk(str(path))  # memory-mapped: selecting rows reads only those
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
-        return [(path, loaded.to_list())]
+        rows = loaded if limit is None else loaded.select(range(min(limit, len(loaded))))
+        return [(path, rows.to_list())]
     out = []
     for file in [path] if path.is_file() else _table_files(path):
         try:
-            rows = pyarrow.parquet.read_table(file).to_pylist() if file.suffix.lower() == ".parquet" \
-                else _read_arrow(file, pa)
+            rows = _read_parquet(file, limit) if file.suffix.lower() == ".parquet" else _read_arrow(file, pa, limit)
         except (pa.ArrowException, OSError) as err:
             raise DataError(file, 0, "file", f"cannot read as {file.suffix[1:]}: {str(err).splitlines()[0]}") from None
         out.append((file, rows))
@@ -245,7 +255,7 @@ def first_record(path: str | Path) -> dict[str, Any] | None:
     """The first record of a JSONL file or a table, to tell formats apart (None when it is not an object)."""
     path = Path(path)
     if is_table(path):
-        for _, rows in _table_rows(path):
+        for _, rows in _table_rows(path, limit=1):
             if rows:
                 return rows[0]
         return None
