@@ -135,6 +135,8 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.loaders import SFT_FORMATS
+
     parser = _Parser(prog="tunegap", description=__doc__.split(":")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -168,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--data", default="support", help="held-out SFT data (any layout finetune takes), or "
                                                              "'support' (the shipped eval set, with task metrics)")
-            p.add_argument("--format", default="auto", help="the data's layout (see finetune --format)",
-                           choices=("auto", "messages", "prompt-response", "prompt-completion", "alpaca", "sharegpt"))
+            p.add_argument("--format", default="auto", choices=SFT_FORMATS, help="the data's layout (see finetune --format)")
             p.add_argument("--examples", type=int, default=32, help="how many held-out examples")
             p.add_argument("--seq-len", type=int, default=0, help="tokens per example (0: the run's, else 512)")
             p.add_argument("--k-shot", type=int, default=0, help="solved examples in the prompt (in-context learning)")

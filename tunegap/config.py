@@ -49,8 +49,9 @@ class TrainConfig:
     virtual_tokens: int = _f(16, "prompt/prefix tuning: number of virtual tokens")
     adapter_dim: int = _f(16, "bottleneck adapter width")
     # data
-    data: str = _f("support", "SFT JSONL, a text corpus (pretraining), preference pairs in TRL's JSONL formats "
-                              "(dpo, reward), or 'support' (the shipped task, or its preference pairs)")
+    data: str = _f("support", "SFT data (JSONL, parquet/arrow, a save_to_disk or Hub-style folder), a text corpus "
+                              "(pretraining), preference pairs in TRL's formats (dpo, reward), or 'support' (the "
+                              "shipped task, or its preference pairs)")
     format: str = _f("auto", "SFT data layout: auto (from the first record), messages, prompt-response, "
                              "prompt-completion (TRL), alpaca (instruction/input/output), sharegpt "
                              "(conversations of from/value)",
