@@ -142,3 +142,17 @@ def test_merged_folder_in_bf16_is_half_the_bytes_and_loads(runs, tmp_path):
     size = lambda folder: (folder / "model.safetensors").stat().st_size  # noqa: E731
     assert size(bf16) < 0.55 * size(fp32)
     assert AutoModelForCausalLM.from_pretrained(bf16).dtype == torch.bfloat16
+
+
+def test_gguf_marks_special_tokens_as_control_like_llama_cpps_converter(runs, tmp_path):
+    import gguf
+
+    from tunegap.models import tiny_tokenizer
+
+    path = export_gguf(runs / "lora", tmp_path / "t.gguf")
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.token_type"]
+    types = [int(field.parts[i][0]) for i in field.data]
+    tokenizer = tiny_tokenizer()
+    special = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
+    assert {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL} == special
+    assert types.count(gguf.TokenType.NORMAL) == len(types) - len(special)

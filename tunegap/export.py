@@ -89,17 +89,16 @@ def _vocabulary(tokenizer, n_vocab: int):
     import gguf
 
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.get_added_vocab()
-    special = set(tokenizer.all_special_tokens)
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken, whose `special` flag llama.cpp's converter reads
     tokens, types = [], []
     for i in range(n_vocab):
         token = by_id.get(i)
         if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-        elif token in added:
+        elif i in added:
             tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if token in special else gguf.TokenType.USER_DEFINED)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
