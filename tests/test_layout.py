@@ -19,7 +19,7 @@ LAYERS = [
     {"config", "safety", "ledger", "runs", "checkpoint", "report", "precision", "compiling", "losses", "schedule", "generation"},
     {"data", "models", "methods", "evaluate", "forgetting", "predict"},
     {"objectives", "strategies", "callbacks", "outputs"},
-    {"trainer", "estimate", "multipliers"},
+    {"trainer", "estimate", "multipliers", "export"},
     {"experiments", "analysis", "compare", "decide"},
     {"cli", "__main__", "__init__"},
 ]

@@ -106,11 +106,29 @@ def test_bad_row_names_file_line_and_field(tmp_path, row, field, problem):
     assert str(err).startswith(f"{path}:2: {field}: ") and "\n" not in str(err)
 
 
-@pytest.mark.parametrize("name", ["p.json", "p.csv", "p.parquet", "p"])
+@pytest.mark.parametrize("name", ["p.json", "p.csv", "p"])
 def test_unsupported_extension_is_refused(tmp_path, name):
     path = _write(tmp_path, [STANDARD], name)
     with pytest.raises(DataError, match=r":0: file: unsupported file type"):
         load_preference_pairs(path)
+
+
+def test_a_parquet_name_on_other_bytes_is_one_line_naming_the_file(tmp_path):
+    path = _write(tmp_path, [STANDARD], "p.parquet")
+    with pytest.raises(DataError, match=r"p.parquet:0: file: cannot read as parquet"):
+        load_preference_pairs(path)
+
+
+def test_parquet_pairs_load_like_jsonl_and_a_bad_row_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [STANDARD, {**STANDARD, "rejected": STANDARD["chosen"]}]
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "good.parquet")
+    assert load_preference_pairs(tmp_path / "good.parquet") == load_preference_pairs(_write(tmp_path, rows[:1]))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet: row 2: rejected: identical"):
+        load_preference_pairs(tmp_path / "bad.parquet")
 
 
 def test_file_errors_and_skip_mode(tmp_path):

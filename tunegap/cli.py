@@ -26,6 +26,10 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default."""
+
+
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .costs.shape import ShapeError
@@ -41,6 +45,9 @@ def _user_errors() -> tuple:
     # OSError: a full disk, a permission, a missing path; each is the user's to fix and says which file
     errors = [ConfigError, DataError, MethodError, ModelError, RunPathError, TrainingError, CheckpointError,
               RunLoadError, UserError, UnsafeFileError, DamagedFileError, RunIndexError, ShapeError, OSError]
+    from .export import ExportError
+
+    errors.append(ExportError)
     try:
         from .estimate import EstimateError
 
@@ -98,16 +105,25 @@ def _load_for_eval(args):
 def cmd_eval(args) -> int:
     from .data.loaders import load_sft
     from .data.support import generate_support
-    from .evaluate import support_metrics
+    from .evaluate import reply_loss, support_metrics
 
-    model, tokenizer, _ = _load_for_eval(args)
-    records = load_sft(args.data) if args.data != "support" else generate_support()[1]
+    model, tokenizer, config = _load_for_eval(args)
+    records = load_sft(args.data, format=args.format) if args.data != "support" else generate_support()[1]
     records = records[:args.examples]
-    train_records = generate_support()[0]
-    metrics = support_metrics(model, tokenizer, records, shots=train_records[:args.k_shot])
+    seq_len = args.seq_len or config.get("seq_len", 512)
+    loss, n_tokens = reply_loss(model, tokenizer, records, seq_len)
+    if all("meta" in r for r in records):  # the support task's tickets: its task metrics too
+        metrics = support_metrics(model, tokenizer, records, shots=generate_support()[0][:args.k_shot])
+    else:  # a user's data: no task checks to run, the held-out loss and a look at replies
+        from .evaluate import generate
+
+        texts = generate(model, tokenizer, [r["messages"] for r in records[:2]])[0]
+        metrics = {"samples": [{"prompt": r["messages"][-2]["content"], "reply": t} for r, t in zip(records, texts)]}
+    metrics = {"heldout_loss": loss, "heldout_loss_tokens": n_tokens, "examples": len(records), **metrics}
     samples = metrics.pop("samples")
     print(json.dumps(metrics, indent=2) if args.json else "\n".join(
-        f"{k:>20}: {v:.4g} (measured)" if isinstance(v, float) else f"{k:>20}: {v}" for k, v in metrics.items()))
+        f"{k:>20}: {v:.4g} (measured{', nats/token' if k == 'heldout_loss' else ''})" if isinstance(v, float)
+        else f"{k:>20}: {v}" for k, v in metrics.items()))
     if not args.json:
         for s in samples[:2]:
             print(f"\n> {s['prompt']}\n{s['reply']}")
@@ -125,49 +141,60 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.loaders import SFT_FORMATS
+
     parser = _Parser(prog="tunegap", description=__doc__.split(":")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    finetune = sub.add_parser("finetune", help="fine-tune a model (full, lora, freeze, ia3, prompt, prefix, adapter)")
+    finetune = sub.add_parser("finetune", help="fine-tune a model (full, lora, freeze, ia3, prompt, prefix, adapter)",
+                              formatter_class=_Defaults)
     finetune.add_argument("--config", help="YAML/JSON file of settings (flags override it)")
     add_config_arguments(finetune)
     finetune.set_defaults(func=cmd_train)
 
-    pretrain = sub.add_parser("pretrain", help="train from random weights on a text corpus (full method)")
+    pretrain = sub.add_parser("pretrain", help="train from random weights on a text corpus (full method)",
+                              formatter_class=_Defaults)
     pretrain.add_argument("--config", help="YAML/JSON file of settings (flags override it)")
     add_config_arguments(pretrain, method="full", init="scratch", lr=1e-3, generate_examples=0)
     pretrain.set_defaults(func=cmd_train)
 
-    runs = sub.add_parser("runs", help="list runs in the runs folder")
-    runs.add_argument("--runs-dir", default="runs")
-    runs.add_argument("--json", action="store_true")
+    runs = sub.add_parser("runs", help="list runs in the runs folder", formatter_class=_Defaults)
+    runs.add_argument("--runs-dir", default="runs", help="folder holding every run")
+    runs.add_argument("--json", action="store_true", help="print the rows as JSON")
     runs.add_argument("--rebuild", action="store_true",
                       help="re-create runs/index.sqlite from the run folders' ledgers (it is a cache of them)")
     runs.set_defaults(func=cmd_runs)
 
-    for name, func, helptext in (("eval", cmd_eval, "task metrics of a base model or a run"),
+    for name, func, helptext in (("eval", cmd_eval, "held-out loss of a base model or a run on any SFT data, and "
+                                                    "the task metrics on the support task"),
                                  ("generate", cmd_generate, "sample from a base model or a run")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", default="smollm2-135m")
+        p = sub.add_parser(name, help=helptext, formatter_class=_Defaults)
+        p.add_argument("--model", default="smollm2-135m", help="a base model (name or folder), when no --run")
         p.add_argument("--run", default="", help="a run name in --runs-dir, or a run folder")
-        p.add_argument("--runs-dir", default="runs")
-        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--runs-dir", default="runs", help="folder holding every run")
+        p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
         p.add_argument("--allow-pickle", action="store_true",
                        help="accept pickled *.bin weights (tensors only, torch.load(weights_only=True))")
         if name == "eval":
-            p.add_argument("--data", default="support", help="held-out SFT JSONL with meta, or 'support'")
-            p.add_argument("--examples", type=int, default=32)
+            p.add_argument("--data", default="support", help="held-out SFT data (any layout finetune takes), or "
+                                                             "'support' (the shipped eval set, with task metrics)")
+            p.add_argument("--format", default="auto", choices=SFT_FORMATS, help="the data's layout (see finetune --format)")
+            p.add_argument("--examples", type=int, default=32, help="how many held-out examples")
+            p.add_argument("--seq-len", type=int, default=0, help="tokens per example (0: the run's, else 512)")
             p.add_argument("--k-shot", type=int, default=0, help="solved examples in the prompt (in-context learning)")
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--json", action="store_true", help="print the metrics as JSON")
         else:
-            p.add_argument("prompt")
-            p.add_argument("--max-new-tokens", type=int, default=96)
+            p.add_argument("prompt", help="the user message")
+            p.add_argument("--max-new-tokens", type=int, default=96, help="longest reply, in tokens")
         p.set_defaults(func=func)
 
-    from . import compare, decide, estimate, experiments, multipliers
+    from . import compare, decide, estimate, experiments, export, multipliers
+    from .data import show
 
     compare.add_parser(sub)
     decide.add_parser(sub)
+    export.add_parser(sub)
+    show.add_parser(sub)  # data show
     estimate.add_parser(sub)
     multipliers.add_parser(sub)
     experiments.add_parser(sub)

@@ -40,31 +40,39 @@ class TrainConfig:
     init_from: str = _f("", "start from a finished run's trained model (a run name in --runs-dir or a folder; a "
                             "LoRA/IA3 adapter is merged into its starting model, which --model must name): SFT, "
                             "then DPO from it, then RL from that")
-    rank: int = _f(8, "LoRA rank r")
-    alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha/r)")
-    dropout: float = _f(0.0, "LoRA dropout")
-    targets: str = _f("q,k,v,o,gate,up,down", "LoRA target matrices, comma-separated")
+    rank: int = _f(8, "LoRA rank r", aliases=("--lora-r",))
+    alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha/r)", aliases=("--lora-alpha",))
+    dropout: float = _f(0.0, "LoRA dropout", aliases=("--lora-dropout",))
+    targets: str = _f("q,k,v,o,gate,up,down", "LoRA target matrices, comma-separated: short names, PEFT's module "
+                                             "names (q_proj, v_proj, ...) or all-linear", aliases=("--target-modules",))
     freeze_layers: int = _f(2, "freeze: number of top blocks that train")
     virtual_tokens: int = _f(16, "prompt/prefix tuning: number of virtual tokens")
     adapter_dim: int = _f(16, "bottleneck adapter width")
     # data
-    data: str = _f("support", "SFT JSONL, a text corpus (pretraining), preference pairs in TRL's JSONL formats "
-                              "(dpo, reward), or 'support' (the shipped task, or its preference pairs)")
+    data: str = _f("support", "SFT data (JSONL, parquet/arrow, a save_to_disk or Hub-style folder), a text corpus "
+                              "(pretraining), preference pairs in TRL's formats (dpo, reward), or 'support' (the "
+                              "shipped task, or its preference pairs)")
+    format: str = _f("auto", "SFT data layout: auto (from the first record), messages, prompt-response, "
+                             "prompt-completion (TRL), alpaca (instruction/input/output), sharegpt "
+                             "(conversations of from/value)",
+                      choices=("auto", "messages", "prompt-response", "prompt-completion", "alpaca", "sharegpt"))
     eval_data: str = _f("", "held-out JSONL of the same kind ('' = the shipped support eval set when data is "
                             "'support')")
-    seq_len: int = _f(128, "maximum tokens per example (longer ones are truncated, or dropped with --drop-long)")
+    seq_len: int = _f(128, "maximum tokens per example (longer ones are truncated, or dropped with --drop-long)",
+                      aliases=("--max-length",))
     drop_long: bool = _f(False, "drop examples longer than seq_len instead of truncating them")
     train_examples: int = _f(0, "use only the first N training examples (0 = all)")
     # optimisation
-    batch_size: int = _f(8, "examples (or corpus blocks) per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    batch_size: int = _f(8, "examples (or corpus blocks) per micro-batch", aliases=("--per-device-train-batch-size",))
+    grad_accum: int = _f(1, "micro-batches per optimizer step", aliases=("--gradient-accumulation-steps",))
     max_steps: int = _f(0, "optimizer steps (0 = derive from --epochs or --budget-tokens)")
-    epochs: float = _f(1.0, "passes over the training data, used when --max-steps is 0")
+    epochs: float = _f(1.0, "passes over the training data, used when --max-steps is 0", aliases=("--num-train-epochs",))
     budget_tokens: int = _f(0, "stop after this many training tokens (0 = no token budget)")
-    lr: float = _f(2e-4, "peak learning rate (AdamW)")
+    lr: float = _f(2e-4, "peak learning rate (AdamW)", aliases=("--learning-rate",))
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear warm-up steps (0 = 5% of steps)")
-    schedule: str = _f("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
+    schedule: str = _f("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"),
+                       aliases=("--lr-scheduler-type",))
     clip: float = _f(1.0, "gradient-norm clipping (0 = off)")
     seed: int = _f(0, "seed for weights, data order and dropout")
     precision: str = _f("auto", "auto picks bf16 autocast only where this CPU's measured bf16 matmul is faster",
@@ -116,6 +124,9 @@ class TrainConfig:
     allow_pickle: bool = _f(False, "accept a model folder whose weights are pickled *.bin/*.pt (read as tensors only, "
                                    "torch.load(weights_only=True)); off: safetensors only")
     progress: bool = _f(True, "show a progress bar")
+    log: str = _f("none", "also send metrics.jsonl, line for line, to TensorBoard (a tensorboard/ folder in the run; "
+                          "pip install 'tunegap[log]') or MLflow (MLFLOW_TRACKING_URI, else ./mlruns; "
+                          "pip install 'tunegap[mlflow]')", choices=("none", "tensorboard", "mlflow"))
 
     def __post_init__(self):
         self._check_types()
@@ -197,6 +208,11 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
         """YAML or JSON holding only the fields that differ from the defaults."""
+        return cls(**cls.read_file(path))
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict:
+        """The fields a YAML/JSON file sets (checked as a whole config would be, ints made floats where due)."""
         import yaml
 
         path = Path(path)
@@ -221,35 +237,55 @@ class TrainConfig:
             if key not in known:
                 raise ConfigError(f"{path}:{lines.get(str(key), 0)}: {str(key)[:40]!r}: unknown field")
         try:
-            return cls(**values)
+            checked = cls(**values)
         except ConfigError as err:  # name the line of the offending field
             flag = re.match(r"--([a-z0-9-]+): ", str(err))
             key = flag.group(1).replace("-", "_") if flag else ""
             problem = str(err)[flag.end():] if flag else str(err)
             raise ConfigError(f"{path}:{lines.get(key, 0)}: {key or 'file'}: {problem}") from None
+        return {key: getattr(checked, key) for key in values}
+
+
+class _Store(argparse.Action):
+    """argparse's store, noting that the flag was given: then it wins over a --config file even when it equals
+    the default (`--config a.yaml --rank 8` trains rank 8 whatever the file says)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _mark_given(namespace, self.dest)
+
+
+class _StoreBool(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        _mark_given(namespace, self.dest)
+
+
+def _mark_given(namespace: argparse.Namespace, dest: str) -> None:
+    given = set(getattr(namespace, "given_flags", ()))
+    setattr(namespace, "given_flags", given | {dest})
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig, **defaults) -> None:
-    """One `--flag` per dataclass field, typed and documented from the field itself."""
+    """One `--flag` per dataclass field (and the aliases TRL users type), typed and documented from the field."""
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         default = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())
         kind = type(default)
         helptext = f.metadata["help"].replace("%", "%%")  # argparse %-formats help ("5% of steps" broke --help)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+            parser.add_argument(*flags, action=_StoreBool, default=default, help=helptext)
         else:
-            parser.add_argument(flag, type=kind, default=default, help=helptext,
+            parser.add_argument(*flags, action=_Store, type=kind, default=default, help=helptext,
                                 choices=f.metadata.get("choices"))
 
 
 def config_from_args(args: argparse.Namespace, cls=TrainConfig) -> "TrainConfig":
+    """The command's defaults, then the --config file's fields, then every flag given on the command line."""
     values = {f.name: getattr(args, f.name) for f in fields(cls)}
     if getattr(args, "config", None):
-        file_values = asdict(cls.from_file(args.config))
-        # explicit flags win over the file; the file wins over the defaults
-        defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(cls)}
-        values = {k: (v if v != defaults[k] else file_values[k]) for k, v in values.items()}
+        given = getattr(args, "given_flags", set())
+        values.update({k: v for k, v in cls.read_file(args.config).items() if k not in given})
     return cls(**values)
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 
-from .data.render import tokenize_prompt
+from .data.render import tokenize_prompt, tokenize_sft
 from .generation import DEFAULT_BATCH, common_prefix_length, decode
+from .losses import IGNORE_INDEX
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 96,
@@ -55,3 +56,25 @@ def support_metrics(model, tokenizer, records: list[dict], *, shots: list[dict] 
     scores["samples"] = [{"prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "", "reply": t}
                          for r, t in list(zip(records, texts))[:3]]
     return scores
+
+
+def reply_loss(model, tokenizer, records: list[dict], seq_len: int, *, autocast=contextlib.nullcontext
+               ) -> tuple[float, int]:
+    """Mean next-token loss (nats/token) over the reply tokens of `records`, as training labels them, and how
+    many tokens that is: the held-out loss of any SFT data set, with or without the support task's metadata."""
+    import torch
+    import torch.nn.functional as F
+
+    examples, _ = tokenize_sft(tokenizer, records, seq_len)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast():
+        for example in examples:  # one at a time: no padding to mask, and held-out sets are small
+            ids = torch.tensor([example.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            targets = torch.tensor(example.labels[1:])
+            total += float(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1), count

@@ -22,6 +22,9 @@ from .runs import run_folder
 from .safety import ADAPTER_FILES, refused_pickle, weights_format
 
 ADAPTER_DIR, MODEL_DIR, TRAINABLE_FILE = "adapter", "model", "bottleneck_adapter.safetensors"
+# What a user names to fetch the base a run started from, where tunegap's own name is not one: the default model
+# is read from a GGUF file and cached under ~/.cache/tunegap, a path that means nothing on another machine.
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 class RunLoadError(ValueError):
@@ -35,6 +38,7 @@ def save_outputs(folder: Path, model, base, tokenizer, method) -> None:
     from safetensors.torch import save
 
     if method.saves_adapter:
+        model.peft_config["default"].base_model_name_or_path = base_model_name(folder)
         with atomic_dir(folder / ADAPTER_DIR) as staging:
             model.save_pretrained(staging)  # adapter_config.json + adapter_model.safetensors
     elif method.saves_trained_tensors:
@@ -43,6 +47,15 @@ def save_outputs(folder: Path, model, base, tokenizer, method) -> None:
         with atomic_dir(folder / MODEL_DIR) as staging:
             base.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
+
+
+def base_model_name(folder: Path) -> str:
+    """The base model as the user named it in the run's config.json (`--model`), or its Hub id."""
+    try:
+        name = json.loads((folder / "config.json").read_text())["model"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return HUB_IDS.get(name, name)
 
 
 @dataclass

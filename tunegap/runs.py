@@ -29,7 +29,7 @@ _COLUMNS = ("name", "status", "method", "model", "tokens", "steps", "params_trai
 
 # Settings that never change what a run computes: where it is written, how it is shown, how many threads
 # run it, whether a pickle may be read, whether layers are compiled (a resumed run may switch any of them).
-RESULT_NEUTRAL = ("resume", "progress", "name", "runs_dir", "threads", "allow_pickle", "compile")
+RESULT_NEUTRAL = ("resume", "progress", "name", "runs_dir", "threads", "allow_pickle", "compile", "log")
 
 
 class RunPathError(ValueError):

@@ -11,8 +11,10 @@ from .forgetting import Forgetting
 from .heldout import HeldoutLoss
 from .progress import ProgressBar
 from .task_metrics import SupportTaskMetrics
+from .tracking import MetricsMirror
 
-__all__ = ["Callback", "Forgetting", "HeldoutLoss", "ProgressBar", "SupportTaskMetrics", "default_callbacks"]
+__all__ = ["Callback", "Forgetting", "HeldoutLoss", "ProgressBar", "SupportTaskMetrics", "MetricsMirror",
+           "default_callbacks"]
 
 
 def default_callbacks(config) -> list[Callback]:
@@ -21,4 +23,6 @@ def default_callbacks(config) -> list[Callback]:
         callbacks.append(SupportTaskMetrics(config.generate_examples, config.task_metrics))
     if config.forgetting != "off":
         callbacks.append(Forgetting(config.forgetting))
+    if config.log != "none":  # last: it mirrors metrics.jsonl, which holds what every other callback added
+        callbacks.append(MetricsMirror(config.log))
     return callbacks

@@ -15,6 +15,7 @@ API convention shared by all loaders:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar, overload
@@ -22,6 +23,10 @@ from typing import Any, Callable, Literal, TypeVar, overload
 __all__ = [
     "DataError",
     "LoadReport",
+    "SFT_FORMATS",
+    "detect_sft_format",
+    "is_table",
+    "first_record",
     "load_sft",
     "load_preferences",
     "load_corpus",
@@ -31,6 +36,12 @@ __all__ = [
 
 ROLES = ("system", "user", "assistant")
 CORPUS_SUFFIXES = (".txt", ".md")
+TABLE_SUFFIXES = (".parquet", ".arrow")
+# The SFT layouts users bring: tunegap's own two, TRL's prompt/completion, Alpaca, ShareGPT ("auto" reads the first record)
+SFT_FORMATS = ("auto", "messages", "prompt-response", "prompt-completion", "alpaca", "sharegpt")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+DATA_EXTRA = "pip install 'tunegap[data]'"
 OnError = Literal["raise", "skip"]
 T = TypeVar("T")
 
@@ -46,12 +57,13 @@ class DataError(ValueError):
     `line` is 1-based; 0 means the whole file (not found, empty, unsupported type).
     """
 
-    def __init__(self, path: str | Path, line: int, field: str, problem: str) -> None:
+    def __init__(self, path: str | Path, line: int, field: str, problem: str, unit: str = "line") -> None:
         self.path = str(path)
         self.line = int(line)
         self.field = _one_line(field)
         self.problem = _one_line(problem)
-        super().__init__(f"{self.path}:{self.line}: {self.field}: {self.problem}")
+        where = f"{self.path}:{self.line}" if unit == "line" else f"{self.path}: {unit} {self.line}"
+        super().__init__(f"{where}: {self.field}: {self.problem}")
 
 
 @dataclass
@@ -168,6 +180,120 @@ def _load_jsonl(path: str | Path, parse: Callable[[dict[str, Any]], T], on_error
     return _finish(path, records, rep, what, report)
 
 
+# --------------------------------------------------------------------------- tables (parquet, arrow, save_to_disk)
+
+def _table_files(folder: Path) -> list[Path]:
+    """Parquet/arrow files below a folder (hidden entries ignored); in a Hub-style folder with splits, the train
+    split's files. A README.md beside them is the data set's card, never data."""
+    files = sorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    train = [p for p in files if any(part.startswith("train") for part in p.relative_to(folder).parts)]
+    return train or files
+
+
+def is_table(path: str | Path) -> bool:
+    """A parquet/arrow file, a `datasets.save_to_disk` folder, or a folder holding parquet/arrow files."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix.lower() in TABLE_SUFFIXES
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+                              or bool(_table_files(path)))
+
+
+def _import_table_readers(path: Path):
+    try:
+        import datasets
+        import pyarrow
+    except ImportError:
+        raise DataError(path, 0, "file", f"parquet/arrow data needs the optional 'data' extra: {DATA_EXTRA}") from None
+    return datasets, pyarrow
+
+
+def _read_arrow(path: Path, pa, limit: int | None) -> list[dict[str, Any]]:
+    """An .arrow file: the IPC stream format `datasets` writes, or the IPC file (Feather v2) format."""
+    import pyarrow.ipc
+
+    with pa.memory_map(str(path)) as source:
+        try:
+            reader = pyarrow.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pyarrow.ipc.open_file(source)
+            return (reader.read_all() if limit is None else reader.get_batch(0)).to_pylist()[:limit]
+        return (reader.read_all() if limit is None else reader.read_next_batch()).to_pylist()[:limit]
+
+
+def _read_parquet(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    import pyarrow.parquet
+
+    if limit is None:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    first = next(pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=limit), None)
+    return first.to_pylist() if first is not None else []
+
+
+def _table_rows(path: Path, limit: int | None = None):
+    """(file, rows) pairs, read by `datasets` (save_to_disk folders) or its pyarrow (parquet, arrow); `limit`
+    reads only the first rows of each file (enough to tell a layout)."""
+    datasets, pa = _import_table_readers(path)
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))  # memory-mapped: selecting rows reads only those
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
+        rows = loaded if limit is None else loaded.select(range(min(limit, len(loaded))))
+        return [(path, rows.to_list())]
+    out = []
+    for file in [path] if path.is_file() else _table_files(path):
+        try:
+            rows = _read_parquet(file, limit) if file.suffix.lower() == ".parquet" else _read_arrow(file, pa, limit)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(file, 0, "file", f"cannot read as {file.suffix[1:]}: {str(err).splitlines()[0]}") from None
+        out.append((file, rows))
+    return out
+
+
+def first_record(path: str | Path) -> dict[str, Any] | None:
+    """The first record of a JSONL file or a table, to tell formats apart (None when it is not an object)."""
+    path = Path(path)
+    if is_table(path):
+        for _, rows in _table_rows(path, limit=1):
+            if rows:
+                return rows[0]
+        return None
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    first = json.loads(raw)
+                except (ValueError, RecursionError):  # deeply nested: the loader names the line
+                    return None
+                return first if isinstance(first, dict) else None
+    return None
+
+
+def _load_records(path: str | Path, parse: Callable[[dict[str, Any]], T], on_error: str, report: bool,
+                  what: str) -> list[T] | tuple[list[T], LoadReport]:
+    """JSONL line by line, or a table row by row: the same parser, and problems named by file and line or row."""
+    _check_on_error(on_error)
+    path = Path(path)
+    if not path.exists() or not is_table(path):
+        return _load_jsonl(path, parse, on_error, report, what)
+    records: list[T] = []
+    rep = LoadReport()
+    for file, rows in _table_rows(path):
+        for number, row in enumerate(rows, start=1):
+            try:
+                records.append(parse(row))
+            except _LineProblem as problem:
+                err = DataError(file, number, problem.field, problem.problem, unit="row")
+                if on_error == "raise":
+                    raise err from None
+                rep.n_skipped += 1
+                rep.problems.append(str(err))
+    return _finish(path, records, rep, what, report)
+
+
 # --------------------------------------------------------------------------- SFT
 
 def _parse_messages(messages: Any) -> list[dict[str, str]]:
@@ -225,6 +351,98 @@ def _parse_sft(obj: dict[str, Any]) -> dict[str, Any]:
     return {"messages": messages, **extra}
 
 
+def _parse_completion(obj: dict[str, Any]) -> dict[str, Any]:
+    """TRL's prompt-completion: strings, or conversational (a prompt's messages, the completion's messages)."""
+    for key in ("prompt", "completion"):
+        if key not in obj:
+            raise _LineProblem(key, "missing field")
+    extra = {k: v for k, v in obj.items() if k not in ("prompt", "completion", "system")}
+    if isinstance(obj["prompt"], list) or isinstance(obj["completion"], list):
+        for key in ("prompt", "completion"):
+            if not isinstance(obj[key], list):
+                raise _LineProblem(key, f"must be an array of messages like the other field, got {_type_name(obj[key])}")
+        try:
+            return {"messages": _parse_messages(obj["prompt"] + obj["completion"]), **extra}
+        except _LineProblem as problem:  # name the field as the file spells it
+            index = re.match(r"messages\[(\d+)\]", problem.field)
+            if index and int(index.group(1)) >= len(obj["prompt"]):
+                field = f"completion[{int(index.group(1)) - len(obj['prompt'])}]{problem.field[index.end():]}"
+            else:
+                field = problem.field.replace("messages", "prompt", 1)
+            raise _LineProblem(field, problem.problem) from None
+    messages = [{"role": "system", "content": _check_string(obj["system"], "system")}] if "system" in obj else []
+    messages.append({"role": "user", "content": _check_string(obj["prompt"], "prompt")})
+    messages.append({"role": "assistant", "content": _check_string(obj["completion"], "completion")})
+    return {"messages": messages, **extra}
+
+
+def _parse_alpaca(obj: dict[str, Any]) -> dict[str, Any]:
+    """Alpaca: the instruction and its optional input make the user turn (input after a blank line), output the reply."""
+    for key in ("instruction", "output"):
+        if key not in obj:
+            raise _LineProblem(key, "missing field")
+    instruction = _check_string(obj["instruction"], "instruction")
+    given = obj.get("input")
+    given = "" if given is None else _check_string(given, "input", allow_empty=True)
+    messages = [{"role": "system", "content": _check_string(obj["system"], "system")}] if obj.get("system") else []
+    messages.append({"role": "user", "content": f"{instruction}\n\n{given}" if given.strip() else instruction})
+    messages.append({"role": "assistant", "content": _check_string(obj["output"], "output")})
+    extra = {k: v for k, v in obj.items() if k not in ("instruction", "input", "output", "system")}
+    return {"messages": messages, **extra}
+
+
+def _parse_sharegpt(obj: dict[str, Any]) -> dict[str, Any]:
+    """ShareGPT: `conversations` of {from, value}; human/gpt (and the usual synonyms) become user/assistant."""
+    if "conversations" not in obj:
+        raise _LineProblem("conversations", "missing field")
+    turns = obj["conversations"]
+    if not isinstance(turns, list):
+        raise _LineProblem("conversations", f"must be an array, got {_type_name(turns)}")
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise _LineProblem(where, f"must be an object, got {_type_name(turn)}")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise _LineProblem(f"{where}.{key}", "missing field")
+        speaker = _check_string(turn["from"], f"{where}.from")
+        if speaker.lower() not in SHAREGPT_ROLES:
+            raise _LineProblem(f"{where}.from", f"unknown speaker {_short(speaker)}, expected one of "
+                                                f"{', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[speaker.lower()], "content": turn["value"]})
+    try:
+        parsed = _parse_messages(messages)
+    except _LineProblem as problem:  # name the field as the file spells it
+        field = problem.field.replace("messages", "conversations", 1)
+        raise _LineProblem(field.replace(".role", ".from").replace(".content", ".value"), problem.problem) from None
+    return {"messages": parsed, **{k: v for k, v in obj.items() if k != "conversations"}}
+
+
+SFT_PARSERS = {"messages": _parse_sft, "prompt-response": _parse_sft, "prompt-completion": _parse_completion,
+               "alpaca": _parse_alpaca, "sharegpt": _parse_sharegpt}
+
+
+def detect_sft_format(record: Any) -> str:
+    """The SFT layout a record is in, from its fields (tunegap's prompt/response when nothing else matches)."""
+    if not isinstance(record, dict):
+        return "prompt-response"  # its loader then reports the line
+    for key, name in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
+                      ("completion", "prompt-completion")):
+        if key in record:
+            return name
+    return "prompt-response"
+
+
+def _sft_parser(format: str, path: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    if format not in SFT_FORMATS:
+        raise DataError(path, 0, "format", f"unknown format {format!r}, choose from {', '.join(SFT_FORMATS)}")
+    if format == "auto":
+        first = first_record(path) if path.exists() and (path.is_file() or is_table(path)) else None
+        format = detect_sft_format(first)
+    return SFT_PARSERS[format]
+
+
 @overload
 def load_sft(path: str | Path, on_error: OnError = ..., report: Literal[False] = ...) -> list[dict[str, Any]]: ...
 @overload
@@ -235,16 +453,19 @@ def load_sft(path: str | Path, on_error: OnError, report: Literal[True]
              ) -> tuple[list[dict[str, Any]], LoadReport]: ...
 
 
-def load_sft(path, on_error="raise", report=False):
-    """Load SFT conversations from JSONL, normalised to ``{"messages": [...], **extra_keys}``.
+def load_sft(path, on_error="raise", report=False, format="auto"):
+    """Load SFT conversations from JSONL or a table (parquet, arrow, a `datasets.save_to_disk` folder),
+    normalised to ``{"messages": [...], **extra_keys}``.
 
-    Each line is either ``{"prompt", "response"[, "system"]}`` (becomes system/user/assistant
-    messages) or ``{"messages": [{"role", "content"}, ...]}``. Other top-level keys (e.g. "meta")
+    Each record is ``{"prompt", "response"[, "system"]}`` (becomes system/user/assistant messages),
+    ``{"messages": [{"role", "content"}, ...]}``, TRL's ``{"prompt", "completion"}``, Alpaca's
+    ``{"instruction", "input", "output"}`` or ShareGPT's ``{"conversations": [{"from", "value"}, ...]}``;
+    `format` names one, or "auto" reads it from the first record. Other top-level keys (e.g. "meta")
     are kept untouched; messages are reduced to role and content. A conversation must start with
     user (after an optional system), contain an assistant message and end with one, since only
     assistant turns carry loss. Returns ``records`` or, with ``report=True``, ``(records, LoadReport)``.
     """
-    return _load_jsonl(path, _parse_sft, on_error, report, "empty data set (no conversations)")
+    return _load_records(path, _sft_parser(format, Path(path)), on_error, report, "empty data set (no conversations)")
 
 
 # --------------------------------------------------------------------------- preferences
@@ -278,7 +499,7 @@ def load_preferences(path, on_error="raise", report=False):
     All three texts must be non-empty strings and chosen must differ from rejected. Extra keys
     are kept. Returns ``records`` or, with ``report=True``, ``(records, LoadReport)``.
     """
-    return _load_jsonl(path, _parse_preference, on_error, report, "empty data set (no preference pairs)")
+    return _load_records(path, _parse_preference, on_error, report, "empty data set (no preference pairs)")
 
 
 # --------------------------------------------------------------------------- corpus
@@ -337,8 +558,8 @@ def load_corpus(path, on_error="raise", report=False):
     path = Path(path)
     if not path.exists():
         raise DataError(path, 0, "file", "file not found")
-    if path.is_file() and path.suffix.lower() == ".jsonl":
-        return _load_jsonl(path, _parse_corpus_line, on_error, report, "empty corpus (no documents)")
+    if (path.is_file() and path.suffix.lower() == ".jsonl") or is_table(path):
+        return _load_records(path, _parse_corpus_line, on_error, report, "empty corpus (no documents)")
     if path.is_file():
         if path.suffix.lower() not in CORPUS_SUFFIXES:
             raise DataError(path, 0, "file", f"unsupported file type {path.suffix or '(none)'!r}, "

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from .loaders import ROLES, DataError, LoadReport, _check_string, _LineProblem, _load_jsonl, _type_name
+from .loaders import (ROLES, TABLE_SUFFIXES, DataError, LoadReport, _check_string, _LineProblem, _load_records,
+                      _type_name)
 from .render import IGNORE_INDEX, Example, _sft_example, check_fit, tokenize_prompt
 from .support import (DEVICES, ISSUES, PRODUCTS, generate_support, reference_reply, score_reply,
                       write_splits)
@@ -37,7 +38,7 @@ __all__ = [
     "generate_support_preferences", "write_support_preferences",
 ]
 
-PREFERENCE_SUFFIXES = (".jsonl",)
+PREFERENCE_SUFFIXES = (".jsonl", *TABLE_SUFFIXES)
 FAILURE_KINDS = ("off_style", "wrong_product", "missed_refusal", "unwarranted_refusal")
 Messages = list[dict[str, str]]
 
@@ -157,14 +158,15 @@ def load_preference_pairs(path: str | Path, on_error: Literal["raise", "skip"] =
 
     Each record becomes ``{"prompt": [messages ending with user], "chosen": [assistant message],
     "rejected": [assistant message], **extra_keys}`` whichever of the three forms its line used.
-    Only .jsonl is read: a .json/.parquet/.csv file is refused rather than guessed at. ``on_error``
+    JSONL, parquet/arrow files and `datasets.save_to_disk` folders are read (a Hub data set of pairs loads as it is);
+    a .json/.csv file is refused rather than guessed at. ``on_error``
     and ``report`` work as in `loaders.load_sft`.
     """
     path = Path(path)
     if path.is_file() and path.suffix.lower() not in PREFERENCE_SUFFIXES:
         raise DataError(path, 0, "file", f"unsupported file type {path.suffix or '(none)'!r}, expected .jsonl "
-                                         "(one JSON object per line)")
-    return _load_jsonl(path, _parse_pair, on_error, report, "empty data set (no preference pairs)")
+                                         "(one JSON object per line), .parquet or .arrow")
+    return _load_records(path, _parse_pair, on_error, report, "empty data set (no preference pairs)")
 
 
 # --------------------------------------------------------------------------- tokenising

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .loaders import CORPUS_SUFFIXES, DataError, load_corpus, load_sft
+from .loaders import CORPUS_SUFFIXES, DataError, first_record, is_table, load_corpus, load_sft
 from .render import Example, tokenize_corpus, tokenize_sft
 from .support import generate_support
 
@@ -23,7 +22,8 @@ class Prepared:
 
 
 def data_kind(path: str) -> str:
-    """'sft' or 'corpus', from the extension or, for JSONL, from the first record's fields."""
+    """'sft' or 'corpus', from the extension or, for JSONL and tables (parquet, arrow, a Hub-style folder of
+    them, a `datasets.save_to_disk` folder), from the first record's fields."""
     if path == SUPPORT:
         return "sft"
     p = Path(path)
@@ -31,17 +31,15 @@ def data_kind(path: str) -> str:
         raise DataError(path, 0, "file", "no such file or folder (or 'support' for the shipped task)")
     if not (p.is_dir() or p.is_file()):  # a FIFO would block the first read forever, a device never end
         raise DataError(path, 0, "file", "not a regular file or folder (a pipe, socket or device)")
-    if p.is_dir() or p.suffix.lower() in CORPUS_SUFFIXES:
+    if is_table(p):  # before the folder rule: a Hub data set's README.md is its card, not a corpus
+        first = first_record(p)
+    elif p.is_dir() or p.suffix.lower() in CORPUS_SUFFIXES:
         return "corpus"
-    with open(p, "rb") as f:
-        for raw in f:
-            try:
-                first = json.loads(raw)
-            except (ValueError, RecursionError):
-                return "sft"  # let the SFT loader report the exact line and problem
-            if isinstance(first, dict):
-                return "corpus" if "text" in first and "messages" not in first and "prompt" not in first else "sft"
-            return "sft"
+    else:
+        first = first_record(p)  # None: let the SFT loader report the exact line and problem
+    if isinstance(first, dict) and "text" in first and not {"messages", "prompt", "conversations",
+                                                             "instruction"} & first.keys():
+        return "corpus"
     return "sft"
 
 
@@ -63,10 +61,10 @@ def prepare(config, tokenizer) -> Prepared:
     if config.data == SUPPORT:
         train_records, eval_records = generate_support()
         if config.eval_data:
-            eval_records = load_sft(config.eval_data)
+            eval_records = load_sft(config.eval_data, format=config.format)
     else:
-        train_records = load_sft(config.data)
-        eval_records = load_sft(config.eval_data) if config.eval_data else []
+        train_records = load_sft(config.data, format=config.format)
+        eval_records = load_sft(config.eval_data, format=config.format) if config.eval_data else []
     train_records = _first(train_records, config.train_examples)
     train, train_stats = _tokenize_checked(tokenizer, train_records, config.data, config.seq_len, overflow)
     if not train:
@@ -90,8 +88,10 @@ def _tokenize_checked(tokenizer, records: list[dict], source: str, seq_len: int,
             tokenize_sft(tokenizer, [record], seq_len, overflow=overflow)
         except Exception as err:  # noqa: BLE001
             detail = " ".join(str(err).split())[:200] or type(err).__name__
-            raise DataError(source, _record_line(source, index), "messages",
-                            f"the model's chat template cannot render this conversation: {detail}") from None
+            table = source != SUPPORT and is_table(source)  # a table's records are rows; JSONL skips blank lines
+            raise DataError(source, index + 1 if table else _record_line(source, index), "messages",
+                            f"the model's chat template cannot render this conversation: {detail}",
+                            unit="row" if table else "line") from None
     return tokenize_sft(tokenizer, records, seq_len, overflow=overflow)
 
 

@@ -18,14 +18,27 @@ class MethodError(ValueError):
     """Method settings that cannot work (rank <= 0, more layers than the model has, ...)."""
 
 
+BLOCK_LISTS = ("layers", "h")  # Llama/Mistral/Qwen/GPT-NeoX name the list of blocks `layers`, GPT-2 `h`
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm")  # the norm after the last block: Llama, GPT-2, GPT-NeoX
+
+
 def decoder_layers(model):
-    """The transformer blocks of a Hugging Face causal LM, PEFT-wrapped or not (the first `*.layers` list)."""
+    """The transformer blocks of a Hugging Face causal LM, PEFT-wrapped or not (the first `*.layers` or `*.h` list)."""
     from torch import nn
 
     for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList):
+        if name.rpartition(".")[2] in BLOCK_LISTS and isinstance(module, nn.ModuleList):
             return module
-    raise MethodError(f"{type(model).__name__}: cannot find its transformer blocks (a `layers` module list)")
+    raise MethodError(f"{type(model).__name__}: cannot find its transformer blocks (a `layers` or `h` module list)")
+
+
+def final_norm(model):
+    """The norm after the last block, under whatever name the model's family gives it."""
+    decoder = model.base_model if not hasattr(model, "get_base_model") else model.get_base_model().base_model
+    for name in FINAL_NORMS:
+        if hasattr(decoder, name):
+            return getattr(decoder, name)
+    raise MethodError(f"{type(model).__name__}: cannot find its final norm (one of {', '.join(FINAL_NORMS)})")
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from ..costs.parts import SCALE_OUTPUT, CallMatmul, Part, Tensor
 from .base import MethodError, register
 from .lora import LoRA, low_rank_part
+from .targets import present
 
 
 def dora_parts(shape, layer: int, matrix: str, rank: int) -> tuple:
@@ -42,5 +43,5 @@ class DoRA(LoRA):
         return {"use_dora": True}
 
     def parts(self, shape):
-        return tuple(part for i in range(shape.num_layers) for m in self.targets
+        return tuple(part for i in range(shape.num_layers) for m in present(self.targets, shape)
                      for part in dora_parts(shape, i, m, self.rank))

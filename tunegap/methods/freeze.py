@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..costs.shape import Trainable
-from .base import Method, MethodError, decoder_layers, register
+from .base import Method, MethodError, decoder_layers, final_norm, register
 
 
 @register
@@ -34,7 +34,8 @@ class Freeze(Method):
         for i in self._top(shape):
             for p in blocks[i].parameters():
                 p.requires_grad_(True)
-        model.model.norm.weight.requires_grad_(True)
+        for p in final_norm(model).parameters():  # RMSNorm's weight, or LayerNorm's weight and bias
+            p.requires_grad_(True)
         if not shape.tied_embeddings:
             model.get_output_embeddings().weight.requires_grad_(True)
         return model

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..costs.parts import SCALE_INPUT, SCALE_OUTPUT, Part, Tensor
-from .base import Method, register
+from .base import Method, MethodError, register
+from .targets import FUSED, module_names
 
 
 @register
@@ -19,8 +20,13 @@ class IA3(Method):
     def prepare(self, model, shape):
         from peft import IA3Config, TaskType, get_peft_model
 
-        config = IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=["k_proj", "v_proj", "down_proj"],
-                           feedforward_modules=["down_proj"])
+        arch = model.config.model_type
+        if arch in FUSED:
+            raise MethodError(f"ia3: {arch} computes q, k and v in one fused matrix, and (IA)^3 rescales keys and "
+                              "values only; use lora, dora, freeze or full on this model")
+        down = module_names(arch, ("down",))
+        config = IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=module_names(arch, ("k", "v")) + down,
+                           feedforward_modules=down)
         return get_peft_model(model, config)
 
     def parts(self, shape):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..costs.parts import PARALLEL, CallMatmul, Matmul, Part, Tensor
-from ..costs.shape import HF_MODULE_NAMES
 from .base import ALL_LINEAR, Method, register
 from .lora import check_low_rank
+from .targets import module_names, parse_targets, present
 
 
 def hadamard_part(shape, layer: int, matrix: str, rank: int) -> Part:
@@ -38,6 +38,9 @@ class LoHa(Method):
     alpha: float = 16.0
     targets: tuple = ALL_LINEAR
 
+    def __post_init__(self):
+        self.targets = parse_targets(self.targets)
+
     def check(self, shape):
         check_low_rank(self.name, self.rank, self.targets, shape)
 
@@ -45,8 +48,9 @@ class LoHa(Method):
         from peft import LoHaConfig, TaskType, get_peft_model
 
         config = LoHaConfig(task_type=TaskType.CAUSAL_LM, r=self.rank, alpha=self.alpha,
-                            target_modules=[HF_MODULE_NAMES[t] for t in self.targets])
+                            target_modules=module_names(model.config.model_type, self.targets, shape.layer_matrices()))
         return get_peft_model(model, config)
 
     def parts(self, shape):
-        return tuple(hadamard_part(shape, i, m, self.rank) for i in range(shape.num_layers) for m in self.targets)
+        return tuple(hadamard_part(shape, i, m, self.rank) for i in range(shape.num_layers)
+                     for m in present(self.targets, shape))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..costs.parts import PARALLEL, Matmul, Part, Tensor
-from ..costs.shape import HF_MODULE_NAMES
 from .base import ALL_LINEAR, Method, MethodError, register
+from .targets import module_names, parse_targets, present
 
 
 def low_rank_part(shape, layer: int, matrix: str, rank: int) -> Part:
@@ -28,7 +28,9 @@ def check_low_rank(name: str, rank: int, targets: tuple, shape) -> None:
         raise MethodError(f"{name}: unknown target matrices {sorted(unknown)}; choose from {ALL_LINEAR}")
     if rank <= 0:
         raise MethodError(f"{name}: --rank must be positive, got {rank}")
-    smallest = min(min(shape.matrix_dims(m)) for m in targets)
+    if not present(targets, shape):
+        raise MethodError(f"{name}: this model has none of the target matrices {','.join(targets)}")
+    smallest = min(min(shape.matrix_dims(m)) for m in present(targets, shape))
     if rank > smallest:
         raise MethodError(f"{name}: --rank {rank} exceeds the smallest target matrix dimension {smallest}")
 
@@ -45,6 +47,9 @@ class LoRA(Method):
     dropout: float = 0.0
     targets: tuple = ALL_LINEAR
 
+    def __post_init__(self):
+        self.targets = parse_targets(self.targets)  # q_proj, all-linear, ... become q, k, v, o, gate, up, down
+
     def check(self, shape):
         check_low_rank(self.name, self.rank, self.targets, shape)
 
@@ -56,9 +61,10 @@ class LoRA(Method):
         from peft import LoraConfig, TaskType, get_peft_model
 
         config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=self.rank, lora_alpha=self.alpha,
-                            lora_dropout=self.dropout, target_modules=[HF_MODULE_NAMES[t] for t in self.targets],
+                            lora_dropout=self.dropout, target_modules=module_names(model.config.model_type, self.targets, shape.layer_matrices()),
                             **self.peft_options())
         return get_peft_model(model, config)
 
     def parts(self, shape):
-        return tuple(low_rank_part(shape, i, m, self.rank) for i in range(shape.num_layers) for m in self.targets)
+        return tuple(low_rank_part(shape, i, m, self.rank) for i in range(shape.num_layers)
+                     for m in present(self.targets, shape))
