@@ -15,7 +15,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError, check_tensors, load_tensors, trainable_state
 from .costs.shape import ModelShape
 from .errors import ConfigError
-from .io import atomic_dir, atomic_write_bytes, read_json
+from .io import DamagedFileError, atomic_dir, atomic_write_bytes, read_json
 from .methods import make_method
 from .models import load_model
 from .runs import run_folder
@@ -52,8 +52,8 @@ def save_outputs(folder: Path, model, base, tokenizer, method) -> None:
 def base_model_name(folder: Path) -> str:
     """The base model as the user named it in the run's config.json (`--model`), or its Hub id."""
     try:
-        name = json.loads((folder / "config.json").read_text())["model"]
-    except (OSError, ValueError, KeyError):
+        name = read_json(folder / "config.json", what="run config")["model"]
+    except (DamagedFileError, KeyError, TypeError):
         return ""
     return HUB_IDS.get(name, name)
 
