@@ -292,9 +292,11 @@ def write_section(out: Path, results: dict) -> None:
     left.set_xlabel(f"dollars over {results['queries']['value']:,.0f} queries (estimate)")
     left.set_ylabel("token F1 on held-out queries (measured)")
     horizon = max(results["queries"]["value"], max((b["value"] or 0) for b in results["break_even_queries"].values()))
-    xs = [horizon * i / 50 for i in range(51)]
+    xs = [max(horizon, 10) ** (i / 60) for i in range(61)]  # log-spaced: break-evens sit far below the horizon
     for name, row in rows.items():
         right.plot(xs, [row["one_time_flops"]["value"] + x * row["per_query_flops"]["value"] for x in xs], label=name)
+    right.set_xscale("log")
+    right.set_yscale("log")
     right.set_xlabel("queries")
     right.set_ylabel("FLOPs, one-time + per query (formula)")
     right.legend()
