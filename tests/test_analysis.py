@@ -143,13 +143,19 @@ def test_train_loop_writes_forgetting_into_the_ledger_for_a_pretrained_folder(tm
     model, tokenizer = load_model("tiny", seed=0)
     model.save_pretrained(tmp_path / "pretrained", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "pretrained")
-    ledger = train(tiny_config(tmp_path, model=str(tmp_path / "pretrained"), max_steps=2, threads=1))
+    ledger = train(tiny_config(tmp_path, model=str(tmp_path / "pretrained"), max_steps=2, threads=1,
+                               forgetting="on"))
     metrics = ledger["metrics"]
     assert metrics["forgetting_kl"] > 0 and metrics["forgetting_prompts"] == 40
     assert 0 <= metrics["general_accuracy"] <= 1 and metrics["general_questions"] == 40
     assert len(list((tmp_path / "cache" / "forgetting").glob("*.json"))) == 1
-    again = train(tiny_config(tmp_path, model=str(tmp_path / "pretrained"), max_steps=2, threads=1, name="again"))
+    again = train(tiny_config(tmp_path, model=str(tmp_path / "pretrained"), max_steps=2, threads=1, name="again",
+                              forgetting="on"))
     assert again["metrics"]["forgetting_kl"] > 0
+    # auto, the default: 2 tiny steps take far less than 80 generations and 80 scored replies, so it is skipped
+    short = train(tiny_config(tmp_path, model=str(tmp_path / "pretrained"), max_steps=2, threads=1, name="short"))
+    assert "forgetting_kl" not in short["metrics"]
+    assert "forgetting" not in short["timings"]["predicted_seconds"]
     assert len(list((tmp_path / "cache" / "forgetting").glob("*.json"))) == 1  # the base's replies were reused
     from tunegap.analysis.forgetting import cached_base_reference
 

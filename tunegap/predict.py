@@ -38,11 +38,13 @@ class Probe:
         return flops / self.forward_flops_per_s
 
 
-def probe_forward(ctx, batch, shape) -> Probe:
-    """Time the model's forward pass on one micro-batch (after a one-row warm-up), no gradients (measured)."""
+def probe_forward(ctx, rows: int, width: int, shape) -> Probe:
+    """Time the model's forward pass on a micro-batch of `rows` x `width` tokens (after a one-row warm-up), no
+    gradients (measured). Stand-in tokens, not a real batch: an objective's batches can have side effects (RL
+    samples its replies while building one), and the time depends on the shape alone."""
     import torch
 
-    ids = batch.input_ids
+    ids = torch.full((max(1, rows), max(1, width)), 10, dtype=torch.long)
     model = ctx.model
     was_training = model.training
     model.eval()

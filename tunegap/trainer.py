@@ -317,7 +317,7 @@ class Trainer:
         remaining = self.steps - self.totals.steps
         self.forecast, self.planned = None, []
         if self.strategy.is_main and not self.strategy.enabled:  # a probe on one rank of DDP/FSDP would hang it
-            probe = probe_forward(self.ctx, self.micro_batches(self.totals.steps + 1)[0], self.shape)
+            probe = probe_forward(self.ctx, config.batch_size, round(self.mean_tokens), self.shape)
             self.forecast = Forecast(probe, training_seconds(probe, step.total + step.recompute, remaining),
                                      self.ctx.model, self.ctx.pad_id, self.ctx.autocast)
             self.planned = [p for p in (c.plan(self, self.forecast) for c in self.callbacks) if p]
