@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..literature import anchor
 from .common import (ORDER, QUICK_MODEL, ema, figure, fmt, md_table, q, quick_aware, run_or_reuse, save_figure,
                      train_curve, write_outputs)
 from .forgetting import base_train_config
@@ -165,7 +166,8 @@ def convergence_section(results: dict, images: list[Path]):
         supported = True if pre["reached_at_step"] is not None and scr["reached_at_step"] is None else None
     verdicts = [Verdict("Starting from pretrained weights reaches a given task loss in far fewer steps "
                         "(an order of magnitude or more) than starting from random weights.", measured, supported,
-                        "same architecture, data order and FLOPs per step")]
+                        "same architecture, data order and FLOPs per step",
+                        anchor("convergence", supported))]
     rows = [[label, f"{a['lr']:g}", fmt(results["start_loss"][label]["value"]), fmt(a["smoothed"][-1]),
              fmt(a["eval_loss"]), steps_text(a),
              fmt(a["flops_to_target"]["value"]) + f" ({a['flops_to_target']['how']})"] for label, a in arms.items()]
