@@ -214,6 +214,7 @@ def shared_runs(tmp_path_factory):
 
 def test_sweep_gaps_are_recomputed_from_the_run_ledgers(shared_runs):
     root, sweep = shared_runs
+    assert all(v["anchor"]["paper"].startswith("Schulman") for v in sweep["verdicts"])
     arms = sweep["arms"]
     assert sorted(arms) == ["full", "lora-r1", "lora-r2", "lora-r4"]
     full = json.loads((root / "runs" / arms["full"]["run"].split("/")[-1] / "ledger.json").read_text())
@@ -319,6 +320,7 @@ def test_fact_answers_are_checked_leniently_and_training_text_differs_from_quest
 
 def test_knowledge_quick_runs_all_three_arms(tmp_path):
     results = analyze_knowledge(out=tmp_path / "k", quick=True, runs_dir=str(tmp_path / "runs"))
+    assert [v["anchor"]["paper"].split()[0] for v in results["verdicts"]] == ["Ovadia", "Biderman"]
     arms = results["arms"]
     assert set(arms) == {"closed_book", "fine_tuned", "retrieval"}
     assert arms["retrieval"]["mean_prompt_tokens"]["value"] > arms["closed_book"]["mean_prompt_tokens"]["value"]

@@ -81,10 +81,13 @@ def test_arms_with_an_unchanged_config_are_reused(quick_gap, capsys):
 
 
 def test_verdicts_cover_the_essays_claims(quick_gap):
-    _, results = quick_gap
+    out, results = quick_gap
     claims = " ".join(v["claim"] for v in results["verdicts"])
     for phrase in ("under 1%", "close to full", "10-100x", "four or more orders"):
         assert phrase in claims
+    assert all(v["anchor"]["paper"] and v["anchor"]["comparison"] for v in results["verdicts"])
+    report = (out / "report.md").read_text()
+    assert "published result" in report and "Hu et al. 2021" in report
     total = next(v for v in results["verdicts"] if "orders of magnitude" in v["claim"])
     ratio = results["gap"]["lora-r8"]["flops"]
     assert total["supported"] == (ratio >= 1e4) and f"10^{math.log10(ratio):.1f}" in total["measured"]
