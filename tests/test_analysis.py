@@ -12,12 +12,14 @@ import torch
 from conftest import needs_smollm2
 
 from tunegap.analysis.common import AnalysisError
-from tunegap.analysis.convergence import analyze_convergence, extrapolate, power_law_fit, steps_to
+from tunegap.analysis.convergence import (analyze_convergence, convergence_section, convergence_verdict, extrapolate,
+                                          power_law_fit, steps_to)
 from tunegap.analysis.forgetting import (analyze_forgetting, base_reference, has_real_weights, measure_forgetting,
                                          reply_kl)
 from tunegap.analysis.knowledge import Retriever, analyze_knowledge, correct, fact_records, tokenize_words
 from tunegap.analysis.probe import agreement_items, analyze_probe, fit_probe, majority_rate
-from tunegap.analysis.rank import analyze_rank, effective_rank, energy_curve, matrix_stats, rank_for
+from tunegap.analysis.rank import (analyze_rank, effective_rank, energy_curve, low_rank_verdict, matrix_stats,
+                                   random_reference, rank_for, spectrum_ranks)
 from tunegap.analysis.sweep import sweep_lora_rank
 from tunegap.data.support import fictional_facts, general_prompts
 from tunegap.models import load_model
@@ -93,6 +95,45 @@ def test_rank_analysis_finds_the_planted_rank_2_update(tmp_path):
     for f in ("results.json", "section.json", "rank_energy.png", "rank_by_layer.png"):
         assert (tmp_path / "rank" / f).is_file()
     assert results["verdicts"][0]["supported"] is True
+
+
+def _ranks(singular, size=256, seed=0):
+    return spectrum_ranks(_planted(size, size, singular, seed))
+
+
+@pytest.mark.parametrize("singular, expected", [
+    ([0.3, 0.2], True),                  # rank 2: a rank-4 LoRA holds all of it
+    ([1.0] * 60, False),                 # 60 equal directions: r90 = 54 >= 10 x 4, yet far below noise's r90
+    ([1.0] * 10, None),                  # r90 = 9: beyond rank 4, short of 10x: not resolved
+])
+def test_low_rank_verdict_on_both_sides_of_its_threshold_with_planted_updates(singular, expected):
+    noise = random_reference((256, 256), 16)["r90"]
+    assert noise > 100  # a Gaussian 256x256 matrix needs about half its rank
+    assert low_rank_verdict(_ranks(singular)["r90"], 4, noise) is expected
+
+
+def test_low_rank_verdict_refuses_a_threshold_at_the_noise_level():
+    """On a 64x64 matrix 10 x rank 16 = 160 exceeds any null's r90, so 'not low-rank' would mean 'as spread as
+    noise': the rule says not resolved, even for a flat spectrum."""
+    flat = _ranks([1.0] * 64, size=64)
+    noise = random_reference((64, 64), 16)["r90"]
+    assert low_rank_verdict(flat["r90"], 16, noise) is None
+    assert low_rank_verdict(_ranks([0.3, 0.2], size=64)["r90"], 16, noise) is True
+    assert low_rank_verdict(2, 16, 2) is None  # not below the null: not low-rank "support" either
+
+
+def test_rank_quick_runs_the_seed_difference_null_and_the_embedding_rows(tmp_path, capsys):
+    from tunegap.cli import main
+
+    assert main(["analyze", "rank", "--quick", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "r")]) == 0
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["null_run"] and results["lora_ranks"] == [2, 4]
+    changed = [m for m in results["matrices"] if not m["unchanged"]]
+    assert all(m["seed_null"]["r90"] >= 1 and m["base"]["max_rank"] == min(m["shape"]) for m in changed)
+    assert not any(m["type"] == "embed" for m in results["matrices"])  # analysed apart
+    emb = results["embedding_rows"]
+    assert emb["rows_rule"] == "tokens seen in training" and 20 < emb["rows"] < 259  # not the whole vocabulary
+    assert results["verdicts"][0]["anchor"]["paper"].startswith("Biderman")
 
 
 def test_rank_analysis_refuses_a_lora_run_and_a_missing_run(tmp_path):
@@ -179,6 +220,7 @@ def shared_runs(tmp_path_factory):
 
 def test_sweep_gaps_are_recomputed_from_the_run_ledgers(shared_runs):
     root, sweep = shared_runs
+    assert all(v["anchor"]["paper"].startswith("Schulman") for v in sweep["verdicts"])
     arms = sweep["arms"]
     assert sorted(arms) == ["full", "lora-r1", "lora-r2", "lora-r4"]
     full = json.loads((root / "runs" / arms["full"]["run"].split("/")[-1] / "ledger.json").read_text())
@@ -223,11 +265,37 @@ def test_power_law_fit_recovers_a_known_law_and_extrapolates_it():
     assert steps_to([5.0, 4.0, 3.0, 2.0], 3.0) == 3 and steps_to([5.0, 4.0], 1.0) is None
 
 
+@pytest.mark.parametrize("pretrained, scratch, budget, expected", [
+    (3, 40, 40, True),     # measured 13x
+    (3, 20, 40, False),    # measured 6.7x
+    (3, None, 40, True),   # scratch unfinished in 40 steps: a measured lower bound of 13x
+    (10, None, 40, None),  # lower bound 4x: the budget cannot tell
+    (None, None, 40, None),
+])
+def test_convergence_verdict_on_both_sides_of_ten_x(pretrained, scratch, budget, expected):
+    assert convergence_verdict(pretrained, scratch, budget) is expected
+
+
+def test_an_extrapolated_ratio_is_never_support():
+    section = convergence_section({
+        "arms": {"pretrained": {"reached_at_step": 2, "extrapolated_step": None, "lr": 1e-3, "smoothed": [1.0],
+                                "eval_loss": 1.0, "steps": [1, 2, 3, 4], "flops_to_target": {"value": 1, "how": "formula"}},
+                 "scratch": {"reached_at_step": None, "extrapolated_step": 1e6, "lr": 1e-3, "smoothed": [3.0],
+                             "eval_loss": 3.0, "steps": [1, 2, 3, 4], "flops_to_target": {"value": 1, "how": "estimate"},
+                             "fit": {"from_step": 2, "to_step": 4, "r2": 0.99}}},
+        "target_loss": {"value": 1.0}, "step_ratio": {"value": 5e5, "how": "estimate"}, "budget_steps": 4,
+        "start_loss": {"pretrained": {"value": 2.0}, "scratch": {"value": 5.0}}, "quick": True, "model": "tiny",
+        "flops_per_step": {"value": 1.0}, "target_rule": "given"}, [])
+    assert section.verdicts[0].supported is None  # 500,000x extrapolated, but budget 4 / 2 steps = 2x measured
+
+
 def test_convergence_quick_reports_measured_or_estimated_steps(tmp_path):
     results = analyze_convergence(out=tmp_path / "conv", quick=True, runs_dir=str(tmp_path / "runs"))
     pre = results["arms"]["pretrained"]
-    assert pre["reached_at_step"] is not None and pre["steps_to_target"]["how"] == "measured"
+    assert pre["steps_to_target"]["how"] == "measured"
     scr = results["arms"]["scratch"]
+    assert results["verdicts"][0]["supported"] is convergence_verdict(
+        pre["reached_at_step"], scr["reached_at_step"], results["budget_steps"])
     assert scr["steps_to_target"]["how"] == ("measured" if scr["reached_at_step"] else "estimate")
     # FLOPs per step: the same formula for both arms (same architecture, same batches)
     assert pre["flops"] == pytest.approx(scr["flops"])
@@ -258,6 +326,7 @@ def test_fact_answers_are_checked_leniently_and_training_text_differs_from_quest
 
 def test_knowledge_quick_runs_all_three_arms(tmp_path):
     results = analyze_knowledge(out=tmp_path / "k", quick=True, runs_dir=str(tmp_path / "runs"))
+    assert [v["anchor"]["paper"].split()[0] for v in results["verdicts"]] == ["Ovadia", "Biderman"]
     arms = results["arms"]
     assert set(arms) == {"closed_book", "fine_tuned", "retrieval"}
     assert arms["retrieval"]["mean_prompt_tokens"]["value"] > arms["closed_book"]["mean_prompt_tokens"]["value"]
@@ -291,12 +360,29 @@ def test_agreement_items_are_balanced_and_test_heads_are_unseen():
     assert all(re.fullmatch(r"The \w+ [\w ]+ the \w+", t) for t, _ in train[:20])
 
 
-def test_probe_quick_writes_accuracy_per_layer(tmp_path):
+def test_probes_on_a_real_tiny_model_read_a_planted_token_and_not_random_labels():
+    """Known answers through the whole path (tokenise, hidden states, pooling, probe): a label that is the last
+    token's identity is decodable from the embeddings (layer 0) of any model, random weights included; labels
+    drawn independently of the text are not decodable at any layer."""
+    import random
+
+    from tunegap.analysis.probe import probe_model
+
+    model, tokenizer = load_model("tiny", seed=0)
+    rng = random.Random(0)
+    words = ["".join(rng.choice("klmnoprstu") for _ in range(5)) for _ in range(240)]
+    planted = [(f"the {w} {'x' if i % 2 else 'q'}", i % 2) for i, w in enumerate(words)]
+    shuffled = [(text, rng.randrange(2)) for text, _ in planted]
+    out = probe_model(model, tokenizer, {"agreement": (planted[:160], planted[160:])})["agreement"]
+    assert out["test_accuracy"][0] >= 0.95 and out["majority"] == pytest.approx(0.5)
+    noise = probe_model(model, tokenizer, {"agreement": (shuffled[:160], shuffled[160:])})["agreement"]
+    assert max(noise["test_accuracy"]) <= 0.75
+
+
+def test_probe_quick_writes_its_chart_and_anchored_verdicts(tmp_path):
     results = analyze_probe(out=tmp_path / "p", quick=True)
-    for prop, r in results["models"]["pretrained"].items():
-        assert len(r["test_accuracy"]) == 3  # embeddings + 2 blocks of the tiny model
-        assert all(0 <= a <= 1 for a in r["test_accuracy"])
     assert (tmp_path / "p" / "probe_layers.png").is_file()
+    assert all("Tenney" in v["anchor"]["paper"] for v in results["verdicts"])
 
 
 # --------------------------------------------------------------------------- report
@@ -326,6 +412,28 @@ def test_report_gathers_every_section_with_embedded_charts(tmp_path):
     assert links == ["early/early.png", "late/late.png"] and all((root / link).is_file() for link in links)
     assert not (root / "section.json").exists()  # gathering again must not find the report itself
     assert len(gather_sections(root)) == 3
+
+
+def test_anchors_relate_to_the_verdict_and_render_beside_it(tmp_path):
+    """Biderman et al. find full fine-tuning's update NOT low-rank: a 'supported' low-rank verdict differs from
+    them, a 'not supported' one agrees; an unresolved verdict claims neither. The anchor survives section.json."""
+    from tunegap.literature import ANCHORS, anchor
+    from tunegap.report import Section, Verdict, gather_sections
+
+    assert anchor("rank_low", True)["relation"] == "differs" and anchor("rank_low", False)["relation"] == "agrees"
+    assert anchor("lora_forgets_less", True)["relation"] == "agrees"
+    assert anchor("lora_forgets_less", False)["relation"] == "differs"
+    assert anchor("retrieval_beats_ft", None)["relation"] == "unresolved"
+    assert all(a.paper and a.where and a.finding and a.agrees != a.differs for a in ANCHORS.values())
+    verdict = Verdict("update is low-rank", "r90 = 3 (measured)", True, anchor=anchor("rank_low", True))
+    Section("Rank", [verdict]).save(tmp_path / "rank")
+    (section,) = gather_sections(tmp_path)
+    assert section.verdicts[0].anchor["paper"].startswith("Biderman")
+    path, _ = write_gathered_report(tmp_path)
+    page, md = path.read_text(), (tmp_path / "report.md").read_text()
+    for text in (page, md):
+        assert "published result" in text and "10-100x greater than typical LoRA" in text
+        assert "tunegap differs from Biderman et al." in text
 
 
 def test_markdown_lists_and_headings():

@@ -10,6 +10,7 @@ import sys
 import threading
 
 from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
+from .data import audit as data_audit
 
 
 class UserError(Exception):
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_parser(sub)
     multipliers.add_parser(sub)
     experiments.add_parser(sub)
+    data_audit.add_parser(sub)  # data audit
     __import__("tunegap.analysis", fromlist=["add_parser"]).add_parser(sub)  # analyze, sweep lora-rank, report
     return parser
 

@@ -22,6 +22,7 @@ class Verdict:
     measured: str
     supported: bool | None  # None: a trade-off or not decidable from this measurement
     note: str = ""
+    anchor: dict | None = None  # the published counterpart (tunegap.literature.Anchor.beside): paper, where, finding
 
     @property
     def label(self) -> str:
@@ -147,8 +148,15 @@ table{border-collapse:collapse;margin:1em 0;font-size:.9em}td,th{border:1px soli
 th{background:#f4f4f4}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 pre{background:#f6f8fa;padding:.8em;overflow-x:auto;white-space:pre-wrap}
 blockquote{border-left:4px solid #ccc;margin:0;padding-left:1em;color:#555}
-.v-supported{color:#116611;font-weight:bold}.v-not{color:#aa1111;font-weight:bold}.v-depends{color:#aa6600;font-weight:bold}
+.anchor{font-size:.85em;color:#444}.v-supported{color:#116611;font-weight:bold}.v-not{color:#aa1111;font-weight:bold}.v-depends{color:#aa6600;font-weight:bold}
 """
+
+
+def anchor_text(anchor: dict | None) -> str:
+    """One cell: the published result beside a verdict, and how tunegap's result relates to it."""
+    if not anchor:
+        return "none cited"
+    return f"{anchor['paper']}, {anchor['where']}: {anchor['finding']}. {anchor['comparison']}"
 
 
 def _verdict_table(verdicts: list[Verdict]) -> str:
@@ -157,9 +165,10 @@ def _verdict_table(verdicts: list[Verdict]) -> str:
     css = {True: "v-supported", False: "v-not", None: "v-depends"}
     rows = "".join(
         f"<tr><td>{html.escape(v.claim)}</td><td>{_inline(v.measured)}</td>"
-        f"<td class='{css[v.supported]}'>{v.label}</td><td>{html.escape(v.note)}</td></tr>" for v in verdicts)
+        f"<td class='{css[v.supported]}'>{v.label}</td><td>{html.escape(v.note)}</td>"
+        f"<td class='anchor'>{html.escape(anchor_text(v.anchor))}</td></tr>" for v in verdicts)
     return ("<table class='verdicts'><thead><tr><th>claim (essay)</th><th>measured</th><th>verdict</th>"
-            f"<th>note</th></tr></thead><tbody>{rows}</tbody></table>")
+            f"<th>note</th><th>published result</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def render_html(sections: list[Section], title: str) -> str:
@@ -190,8 +199,9 @@ def render_markdown(sections: list[Section], title: str, relative_to: str | Path
     for s in sections:
         parts += [f"## {s.title}", ""]
         if s.verdicts:
-            parts += ["| claim (essay) | measured | verdict | note |", "|---|---|---|---|"]
-            parts += [f"| {v.claim} | {v.measured} | **{v.label}** | {v.note} |" for v in s.verdicts]
+            parts += ["| claim (essay) | measured | verdict | note | published result |", "|---|---|---|---|---|"]
+            parts += [f"| {v.claim} | {v.measured} | **{v.label}** | {v.note} | {anchor_text(v.anchor)} |"
+                      for v in s.verdicts]
             parts.append("")
         parts += [s.body_markdown, ""]
         parts += [f"![{Path(p).stem}]({link(p)})" for p in s.images]

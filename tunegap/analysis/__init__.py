@@ -36,11 +36,19 @@ def _done(results: dict, out) -> int:
 
 
 def cmd_rank(args) -> int:
-    from .rank import analyze_rank
+    from .common import AnalysisError, parse_ints, quick_threads
+    from .rank import analyze_rank, quick_seed_runs
 
-    out = args.out
-    return _done(analyze_rank(args.run, out=out, max_rank=args.max_rank,
-                              include_embeddings=args.embeddings), out)
+    out, run, null_run = args.out, args.run, args.null_run or None
+    lora_ranks = tuple(parse_ints(args.lora_ranks, "--lora-ranks"))
+    with quick_threads(args.quick):
+        if args.quick:
+            run, null_run = quick_seed_runs(args.runs_dir)
+            lora_ranks = (2, 4)  # the tiny model is 64 wide: 10x rank 4 still sits below a 64x64 null
+        elif not run:
+            raise AnalysisError("analyze rank: give a finished full fine-tune's run folder (or --quick)")
+        return _done(analyze_rank(run, out=out, max_rank=args.max_rank, include_embeddings=args.embeddings,
+                                  lora_ranks=lora_ranks, null_run=null_run), out)
 
 
 def cmd_sweep(args) -> int:
@@ -105,7 +113,12 @@ def add_parser(subparsers) -> None:
     sub = analyze.add_subparsers(dest="analysis", required=True)
 
     p = sub.add_parser("rank", help="singular-value spectrum of a full fine-tune's update, per matrix")
-    p.add_argument("run", help="a finished full (or freeze) fine-tune's run folder")
+    p.add_argument("run", nargs="?", default="", help="a finished full (or freeze) fine-tune's run folder")
+    p.add_argument("--null-run", default="",
+                   help="the same full fine-tune with another seed: the difference of the two updates is the null")
+    p.add_argument("--lora-ranks", default="8,16", help="LoRA ranks in use: r90 is reported as a multiple of each")
+    p.add_argument("--quick", action="store_true", help="train two tiny full fine-tunes (seeds 0, 1) and analyse them")
+    p.add_argument("--runs-dir", default="runs", help="where --quick's runs go")
     p.add_argument("--max-rank", type=_positive(int), default=64, help="energy kept by rank 1..R approximations")
     p.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="include the embedding matrix (49152 x 576 on the default model)")

@@ -28,6 +28,7 @@ from ..methods import make_method
 from ..objectives import Context, heldout_loss
 from ..forgetting import (autocast_for, base_reference, cached_base_reference, forgetting_after_training,
                           has_real_weights, measure_forgetting, reply_kl, resolve_precision)
+from ..literature import anchor
 from .common import (ORDER, QUICK_MODEL, AnalysisError, figure, fmt, interpolate_, load_base, md_table, q,
                      quick_aware, run_or_reuse, save_figure, tuned_model, weight_delta, write_outputs)
 
@@ -239,12 +240,14 @@ def forgetting_section(results: dict, images: list[Path]):
         supported, measured = None, "no equal-quality point for full fine-tuning or LoRA (see table)"
     freeze = (arms.get("freeze") or {}).get("matched")
     verdicts = [Verdict("LoRA forgets less than full fine-tuning (essay: 'LoRA helps here too').", measured,
-                        supported, "equal quality = same held-out task loss, reached by scaling each update")]
+                        supported, "equal quality = same held-out task loss, reached by scaling each update",
+                        anchor=anchor("lora_forgets_less", supported))]
     if full and freeze:
         verdicts.append(Verdict("Freezing most of the network also limits forgetting.",
                                 f"KL at equal quality: freeze {freeze['forgetting_kl']:.3g} vs full "
                                 f"{full['forgetting_kl']:.3g} nats/token",
-                                freeze["forgetting_kl"] < full["forgetting_kl"]))
+                                freeze["forgetting_kl"] < full["forgetting_kl"],
+                                anchor=anchor("freeze_forgets_less", freeze["forgetting_kl"] < full["forgetting_kl"])))
     base_acc = results["base"]["general_accuracy"]["value"]
     quick = ", quick: a random tiny model, numbers exercise the code only" if results["quick"] else ""
     n_prompts = next(iter(arms.values()))["final"]["forgetting_prompts"] if arms else 0

@@ -21,6 +21,7 @@ import re
 import time
 from pathlib import Path
 
+from ..literature import anchor
 from .common import (ORDER, QUICK_MODEL, figure, fmt, load_base, md_table, q, quick_aware, run_or_reuse, save_figure,
                      tuned_model, write_outputs)
 
@@ -208,12 +209,13 @@ def knowledge_section(results: dict, images: list[Path]):
     verdicts = [
         Verdict("Retrieval is the better tool for new facts than fine-tuning.", measured, supported,
                 f"{results['settings']['method']} fine-tune, {results['settings']['epochs']:g} epochs on one statement "
-                "per fact; retrieval uses the frozen base model"),
+                "per fact; retrieval uses the frozen base model", anchor("retrieval_beats_ft", supported)),
         Verdict("Fine-tuning facts in disturbs unrelated behaviour; retrieval does not.",
                 f"fine-tuned KL(base‖tuned) {f['forgetting_kl']:.3g} nats/token, general accuracy "
                 f"{fmt(f['general_accuracy'])} (base {fmt(f['general_accuracy_base'])}; base-right answers kept "
                 f"{fmt(f['general_retained'])}); "
-                "retrieval 0 (weights unchanged)", f["forgetting_kl"] > 0.01 or lost_accuracy),
+                "retrieval 0 (weights unchanged)", f["forgetting_kl"] > 0.01 or lost_accuracy,
+                anchor=anchor("ft_disturbs", f["forgetting_kl"] > 0.01 or lost_accuracy)),
     ]
     rows = [["closed book", fmt(acc["closed_book"]), fmt(a["closed_book"]["mean_prompt_tokens"]["value"]), "0", "0"],
             ["fine-tuned", fmt(acc["fine_tuned"]), fmt(a["fine_tuned"]["mean_prompt_tokens"]["value"]),

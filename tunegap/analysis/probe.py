@@ -20,6 +20,7 @@ import random
 import time
 from pathlib import Path
 
+from ..literature import anchor
 from .common import ORDER, QUICK_MODEL, figure, fmt, md_table, q, quick_aware, save_figure, write_outputs
 
 HEADS = (("key", "keys"), ("author", "authors"), ("picture", "pictures"), ("road", "roads"),
@@ -266,7 +267,7 @@ def probe_section(results: dict, images: list[Path]):
     verdicts = [Verdict(
         "The features the task needs already exist in the frozen model (linearly decodable).",
         "; ".join(f"{p}: best {s[p]['best_accuracy']:.2f} at layer {s[p]['best_layer']}/{s[p]['layers']} "
-                  f"(majority {s[p]['majority']:.2f})" for p in task), exists, note)]
+                  f"(majority {s[p]['majority']:.2f})" for p in task), exists, note, anchor("probe_features", exists))]
     if "agreement" in s:
         a = s["agreement"]
         ctx = a["best_accuracy"] - a["layer0_accuracy"]
@@ -280,7 +281,8 @@ def probe_section(results: dict, images: list[Path]):
             f"best {a['best_accuracy']:.2f} at layer {a['best_layer']}/{a['layers']}, first >= 0.9 at layer "
             f"{first90 if first90 is not None else 'none'}; random-weight control best {fmt(a['random_init_best'])}",
             supported,
-            "the embedding of the last token cannot know the head noun; only context can"))
+            "the embedding of the last token cannot know the head noun; only context can",
+            anchor("probe_depth", supported)))
     rows = []
     for p, v in s.items():
         r = results["models"]["pretrained"][p]

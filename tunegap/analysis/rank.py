@@ -10,6 +10,11 @@ every weight matrix of a finished full (or freeze) run, dW = W_tuned - W_base an
     1936), for r = 1..64: what a LoRA of rank r could at best express of this update;
 each compared with a Gaussian matrix of the same shape and norm (no structure: its spectrum follows the
 Marchenko-Pastur law, so energy(r) grows roughly like r / min(m, n)).
+
+In the literature's units (Biderman et al. 2024): r50/r90/r99 as multiples of the LoRA ranks in use, beside the
+base weights' own spectrum and, given a second seed's run, a null from the difference of the two seeds'
+updates (dW_1 - dW_2: what the optimiser's noise alone spreads). Token embeddings are analysed apart, on the
+rows of the tokens seen in training only (the other rows see no input gradient).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import re
 import time
 from pathlib import Path
 
-from .common import (AnalysisError, ORDER, load_base, load_run, md_table, q, save_figure, figure,
-                     tuned_model, write_outputs)
+from ..literature import anchor
+from .common import (AnalysisError, ORDER, QUICK_MODEL, fmt, load_base, load_run, md_table, q, run_or_reuse,
+                     save_figure, figure, tuned_model, write_outputs)
 
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
                 "down_proj": "down"}
@@ -69,7 +75,8 @@ def matrix_stats(delta, max_rank: int, weight=None) -> dict:
     m, n = delta.shape
     return {"shape": [m, n], "max_rank": min(m, n), "norm": float(s.pow(2).sum().sqrt()),
             "relative_norm": (float(s.pow(2).sum().sqrt() / weight.double().norm()) if weight is not None else None),
-            "effective_rank": effective_rank(s), "r90": rank_for(s, 0.90), "r99": rank_for(s, 0.99),
+            "effective_rank": effective_rank(s), "r50": rank_for(s, 0.50), "r90": rank_for(s, 0.90),
+            "r99": rank_for(s, 0.99),
             "energy": energy_curve(s, max_rank), "singular_values": [float(x) for x in s[:max_rank]]}
 
 
@@ -79,6 +86,63 @@ def random_reference(shape: tuple[int, int], max_rank: int, seed: int = 0) -> di
 
     g = torch.Generator().manual_seed(seed + 7919 * shape[0] + shape[1])
     return matrix_stats(torch.randn(*shape, generator=g, dtype=torch.float64), max_rank)
+
+
+def spectrum_ranks(matrix) -> dict:
+    """r50/r90/r99 of any matrix (the base weights, a seed-difference null), with its full rank."""
+    s = spectrum(matrix)
+    return {"r50": rank_for(s, 0.50), "r90": rank_for(s, 0.90), "r99": rank_for(s, 0.99),
+            "max_rank": min(matrix.shape)}
+
+
+NOT_LOW_RANK_MULTIPLE = 10  # Biderman et al. 2024: full fine-tuning's rank is 10-100x typical LoRA ranks
+
+
+def low_rank_verdict(r90: float, lora_rank: int, null_r90: float) -> bool | None:
+    """Is the update low-rank in the literature's units?
+
+    True: a LoRA of the largest rank in use could hold 90% of ||dW||^2 (r90 <= lora_rank) and the update is more
+    concentrated than the null. False: r90 >= 10x that rank (the bottom of Biderman et al.'s 10-100x), a threshold
+    set by the LoRA rank, not by noise; when 10x the rank is not below the null's r90 the rule could only say
+    False for an update as spread as noise, so it says None (not resolved) instead.
+    """
+    if r90 <= lora_rank and r90 < null_r90:
+        return True
+    if NOT_LOW_RANK_MULTIPLE * lora_rank >= null_r90:
+        return None
+    return False if r90 >= NOT_LOW_RANK_MULTIPLE * lora_rank else None
+
+
+def seen_token_ids(config: dict) -> set[int] | None:
+    """Token ids in the run's training examples (their embedding rows get an input gradient); None when the run's
+    data cannot be prepared again here (then the rows that changed stand in)."""
+    from ..config import ConfigError, TrainConfig
+    from ..data.loaders import DataError
+    from ..data.sources import prepare
+
+    try:
+        train_config = TrainConfig.from_dict(config)
+        _, tokenizer = load_base(config)
+        prepared = prepare(train_config, tokenizer)
+    except (ConfigError, DataError, TypeError, OSError, ValueError):
+        return None
+    return {t for example in prepared.train for t in example.input_ids}
+
+
+def embedding_rows_stats(delta, seen: set[int] | None, max_rank: int, weight) -> dict:
+    """The embedding update restricted to the rows of tokens seen in training (or, unknown, the rows that moved)."""
+    import torch
+
+    rows = sorted(seen) if seen is not None else torch.nonzero(delta.abs().sum(1) > 0).flatten().tolist()
+    rows = [r for r in rows if r < delta.shape[0]]
+    if not rows:
+        return {"rows": 0, "rows_rule": "none"}
+    index = torch.tensor(rows)
+    stats = matrix_stats(delta[index], max_rank, weight[index])
+    stats.pop("singular_values", None)
+    return {"rows": len(rows), "rows_rule": "tokens seen in training" if seen is not None else "rows that changed",
+            **stats, "random": spectrum_ranks(torch.randn(len(rows), delta.shape[1], dtype=torch.float64,
+                                                          generator=torch.Generator().manual_seed(0)))}
 
 
 def classify(name: str) -> tuple[str, int | None] | None:
@@ -96,40 +160,62 @@ def classify(name: str) -> tuple[str, int | None] | None:
     return None
 
 
-def analyze_rank(run: str | Path, *, out: str | Path, max_rank: int = 64, include_embeddings: bool = True,
-                 seed: int = 0) -> dict:
-    """Spectra of every matrix's update in a finished run, per layer and per type, against random matrices."""
-    started = time.perf_counter()
+def _full_run(run) -> tuple[Path, dict]:
     folder, ledger = load_run(run)
-    config = ledger["config"]
     if (folder / "adapter").is_dir():
-        raise AnalysisError(f"{folder}: a {config['method']} run; its update has rank <= r by construction. "
-                            "Point this at a full fine-tune (method full) to ask whether the free update is low-rank")
+        raise AnalysisError(f"{folder}: a {ledger['config']['method']} run; its update has rank <= r by "
+                            "construction. Point this at a full fine-tune (method full) to ask whether the free "
+                            "update is low-rank")
+    return folder, ledger
+
+
+def _updates(folder: Path, config: dict) -> tuple[dict, dict]:
+    """name -> (W_tuned - W_base) in float64, and name -> W_base, for the 2-D weights; a tied head counted once."""
     base, _ = load_base(config)
     tuned, _ = tuned_model(folder, config)
     base_sd, tuned_sd = base.state_dict(), tuned.state_dict()
-    matrices, refs = [], {}
-    seen = set()
+    deltas, weights, pointers = {}, {}, set()
     for name, w in tuned_sd.items():
+        if classify(name) is None or name not in base_sd or w.dim() != 2:
+            continue
+        if base_sd[name].data_ptr() in pointers:  # a tied head is the embedding matrix: count it once
+            continue
+        pointers.add(base_sd[name].data_ptr())
+        deltas[name], weights[name] = w.double() - base_sd[name].double(), base_sd[name]
+    return deltas, weights
+
+
+def analyze_rank(run: str | Path, *, out: str | Path, max_rank: int = 64, include_embeddings: bool = True,
+                 seed: int = 0, lora_ranks: tuple[int, ...] = (8, 16), null_run: str | Path | None = None) -> dict:
+    """Spectra of every matrix's update in a finished run, per layer and per type, against random matrices, the
+    base weights' spectrum and (given `null_run`, the same settings with another seed) a seed-difference null."""
+    started = time.perf_counter()
+    folder, ledger = _full_run(run)
+    config = ledger["config"]
+    deltas, weights = _updates(folder, config)
+    null_deltas = {}
+    if null_run:
+        null_folder, null_ledger = _full_run(null_run)
+        null_deltas = _updates(null_folder, null_ledger["config"])[0]
+    matrices, refs, embedding = [], {}, None
+    for name, delta in deltas.items():
         kind = classify(name)
-        if kind is None or name not in base_sd or w.dim() != 2:
+        if kind[0] in ("embed", "head"):
+            if include_embeddings and float(delta.abs().max()) > 0:
+                embedding = {"name": name, **embedding_rows_stats(delta, seen_token_ids(config), max_rank,
+                                                                  weights[name])}
             continue
-        if kind[0] in ("embed", "head") and not include_embeddings:
-            continue
-        b = base_sd[name]
-        if b.data_ptr() in seen:  # a tied head is the embedding matrix: count it once
-            continue
-        seen.add(b.data_ptr())
-        delta = w.double() - b.double()
         if float(delta.abs().max()) == 0.0:
             matrices.append({"name": name, "type": kind[0], "layer": kind[1], "unchanged": True})
             continue
-        stats = matrix_stats(delta, max_rank, b)
+        stats = matrix_stats(delta, max_rank, weights[name])
         key = tuple(delta.shape)
         if key not in refs:
             refs[key] = random_reference(key, max_rank, seed)
+        null = spectrum_ranks(delta - null_deltas[name]) if name in null_deltas else None
         matrices.append({"name": name, "type": kind[0], "layer": kind[1], "unchanged": False, **stats,
-                         "random": {k: refs[key][k] for k in ("effective_rank", "r90", "r99", "energy")}})
+                         "random": {k: refs[key][k] for k in ("effective_rank", "r50", "r90", "r99", "energy")},
+                         "base": spectrum_ranks(weights[name].double()), "seed_null": null})
     changed = [m for m in matrices if not m["unchanged"]]
     if not changed:
         raise AnalysisError(f"{folder}: no weight matrix changed; nothing to analyse")
@@ -141,6 +227,8 @@ def analyze_rank(run: str | Path, *, out: str | Path, max_rank: int = 64, includ
         "steps": ledger["costs"]["optimizer_steps"]["value"], "lr": config.get("lr"), "max_rank": max_rank,
         "how": "measured (singular values of W_tuned - W_base, float64)",
         "overall": overall, "by_type": by_type, "by_layer": {str(k): v for k, v in sorted(by_layer.items())},
+        "lora_ranks": sorted(lora_ranks), "null_run": str(null_run) if null_run else None,
+        "embedding_rows": embedding,
         "matrices": [{k: v for k, v in m.items() if k != "singular_values"} for m in matrices],
         "wall_seconds": q(time.perf_counter() - started, "s", "measured"),
     }
@@ -153,6 +241,18 @@ def analyze_rank(run: str | Path, *, out: str | Path, max_rank: int = 64, includ
     results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
+
+
+def quick_seed_runs(runs_dir: str, steps: int = 6) -> tuple[Path, Path]:
+    """--quick: two full fine-tunes of the tiny model, seeds 0 and 1, same settings otherwise (reused when present),
+    so the seed-difference null runs on every test machine."""
+    from dataclasses import replace
+
+    from .forgetting import base_train_config
+
+    config = base_train_config(model=QUICK_MODEL, steps=steps, runs_dir=runs_dir, quick=True)
+    folders = [run_or_reuse(replace(config, method="full", lr=3e-3, seed=seed), "rank-full")[0] for seed in (0, 1)]
+    return folders[0], folders[1]
 
 
 def _median(values: list[float]) -> float:
@@ -172,7 +272,11 @@ def _aggregate(matrices: list[dict], key) -> dict:
             "matrices": len(ms),
             "median_effective_rank": _median([m["effective_rank"] for m in ms]),
             "median_effective_rank_random": _median([m["random"]["effective_rank"] for m in ms]),
+            "median_r50": _median([m["r50"] for m in ms]),
             "median_r90": _median([m["r90"] for m in ms]), "median_r99": _median([m["r99"] for m in ms]),
+            "median_base_r90": _median([m["base"]["r90"] for m in ms]) if all("base" in m for m in ms) else None,
+            "median_seed_null_r90": (_median([m["seed_null"]["r90"] for m in ms])
+                                     if all(m.get("seed_null") for m in ms) else None),
             "median_r90_random": _median([m["random"]["r90"] for m in ms]),
             "median_r90_fraction": _median([m["r90"] / m["max_rank"] for m in ms]),
             "median_max_rank": _median([m["max_rank"] for m in ms]),
@@ -241,24 +345,47 @@ def rank_section(results: dict, images: list[Path]):
     e, er = overall["mean_energy"], overall["mean_energy_random"]
     r_hi, r8 = min(64, len(e)), min(8, len(e)) - 1
     frac = overall["median_r90_fraction"]
-    supported = True if frac <= 0.25 else False if frac >= 0.5 else None
-    measured = (f"median r90 = {overall['median_r90']:.0f} of {overall['median_max_rank']:.0f} "
-                f"({100 * frac:.0f}% of full rank; Gaussian noise: {overall['median_r90_random']:.0f}); "
-                f"rank 8 keeps {100 * e[r8]:.0f}% of ‖dW‖^2 (noise {100 * er[r8]:.0f}%), "
-                f"rank {r_hi} keeps {100 * e[r_hi - 1]:.0f}% (noise {100 * er[r_hi - 1]:.0f}%)")
+    lora_rank = max(results["lora_ranks"])
+    seed_null = overall["median_seed_null_r90"]
+    null_r90, null_name = ((seed_null, "seed-difference null") if seed_null is not None
+                           else (overall["median_r90_random"], "Gaussian null"))
+    supported = low_rank_verdict(overall["median_r90"], lora_rank, null_r90)
+    multiples = ", ".join(f"{overall['median_r90'] / r:.1f}x rank {r}" for r in results["lora_ranks"])
+    measured = (f"median r50/r90/r99 = {overall['median_r50']:.0f}/{overall['median_r90']:.0f}/"
+                f"{overall['median_r99']:.0f} of {overall['median_max_rank']:.0f}; r90 = {multiples} (measured); "
+                f"base weights' own r90 {fmt(overall['median_base_r90'])}; seed-difference null r90 "
+                f"{fmt(seed_null) if seed_null is not None else 'not run (pass --null-run)'}; Gaussian "
+                f"{overall['median_r90_random']:.0f}; rank 8 keeps {100 * e[r8]:.0f}% of ‖dW‖^2 "
+                f"(noise {100 * er[r8]:.0f}%), rank {r_hi} keeps {100 * e[r_hi - 1]:.0f}% "
+                f"(noise {100 * er[r_hi - 1]:.0f}%)")
     r99 = _median([a["median_r99"] / a["median_max_rank"] for a in by_type.values()])
     worst = sorted(by_type.items(), key=lambda kv: -kv[1]["median_r90_fraction"])
     where = ", ".join(f"{t} (r90 {100 * a['median_r90_fraction']:.0f}% of full rank)" for t, a in worst[:3])
     verdicts = [
-        Verdict("A full fine-tune's update is low-rank (the intrinsic-rank hypothesis behind LoRA).", measured,
-                supported, "supported if the median matrix needs <= 25% of its rank for 90% of ‖dW‖^2, not if >= 50%;"
-                f" the last 1% is not low-rank (median r99 = {100 * r99:.0f}% of full rank)"),
+        Verdict("A full fine-tune's update is low-rank in LoRA's units: a LoRA of the rank in use could hold it.",
+                measured, supported,
+                f"supported if median r90 <= {lora_rank} (the largest LoRA rank in use) and below the {null_name}'s "
+                f"r90; not supported if >= {NOT_LOW_RANK_MULTIPLE}x that rank (Biderman et al.'s 10-100x); "
+                f"not resolved in between, or when {NOT_LOW_RANK_MULTIPLE}x the rank is not below the null's r90 "
+                f"({null_r90:.0f}). r90 is {100 * frac:.0f}% of full rank; median r99 = {100 * r99:.0f}%",
+                anchor("rank_low", supported)),
         Verdict("The update is far more concentrated than an unstructured matrix.",
                 f"median effective rank {overall['median_effective_rank']:.1f} vs "
                 f"{overall['median_effective_rank_random']:.1f} for Gaussian noise of the same shapes; the top "
                 f"direction alone holds {100 * e[0]:.1f}% vs {100 * er[0]:.1f}%",
-                overall["median_effective_rank"] < 0.8 * overall["median_effective_rank_random"]),
+                overall["median_effective_rank"] < 0.8 * overall["median_effective_rank_random"],
+                anchor=anchor("rank_structured",
+                              overall["median_effective_rank"] < 0.8 * overall["median_effective_rank_random"])),
     ]
+    emb = results.get("embedding_rows")
+    if emb and emb.get("rows"):
+        concentrated = emb["r90"] < 0.8 * emb["random"]["r90"]
+        verdicts.append(Verdict(
+            "The token-embedding update (rows of tokens seen in training) is concentrated too.",
+            f"{emb['name']}: {emb['rows']} rows ({emb['rows_rule']}); r50/r90/r99 = {emb['r50']}/{emb['r90']}/"
+            f"{emb['r99']} of {emb['max_rank']} vs Gaussian rows r90 {emb['random']['r90']} (measured)",
+            concentrated, "analysed apart from the other matrices: only seen rows get an input gradient",
+            anchor("embedding_rows", concentrated)))
     rows = [[t, a["matrices"], f"{a['median_effective_rank']:.1f} ({a['median_effective_rank_random']:.1f})",
              f"{a['median_r90']:.0f} ({a['median_r90_random']:.0f})", f"{a['median_r99']:.0f}",
              f"{a['median_max_rank']:.0f}", f"{100 * a['mean_energy'][r8]:.1f}%",
@@ -266,6 +393,13 @@ def rank_section(results: dict, images: list[Path]):
             for t, a in by_type.items()]
     table = md_table(["type", "matrices", "effective rank (noise)", "r90 (noise)", "r99", "full rank",
                       "kept by rank 8", f"kept by rank {r_hi}", "‖dW‖ / ‖W‖"], rows)
+    units = md_table(
+        ["type", "r50 / r90 / r99", *[f"r90 / LoRA rank {r}" for r in results["lora_ranks"]], "base W's r90",
+         "seed-difference null r90", "Gaussian r90"],
+        [[t, f"{a['median_r50']:.0f} / {a['median_r90']:.0f} / {a['median_r99']:.0f}",
+          *[f"{a['median_r90'] / r:.1f}x" for r in results["lora_ranks"]], fmt(a["median_base_r90"]),
+          fmt(a["median_seed_null_r90"]) if a["median_seed_null_r90"] is not None else "not run",
+          f"{a['median_r90_random']:.0f}"] for t, a in by_type.items()])
     body = "\n".join([
         f"Run `{results['run']}`: {results['method']} fine-tune of `{results['model']}` for {results['steps']} steps "
         f"(lr {results['lr']}). For each weight matrix, dW = W_tuned - W_base; its singular values give the effective "
@@ -274,6 +408,12 @@ def rank_section(results: dict, images: list[Path]):
         "Gaussian matrix of equal shape (its spectrum does not depend on the norm). Medians over layers.",
         "",
         f"Least low-rank: {where}.",
+        "",
+        "In the literature's units (Biderman et al. 2024 report full fine-tuning's rank as a multiple of LoRA's): "
+        "the rank holding 50/90/99% of ‖dW‖^2 over each LoRA rank in use, beside the base weights' own r90 and "
+        "the r90 of the difference of two seeds' updates (what optimiser noise alone spreads; measured, medians).",
+        "",
+        units,
         "",
         table,
         "",
@@ -285,4 +425,4 @@ def rank_section(results: dict, images: list[Path]):
                    order=ORDER["rank"])
 
 
-__all__ = ["analyze_rank", "effective_rank", "energy_curve", "rank_for", "matrix_stats", "random_reference", "classify"]
+__all__ = ["analyze_rank", "low_rank_verdict", "quick_seed_runs", "spectrum_ranks", "effective_rank", "energy_curve", "rank_for", "matrix_stats", "random_reference", "classify"]

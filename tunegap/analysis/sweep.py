@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..literature import anchor
 from .common import ORDER, QUICK_MODEL, figure, fmt, md_table, q, quick_aware, run_or_reuse, save_figure, write_outputs
 from .forgetting import base_train_config
 
@@ -149,7 +150,8 @@ def sweep_section(results: dict, images: list[Path]):
                 f"{100 * best['loss_gap']['value']:+.2f}% vs full")
     verdicts = [Verdict("A low-rank update (r = 8 or 16) gets close to full fine-tuning quality (within 2%).", measured,
                         r2 is not None and r2 <= 16,
-                        f"{results['steps']} steps each, same data; held-out loss on the support task")]
+                        f"{results['steps']} steps each, same data; held-out loss on the support task",
+                        anchor("sweep_rank_close", r2 is not None and r2 <= 16))]
     if within.get("quality_2pt") is not None or rows["full"]["quality"]:
         verdicts.append(Verdict("On generated replies, LoRA matches full fine-tuning's house-style adherence.",
                                 f"smallest rank within 2 points of full's style adherence "
@@ -159,13 +161,14 @@ def sweep_section(results: dict, images: list[Path]):
                                 f"{results['settings']['generate_examples']} held-out tickets generated per arm"
                                 + ("; full fine-tuning itself reached < 10% in this budget, so this cannot tell"
                                    if rows["full"]["quality"]["value"] < 0.1 else "")))
+        verdicts[-1].anchor = anchor("sweep_style", verdicts[-1].supported)
     lora_params = [r["params_trainable"]["value"] for r in rows.values() if r["rank"] is not None]
     flops = [r["flops_total"]["value"] / rows["full"]["flops_total"]["value"] for r in rows.values()
              if r["rank"] is not None]
     verdicts.append(Verdict("LoRA's saving is parameters and optimizer memory, not compute per token.",
                             f"trainable params {min(lora_params):,}-{max(lora_params):,} vs "
                             f"{rows['full']['params_trainable']['value']:,}; FLOPs {min(flops):.2f}-{max(flops):.2f}x "
-                            "full's (formula)", max(flops) > 0.5))
+                            "full's (formula)", max(flops) > 0.5, anchor=anchor("sweep_compute", max(flops) > 0.5)))
     quick = " (quick: random tiny model; the numbers only exercise the code)" if results["quick"] else ""
     body = "\n".join([
         f"Model `{results['model']}`{quick}; "

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_json, read_jsonl
+from ..io import atomic_write_json, atomic_write_text, read_jsonl
 from ..predict import generation_seconds, minutes
 from ..trainer import run_or_reuse
 
@@ -64,6 +64,38 @@ class GapConfig:
 
     def folder(self) -> Path:
         return Path(self.out or f"runs/gap-{Path(self.model).name}")
+
+
+QUICK_CORPUS_MODULES = ("json", "collections", "textwrap", "argparse", "pathlib", "email", "csv", "string",
+                        "logging", "random", "statistics", "difflib", "heapq", "shutil", "tempfile", "zipfile")
+
+
+def quick_pretrained_base(config: GapConfig) -> str:
+    """--quick's base model: the tiny architecture briefly pretrained on English text nobody here wrote (the
+    standard library's own docstrings, present on every machine), kept under <out>/base and reused.
+
+    A random tiny preset as the base would make the full and scratch arms the same run; with this base, the
+    scratch arm (same architecture, fresh weights) has to learn the bytes of English from the task data alone."""
+    import importlib
+    import inspect
+
+    from ..config import TrainConfig
+
+    folder = config.folder() / "base"
+    corpus = folder / "stdlib-docstrings.txt"
+    if not corpus.is_file():
+        docs = []
+        for name in QUICK_CORPUS_MODULES:
+            module = importlib.import_module(name)
+            docs += [inspect.getdoc(obj) or "" for obj in [module, *vars(module).values()]
+                     if inspect.getmodule(obj) is module]
+        atomic_write_text(corpus, "\n\n".join(d for d in docs if d))
+    pretrain = TrainConfig(model=config.model, data=str(corpus), method="full", init="scratch", seq_len=256,
+                           batch_size=8, max_steps=40, lr=3e-3, warmup_steps=2, eval_examples=4, generate_examples=0,
+                           runs_dir=str(folder), name="pretrain", seed=config.seed, progress=False, precision="fp32",
+                           threads=1, task_metrics="off", forgetting="off")
+    run_folder, _ = run_or_reuse(pretrain, name="pretrain", what="quick base")
+    return str(run_folder / "model")
 
 
 def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
@@ -257,6 +289,10 @@ def run_gap_experiment(config: GapConfig) -> dict:
     from ..costs.shape import ModelShape
     from ..models import load_model
 
+    if config.quick and config.model == "tiny":
+        from dataclasses import replace
+
+        config = replace(config, model=quick_pretrained_base(config))
     out = config.folder()
     arms_dir = out / "arms"
     arms_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ..io import write_figure
+from ..literature import anchor
 
 QUALITY_KEYS = ("style_adherence", "product_accuracy", "refusal_f1")
 
@@ -122,6 +123,11 @@ def verdicts(results: dict) -> list[dict]:
         "note": "a trade-off, not a yes/no: below the break-even query count prompting costs less compute; "
                 "above it, or when the fine-tune's quality is higher, fine-tuning wins",
     })
+    published = ("lora_params_share", "lora_close_to_full", "gap_axes", "gap_total", "pretraining_builds",
+                 "icl_break_even")  # tunegap.literature's key for each verdict above, in order
+    assert len(published) == len(out)
+    for verdict, key in zip(out, published):
+        verdict["anchor"] = anchor(key, verdict["supported"])
     return out
 
 
