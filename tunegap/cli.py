@@ -10,7 +10,6 @@ import sys
 import threading
 
 from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
-from .data import audit as data_audit
 
 
 class UserError(Exception):
@@ -190,16 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     from . import compare, decide, estimate, experiments, export, multipliers
-    from .data import show
+    from .data import audit as data_audit, show
 
     compare.add_parser(sub)
     decide.add_parser(sub)
     export.add_parser(sub)
-    show.add_parser(sub)  # data show
+    data = sub.add_parser("data", help="look at training data before training on it: show a record, audit a file")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    show.add_parser(data_sub)
+    data_audit.add_parser(data_sub)
     estimate.add_parser(sub)
     multipliers.add_parser(sub)
     experiments.add_parser(sub)
-    data_audit.add_parser(sub)  # data audit
     __import__("tunegap.analysis", fromlist=["add_parser"]).add_parser(sub)  # analyze, sweep lora-rank, report
     return parser
 

@@ -257,13 +257,11 @@ def cmd_audit(args) -> int:
     return 0
 
 
-def add_parser(subparsers) -> None:
-    """`tunegap data audit FILE` (tunegap.cli calls this)."""
+def add_parser(data_sub) -> None:
+    """`tunegap data audit FILE`, on the `data` command's subparsers (tunegap.cli makes them)."""
     from ..models import DEFAULT_MODEL
 
-    data = subparsers.add_parser("data", help="inspect training data before training on it")
-    sub = data.add_subparsers(dest="data_command", required=True)
-    p = sub.add_parser("audit", help="examples, tokens vs context, duplicates, near duplicates, eval overlap, "
+    p = data_sub.add_parser("audit", help="examples, tokens vs context, duplicates, near duplicates, eval overlap, "
                                      "broken turns of an SFT or preference JSONL")
     p.add_argument("file", help="SFT ({messages} or {prompt, response}) or preference ({prompt, chosen, "
                                 "rejected}) JSONL")

@@ -62,9 +62,8 @@ def cmd_show(args) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="look at training data as the model sees it")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
+def add_parser(data_sub: argparse._SubParsersAction) -> None:
+    """`tunegap data show FILE`, on the `data` command's subparsers (tunegap.cli makes them)."""
     p = data_sub.add_parser("show", help="a record rendered with the model's chat template, loss-bearing tokens marked",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("file", help="SFT JSONL, parquet/arrow, a save_to_disk or Hub-style folder, or 'support'")
