@@ -66,11 +66,18 @@ class Section:
 
 def _verdict(data) -> Verdict:
     fields = {"claim": str, "measured": str, "note": str}
-    if not isinstance(data, dict) or set(data) - {*fields, "supported"} or not {"claim", "measured"} <= set(data):
-        raise ValueError("each verdict must be an object with 'claim', 'measured', 'supported' and 'note'")
+    anchor_keys = {"paper", "where", "finding", "comparison"}
+    if not isinstance(data, dict) or set(data) - {*fields, "supported", "anchor"} \
+            or not {"claim", "measured"} <= set(data):
+        raise ValueError("each verdict must be an object with 'claim', 'measured', 'supported', 'note' and "
+                         "optionally 'anchor'")
     if any(not isinstance(data[k], kind) for k, kind in fields.items() if k in data) \
             or data.get("supported") not in (True, False, None):
         raise ValueError("a verdict's claim, measured and note must be strings, 'supported' true, false or null")
+    anchor = data.get("anchor")
+    if anchor is not None and (not isinstance(anchor, dict) or not anchor_keys <= set(anchor)
+                               or any(not isinstance(anchor[k], str) for k in anchor_keys)):
+        raise ValueError("a verdict's anchor must be an object of strings: paper, where, finding, comparison")
     return Verdict(**data)
 
 
