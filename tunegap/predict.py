@@ -26,7 +26,12 @@ from .generation import DEFAULT_BATCH, decode
 # measured step time / (formula step FLOPs / forward-probe FLOP/s), default model, LoRA and full, CPU:
 # the backward pass and optimizer run below the forward pass's matmul efficiency
 BACKWARD_SLOWDOWN = 1.25
-PROBE_TOKENS = 5
+PROBE_TOKENS = 4
+# the decode probe's rows: one probe serves every evaluation of a run (a step of 32 rows and one of 64 differ by
+# less than the prediction's other errors on a CPU), and it stays under a second on the default model
+PROBE_ROWS = 32
+# the forward probe's rows: matmuls of 2 x 128 tokens already run near a CPU's large-matrix rate
+PROBE_FORWARD_ROWS = 2
 
 
 @dataclass
@@ -44,7 +49,7 @@ def probe_forward(ctx, rows: int, width: int, shape) -> Probe:
     samples its replies while building one), and the time depends on the shape alone."""
     import torch
 
-    ids = torch.full((max(1, rows), max(1, width)), 10, dtype=torch.long)
+    ids = torch.full((max(1, min(rows, PROBE_FORWARD_ROWS)), max(1, width)), 10, dtype=torch.long)
     model = ctx.model
     was_training = model.training
     model.eval()
@@ -125,9 +130,9 @@ class Forecast:
         self._model, self._pad_id, self._autocast, self._decode_probes = model, pad_id, autocast, {}
 
     def decoding(self, prompts: int, batch_size: int = DEFAULT_BATCH) -> DecodeProbe:
-        """A decode probe at the batch `prompts` prompts would be decoded in (stand-in 8-token prompts; once
-        per batch size)."""
-        rows = max(1, min(prompts, batch_size))
+        """A decode probe at the batch `prompts` prompts would be decoded in, up to PROBE_ROWS rows (stand-in
+        8-token prompts; measured once for all the evaluations that need as many rows or more)."""
+        rows = max(1, min(prompts, batch_size, PROBE_ROWS))
         if rows not in self._decode_probes:
             self._decode_probes[rows] = probe_decode(self._model, [list(range(10, 18))] * rows, pad_id=self._pad_id,
                                                      batch_size=batch_size, autocast=self._autocast)
