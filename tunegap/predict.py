@@ -27,6 +27,9 @@ from .generation import DEFAULT_BATCH, decode
 # the backward pass and optimizer run below the forward pass's matmul efficiency
 BACKWARD_SLOWDOWN = 1.25
 PROBE_TOKENS = 4
+# a run's checkpoint and outputs are written at this rate (measured here: a full fine-tune's 1.6 GB final
+# checkpoint in 5.4 s on the project's VM disk); an assumption elsewhere, printed as part of an estimate
+WRITE_BYTES_PER_S = 300e6
 # the decode probe's rows: one probe serves every evaluation of a run (a step of 32 rows and one of 64 differ by
 # less than the prediction's other errors on a CPU), and it stays under a second on the default model
 PROBE_ROWS = 32

@@ -41,7 +41,7 @@ from .models import base_model, checkpoint_activations, count_parameters, parame
 from .objectives import Context, make_objective
 from .objectives.pairs import PairObjective
 from .outputs import load_start_model, save_outputs
-from .predict import Forecast, minutes, probe_forward, training_seconds
+from .predict import WRITE_BYTES_PER_S, Forecast, minutes, probe_forward, training_seconds
 from .precision import (FP32_ATTENTION, FP32_MATH_ATTENTION, autocast_factory, can_store_frozen_low,
                         choose_precision, fp32_attention, frozen_linears_to)
 from .runs import RunIndexError, changed_settings, default_run_name, index_run, run_folder, run_identity
@@ -319,13 +319,38 @@ class Trainer:
         if self.strategy.is_main and not self.strategy.enabled:  # a probe on one rank of DDP/FSDP would hang it
             probe = probe_forward(self.ctx, config.batch_size, round(self.mean_tokens), self.shape)
             self.forecast = Forecast(probe, training_seconds(probe, step.total + step.recompute, remaining),
-                                     self.ctx.model, self.ctx.pad_id, self.ctx.autocast)
-            self.planned = [p for p in (c.plan(self, self.forecast) for c in self.callbacks) if p]
+                                     self.ctx.model, self.ctx.pad_id, contextlib.nullcontext)
+            with self._frozen_in_fp32():  # the evaluations decode in fp32, after training: probe them so
+                self.planned = [p for p in (c.plan(self, self.forecast) for c in self.callbacks) if p]
+            self.planned.append({"what": "checkpoint and outputs", "seconds": self._written_bytes() / WRITE_BYTES_PER_S,
+                                 "runs": True, "why": ""})
             training_s = self.forecast.training_s
         else:
             peak = self.peaks.bf16_flops_per_s if self.precision == "bf16" else self.peaks.fp32_flops_per_s
             training_s = remaining * (step.total + step.recompute) / (peak * DEFAULT_MFU)
         return training_s
+
+    @contextlib.contextmanager
+    def _frozen_in_fp32(self):
+        """Frozen weights stored in bf16 for training (`low_frozen`) back in fp32 for a while, exactly."""
+        import torch
+
+        base = self.ctx.base
+        if self.low_frozen:
+            frozen_linears_to(base, torch.float32, keep=[base.get_output_embeddings()])
+        try:
+            yield
+        finally:
+            if self.low_frozen:
+                frozen_linears_to(base, torch.bfloat16, keep=[base.get_output_embeddings()])
+
+    def _written_bytes(self) -> float:
+        """What the final checkpoint (trained tensors and AdamW's two moments, fp32) and the outputs (the whole
+        model for methods that save it, else the trained tensors) write (formula)."""
+        trained = 4.0 * self.params_trainable
+        saved = 4.0 * self.params_total if not (self.method.saves_adapter or self.method.saves_trained_tensors) \
+            else trained
+        return 3 * trained + saved
 
     def predict(self) -> dict:
         """Predicted seconds of this run's parts, without a run folder or a step (`tunegap experiment gap` prints
