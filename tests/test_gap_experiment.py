@@ -102,3 +102,15 @@ def test_report_opens_in_a_real_browser_with_its_charts(quick_gap):
     assert seen["errors"] == []
     assert seen["colours"] > 50  # a blank or unstyled page has a handful of colours
     assert "tunegap" in seen["title"]
+
+
+def test_every_arm_is_predicted_before_it_runs_and_measured_after(quick_gap):
+    out, results = quick_gap
+    durations = results["durations"]
+    assert set(durations) == {"icl", "lora-r8", "full", "scratch"}
+    for arm in durations.values():
+        assert arm["predicted_s"] > 0 and arm["measured_s"] > 0
+        assert arm["predicted_s"] == pytest.approx(sum(arm["predicted_parts_s"].values()))
+    # a training arm's prediction covers what its trainer then times: training, held-out loss, task metrics
+    parts = durations["full"]["predicted_parts_s"]
+    assert {"setup", "training", "held-out loss", "checkpoint and outputs"} <= set(parts)

@@ -729,14 +729,15 @@ def add_common_arguments(p: argparse.ArgumentParser, *, seq_len: int) -> None:
     p.add_argument("--optimizer", default="adamw", choices=tuple(OPTIMIZERS))
     p.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
                    help="auto: bf16-mixed on GPUs, tunegap's own choice on the cpu")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward pass per device")
+    # each knob also under the name `tunegap finetune` gives it
+    p.add_argument("--micro-batch", "--batch-size", type=int, default=8, help="sequences per forward pass per device")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--checkpointing", "--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="full activation checkpointing (one checkpoint per block)")
     p.add_argument("--gpus", type=int, default=1, help="data-parallel devices")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage (3 = FSDP)")
     p.add_argument("--gpu", default="H100-SXM", help="a catalogue GPU, or 'cpu' for this machine (measured)")
-    p.add_argument("--price", type=float, help="$ per device-hour (default: the catalogue's)")
+    p.add_argument("--price", "--gpu-price", type=float, help="$ per device-hour (default: the catalogue's)")
     p.add_argument("--catalog", help="a JSON file of extra GPUs in gpus.json's format")
     p.add_argument("--mfu", type=float, help=f"assumed model-FLOPs utilisation (default {DEFAULT_MFU})")
     p.add_argument("--rank", type=int, default=8, help="LoRA/QLoRA rank")
