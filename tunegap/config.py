@@ -13,6 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError
+from .runs import valid_run_name
 
 __all__ = ["ConfigError", "TrainConfig", "add_config_arguments", "config_from_args", "dumps"]
 
@@ -158,7 +159,7 @@ class TrainConfig:
             raise ConfigError(f"--gpu-price: must be >= 0, got {self.gpu_price}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"--keep-checkpoints: must be at least 1, got {self.keep_checkpoints}")
-        if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.name):
+        if self.name and not valid_run_name(self.name):
             raise ConfigError(f"--name: {self.name!r} must be letters, digits, '.', '_' or '-' "
                               "(no path separators: a run stays inside the runs folder)")
 
