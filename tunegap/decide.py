@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .costs.flops import generation_flops, train_step_flops
 from .io import atomic_write_json, atomic_write_text
-from .ledger import q
+from .ledger import format_flops, q
 from .report import Section, Verdict
 from .trainer import run_or_reuse
 
@@ -257,8 +257,8 @@ def format_decision(results: dict) -> str:
     for name, row in results["options"].items():
         low, high = row["quality_interval_95"]["value"] if "quality_interval_95" in row else (None, None)
         quality = f"{row['quality']['value']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
-        lines.append(f"{name:24} {quality:>24} {_flops(row['per_query_flops']['value']):>10} "
-                     f"${row['per_query_usd']['value']:<10.2g} {_flops(row['one_time_flops']['value']):>10} "
+        lines.append(f"{name:24} {quality:>24} {format_flops(row['per_query_flops']['value']):>10} "
+                     f"${row['per_query_usd']['value']:<10.2g} {format_flops(row['one_time_flops']['value']):>10} "
                      f"${row['one_time_usd']['value']:<10.3g} ${row['horizon_usd']['value']:<12,.2f}")
     queries = results["queries"]["value"]
     lines.append(f"recommended for {queries:,.0f} queries: {results['recommendation']} (the cheapest within "
@@ -267,13 +267,6 @@ def format_decision(results: dict) -> str:
         lines.append(f"  the fine-tune costs less than {name} after "
                      + (f"{be['value']:,.0f} queries (formula)" if be["value"] else "no number of queries (formula)"))
     return "\n".join(lines)
-
-
-def _flops(value: float) -> str:
-    for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
-        if value >= scale:
-            return f"{value / scale:.3g} {prefix}FLOP"
-    return f"{value:.3g} FLOP"
 
 
 def write_section(out: Path, results: dict) -> None:

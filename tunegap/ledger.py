@@ -241,6 +241,14 @@ def write_ledger(path: Path, ledger: dict) -> None:
     atomic_write_json(path, ledger)
 
 
+def format_flops(value: float, unit: str = "FLOP") -> str:
+    """'1.23 GFLOP': a FLOP count (or rate) with the SI prefix that keeps it readable."""
+    for scale, prefix in ((1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
 def format_quantity(entry: dict) -> str:
     """'1.23 GFLOP (formula)': value with a scaled unit and how it was obtained."""
     value, unit, how = entry["value"], entry["unit"], entry["how"]
@@ -252,10 +260,7 @@ def format_quantity(entry: dict) -> str:
                 return f"{value / scale:.2f} {name} ({how})"
         return f"{value:.0f} B ({how})"
     if unit in ("FLOP", "FLOP/s"):
-        for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
-            if abs(value) >= scale:
-                return f"{value / scale:.3g} {prefix}{unit} ({how})"
-        return f"{value:.3g} {unit} ({how})"
+        return f"{format_flops(value, unit)} ({how})"
     if unit == "fraction":
         return f"{100 * value:.3g}% ({how})"
     if unit == "USD":

@@ -6,16 +6,10 @@ import math
 from pathlib import Path
 
 from ..io import write_figure
+from ..ledger import format_flops
 from ..literature import anchor
 
 QUALITY_KEYS = ("style_adherence", "product_accuracy", "refusal_f1")
-
-
-def _fmt_flops(x: float) -> str:
-    for scale, prefix in ((1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {prefix}FLOP"
-    return f"{x:.3g} FLOP"
 
 
 def _fmt_x(x: float | None) -> str:
@@ -95,8 +89,8 @@ def verdicts(results: dict) -> list[dict]:
     total = gap["flops"]
     out.append({
         "claim": "four or more orders of magnitude in total",
-        "measured": f"pretraining {_fmt_flops(results['pretrain']['costs']['flops_total']['value'])} (estimate) / "
-                    f"{lora_name} {_fmt_flops(lora['costs']['flops_total']['value'])} (formula, measured tokens) = "
+        "measured": f"pretraining {format_flops(results['pretrain']['costs']['flops_total']['value'])} (estimate) / "
+                    f"{lora_name} {format_flops(lora['costs']['flops_total']['value'])} (formula, measured tokens) = "
                     f"{_fmt_x(total)} = 10^{math.log10(total):.1f}",
         "supported": total >= 1e4,
         "note": "compute ratio; the dollar ratio is the same on the same hardware",
@@ -114,8 +108,8 @@ def verdicts(results: dict) -> list[dict]:
     best_icl = results["icl"][f"icl-{be['k']}"]["metrics"]
     out.append({
         "claim": "in-context learning is the cheaper alternative when you only have a handful of examples",
-        "measured": (f"{be['k']}-shot prompts add {_fmt_flops(be['icl_extra_flops_per_query'])} per query; the "
-                     f"{lora_name} fine-tune ({_fmt_flops(be['train_flops'])}) pays for itself after "
+        "measured": (f"{be['k']}-shot prompts add {format_flops(be['icl_extra_flops_per_query'])} per query; the "
+                     f"{lora_name} fine-tune ({format_flops(be['train_flops'])}) pays for itself after "
                      f"{be['queries']:,.0f} queries{_cached_clause(be)}; task quality {quality(best_icl):.2f} ({be['k']}-shot) vs "
                      f"{quality(lora['metrics']):.2f} (LoRA)") if be["queries"] else
                     "k-shot prompts cost no more per query here",
@@ -224,13 +218,13 @@ def body_markdown(results: dict) -> str:
     for name, arm in results["icl"].items():
         m = arm["metrics"]
         loss = f"{arm['eval_loss']:.3f}" if arm["eval_loss"] is not None else "-"
-        rows.append(f"| {name} (frozen) | 0 | 0 | 0 | 0 (+{_fmt_flops(arm['inference_flops_per_query'])}/query) | "
+        rows.append(f"| {name} (frozen) | 0 | 0 | 0 | 0 (+{format_flops(arm['inference_flops_per_query'])}/query) | "
                     f"{arm['seconds_per_query']:.2f} s/query | {loss} | {m['style_adherence']:.2f} | "
                     f"{m['product_accuracy']:.2f} | {m['refusal_f1']:.2f} |")
     for name, arm in trained.items():
         c, m = arm["costs"], arm["metrics"]
         rows.append(f"| {name} | {c['params_trainable']['value']:,} | {c['tokens']['value']:,} | "
-                    f"{c['optimizer_steps']['value']} | {_fmt_flops(c['flops_total']['value'])} | "
+                    f"{c['optimizer_steps']['value']} | {format_flops(c['flops_total']['value'])} | "
                     f"{_duration(c['train_time_s']['value'])} | {m.get('eval_loss', float('nan')):.3f} | "
                     f"{m.get('style_adherence', 0):.2f} | {m.get('product_accuracy', 0):.2f} | {m.get('refusal_f1', 0):.2f} |")
     pc = pre["costs"]
@@ -245,7 +239,7 @@ def body_markdown(results: dict) -> str:
         *rows,
         "",
         f"**Pretraining the base model** (estimate): {pre['tokens'] / 1e12:.3g} trillion tokens ({pre['source']}), "
-        f"{_fmt_flops(pc['flops_total']['value'])}, {pc['gpu_hours']['value']:,.0f} GPU-hours on {gpu}"
+        f"{format_flops(pc['flops_total']['value'])}, {pc['gpu_hours']['value']:,.0f} GPU-hours on {gpu}"
         + (f", about ${pc['dollars']['value']:,.0f}" if pc['dollars']['value'] is not None else "") + ".",
         "",
         f"**This fine-tune took {_duration(lora['costs']['train_time_s']['value'])} on this machine (measured); "
@@ -269,8 +263,8 @@ def body_markdown(results: dict) -> str:
                      f"{_fmt_x(o['optimizer_state_bytes'])} |")
     be = results["break_even"]
     lines += ["", "**Break-even, in-context learning vs fine-tuning**: " + (
-        f"{be['k']}-shot prompts cost {_fmt_flops(be['icl_extra_flops_per_query'])} more per query than "
-        f"zero-shot; the {be['arm']} fine-tune's {_fmt_flops(be['train_flops'])} equal that after "
+        f"{be['k']}-shot prompts cost {format_flops(be['icl_extra_flops_per_query'])} more per query than "
+        f"zero-shot; the {be['arm']} fine-tune's {format_flops(be['train_flops'])} equal that after "
         f"**{be['queries']:,.0f} queries**{_cached_clause(be)}." if be["queries"] else
         "few-shot prompts cost nothing extra here.")]
     samples = lora.get("samples") or []
@@ -287,7 +281,7 @@ def _cached_clause(be: dict) -> str:
     if not be["queries_cached"]:
         return " without a prompt cache (with one, the shots cost nothing extra per query)"
     return (f" without a prompt cache, {be['queries_cached']:,.0f} with one (the shots encoded once, "
-            f"{_fmt_flops(be['icl_extra_flops_per_query_cached'])} extra per query; formula)")
+            f"{format_flops(be['icl_extra_flops_per_query_cached'])} extra per query; formula)")
 
 
 def write_gap_report(folder: Path, results: dict) -> Path:
