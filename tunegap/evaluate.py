@@ -20,11 +20,18 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
     Returns the texts, each prompt's length and each reply's length in tokens (for inference FLOPs).
     """
     prompts = [tokenize_prompt(tokenizer, conv) for conv in conversations]
+    texts, new_lens = generate_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, autocast=autocast)
+    return texts, [len(p) for p in prompts], new_lens
+
+
+def generate_from_ids(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+                      batch_size: int = DEFAULT_BATCH, autocast=contextlib.nullcontext) -> tuple[list[str], list[int]]:
+    """Greedy replies to prompts already tokenised: their texts and lengths in tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies = decode(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id, pad_id=pad,
                      batch_size=batch_size, autocast=autocast)
-    texts = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
-    return texts, [len(p) for p in prompts], [len(reply) for reply in replies]
+    return [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies], list(map(len, replies))
 
 
 def few_shot(conversation: list[dict], shots: list[dict]) -> list[dict]:
@@ -42,16 +49,14 @@ def support_metrics(model, tokenizer, records: list[dict], *, shots: list[dict] 
 
     import time
 
-    conversations = [few_shot(r["messages"], list(shots)) for r in records]
     started = time.perf_counter()
-    texts, prompt_lens, new_lens = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
-                                            autocast=autocast)
+    prompts = [tokenize_prompt(tokenizer, few_shot(r["messages"], list(shots))) for r in records]
+    texts, new_lens = generate_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, autocast=autocast)
     scores = aggregate_scores([r["meta"] for r in records], texts)
     scores["generation_seconds"] = time.perf_counter() - started
-    scores["mean_prompt_tokens"] = sum(prompt_lens) / max(len(prompt_lens), 1)
+    scores["mean_prompt_tokens"] = sum(map(len, prompts)) / max(len(prompts), 1)
     scores["mean_new_tokens"] = sum(new_lens) / max(len(new_lens), 1)
     # what a prompt cache (ours, or a serving stack's) encodes once for every query: the system text and the shots
-    prompts = [tokenize_prompt(tokenizer, conv) for conv in conversations]
     scores["shared_prefix_tokens"] = common_prefix_length(prompts) if prompts else 0
     scores["samples"] = [{"prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "", "reply": t}
                          for r, t in list(zip(records, texts))[:3]]
