@@ -79,36 +79,25 @@ def heldout_seconds(probe: Probe, shape, *, examples: int, tokens_per_example: f
     return probe.seconds(forward_flops(shape, sequences=examples, seq_len=max(1, round(tokens_per_example))))
 
 
-@dataclass
-class DecodeProbe:
-    """One timed decode of a batch: the prefill, and the mean time of a later step (measured)."""
-    rows: int
-    prefill_s: float
-    step_s: float
-
-
-def probe_decode(model, prompts: list[list[int]], *, pad_id: int, batch_size: int = DEFAULT_BATCH,
-                 autocast=None) -> DecodeProbe:
-    """Decode the first batch of `prompts` for `PROBE_TOKENS` tokens, timing the prefill and the steps after it.
+def probe_decode(model, prompts: list[list[int]], *, pad_id: int, batch_size: int = DEFAULT_BATCH) -> float:
+    """Seconds of one fp32 decoding step of the first batch of `prompts` (the median of the steps after the
+    prefill of a `PROBE_TOKENS`-token decode; measured).
 
     `prompts` may be stand-ins of the right count and a short length: a decoding step of a small model reads
     every weight once per step, which costs the same for a short prompt as for a long one."""
-    import contextlib
-
     first = sorted(prompts, key=len, reverse=True)[:batch_size]
     marks: list[float] = []
-    started = time.perf_counter()
     decode(model, first, max_new_tokens=PROBE_TOKENS, eos_id=None, pad_id=pad_id, batch_size=batch_size,
-           autocast=autocast or contextlib.nullcontext, on_token=lambda: marks.append(time.perf_counter()))
-    steps = [b - a for a, b in zip(marks, marks[1:])]
-    return DecodeProbe(len(first), marks[0] - started, sorted(steps)[len(steps) // 2] if steps else 0.0)
+           on_token=lambda: marks.append(time.perf_counter()))
+    steps = sorted(b - a for a, b in zip(marks, marks[1:]))
+    return steps[len(steps) // 2] if steps else 0.0
 
 
-def generation_seconds(probe: Probe, decoding: DecodeProbe, shape, *, prompts: int, prompt_tokens: float,
+def generation_seconds(probe: Probe, step_s: float, shape, *, prompts: int, prompt_tokens: float,
                        max_new_tokens: int, shared_prefix_tokens: int = 0, batch_size: int = DEFAULT_BATCH) -> float:
     """Upper bound on decoding `prompts` prompts of `prompt_tokens` mean length, the first `shared_prefix_tokens`
     of which every prompt shares (encoded once, `generation.decode`): the prefill at the forward probe's FLOP/s,
-    then `max_new_tokens - 1` steps per batch at the decode probe's step time, plus each step's attention to
+    then `max_new_tokens - 1` steps per batch of `step_s` (the decode probe's), plus each step's attention to
     the context beyond the probe's (rows that stop early make it shorter)."""
     if prompts <= 0 or max_new_tokens <= 0:
         return 0.0
@@ -120,7 +109,7 @@ def generation_seconds(probe: Probe, decoding: DecodeProbe, shape, *, prompts: i
     context = prefix + own + max_new_tokens // 2  # the mean context a decoding step attends to
     attention = (forward_flops(shape, sequences=prompts, seq_len=1, past_len=context)
                  - forward_flops(shape, sequences=prompts, seq_len=1, past_len=8)) * (max_new_tokens - 1)
-    steps = math.ceil(prompts / batch_size) * (max_new_tokens - 1) * decoding.step_s
+    steps = math.ceil(prompts / batch_size) * (max_new_tokens - 1) * step_s
     return probe.seconds(prefill + attention) + steps
 
 
@@ -131,15 +120,15 @@ def minutes(seconds: float) -> str:
 class Forecast:
     """A run's duration probes and predicted training time, handed to each callback's `plan`."""
 
-    def __init__(self, probe: Probe, training_s: float, model, pad_id: int, autocast):
+    def __init__(self, probe: Probe, training_s: float, model, pad_id: int):
         self.probe, self.training_s = probe, training_s
-        self._model, self._pad_id, self._autocast, self._decode_probes = model, pad_id, autocast, {}
+        self._model, self._pad_id, self._decode_probes = model, pad_id, {}
 
-    def decoding(self, prompts: int, batch_size: int = DEFAULT_BATCH) -> DecodeProbe:
-        """A decode probe at the batch `prompts` prompts would be decoded in, up to PROBE_ROWS rows (stand-in
-        8-token prompts; measured once for all the evaluations that need as many rows or more)."""
+    def decoding(self, prompts: int, batch_size: int = DEFAULT_BATCH) -> float:
+        """Seconds of a decoding step at the batch `prompts` prompts would be decoded in, up to PROBE_ROWS rows
+        (stand-in 8-token prompts; measured once for all the evaluations that need as many rows or more)."""
         rows = max(1, min(prompts, batch_size, PROBE_ROWS))
         if rows not in self._decode_probes:
             self._decode_probes[rows] = probe_decode(self._model, [list(range(10, 18))] * rows, pad_id=self._pad_id,
-                                                     batch_size=batch_size, autocast=self._autocast)
+                                                     batch_size=batch_size)
         return self._decode_probes[rows]

@@ -319,7 +319,7 @@ class Trainer:
         if self.strategy.is_main and not self.strategy.enabled:  # a probe on one rank of DDP/FSDP would hang it
             probe = probe_forward(self.ctx, config.batch_size, round(self.mean_tokens), self.shape)
             self.forecast = Forecast(probe, training_seconds(probe, step.total + step.recompute, remaining),
-                                     self.ctx.model, self.ctx.pad_id, contextlib.nullcontext)
+                                     self.ctx.model, self.ctx.pad_id)
             with self._frozen_in_fp32():  # the evaluations decode in fp32, after training: probe them so
                 self.planned = [p for p in (c.plan(self, self.forecast) for c in self.callbacks) if p]
             self.planned.append({"what": "checkpoint and outputs", "seconds": self._written_bytes() / WRITE_BYTES_PER_S,

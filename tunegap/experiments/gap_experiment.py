@@ -144,7 +144,7 @@ def predict_arms(config: GapConfig, arms_dir: Path) -> dict:
         full = trainer if name == "full" else full  # its plain model probes the ICL arm's fp32 decoding too
     fp32 = Context(full.ctx.model, full.ctx.base, full.method, full.ctx.pad_id, contextlib.nullcontext)
     forecast = Forecast(probe_forward(fp32, config.batch_size, round(full.mean_tokens), full.shape), 0.0, full.ctx.model,
-                        full.ctx.pad_id, contextlib.nullcontext)
+                        full.ctx.pad_id)
     train_records, eval_records = generate_support()
     records = eval_records[:config.generate_examples]
     held = full.data.eval
