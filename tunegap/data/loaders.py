@@ -80,6 +80,25 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _require_fields(value: Any, where: str, keys: tuple[str, ...]) -> dict:
+    """`value` as an object holding every one of `keys`, else the line's problem, naming the field."""
+    if not isinstance(value, dict):
+        raise _LineProblem(where, f"must be an object, got {_type_name(value)}")
+    for key in keys:
+        if key not in value:
+            raise _LineProblem(f"{where}.{key}", "missing field")
+    return value
+
+
+def _check_message(msg: Any, where: str) -> dict[str, str]:
+    """One {"role", "content"} message, reduced to those two keys (the SFT and the preference loaders')."""
+    _require_fields(msg, where, ("role", "content"))
+    role = _check_string(msg["role"], f"{where}.role")
+    if role not in ROLES:
+        raise _LineProblem(f"{where}.role", f"unknown role {_short(role)}, expected one of {', '.join(ROLES)}")
+    return {"role": role, "content": _check_string(msg["content"], f"{where}.content")}
+
+
 def _type_name(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
             int: "number", float: "number"}.get(type(value), type(value).__name__)
@@ -303,20 +322,9 @@ def _parse_messages(messages: Any) -> list[dict[str, str]]:
         raise _LineProblem("messages", "empty array")
     out: list[dict[str, str]] = []
     for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise _LineProblem(where, f"must be an object, got {_type_name(msg)}")
-        if "role" not in msg:
-            raise _LineProblem(f"{where}.role", "missing field")
-        if "content" not in msg:
-            raise _LineProblem(f"{where}.content", "missing field")
-        role = _check_string(msg["role"], f"{where}.role")
-        if role not in ROLES:
-            raise _LineProblem(f"{where}.role", f"unknown role {_short(role)}, expected one of {', '.join(ROLES)}")
-        if role == "system" and i != 0:
-            raise _LineProblem(f"{where}.role", "a system message may only come first")
-        content = _check_string(msg["content"], f"{where}.content")
-        out.append({"role": role, "content": content})
+        out.append(_check_message(msg, f"messages[{i}]"))
+        if out[-1]["role"] == "system" and i != 0:
+            raise _LineProblem(f"messages[{i}].role", "a system message may only come first")
     turns = [m["role"] for m in out if m["role"] != "system"]
     if not turns:
         raise _LineProblem("messages", "no user or assistant message")
@@ -401,11 +409,7 @@ def _parse_sharegpt(obj: dict[str, Any]) -> dict[str, Any]:
     messages = []
     for i, turn in enumerate(turns):
         where = f"conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise _LineProblem(where, f"must be an object, got {_type_name(turn)}")
-        for key in ("from", "value"):
-            if key not in turn:
-                raise _LineProblem(f"{where}.{key}", "missing field")
+        _require_fields(turn, where, ("from", "value"))
         speaker = _check_string(turn["from"], f"{where}.from")
         if speaker.lower() not in SHAREGPT_ROLES:
             raise _LineProblem(f"{where}.from", f"unknown speaker {_short(speaker)}, expected one of "

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from .loaders import (ROLES, TABLE_SUFFIXES, DataError, LoadReport, _check_string, _LineProblem, _load_records,
-                      _type_name)
+from .loaders import (TABLE_SUFFIXES, DataError, LoadReport, _check_message, _check_string, _LineProblem,
+                      _load_records, _type_name)
 from .render import IGNORE_INDEX, Example, _sft_example, check_fit, tokenize_prompt
 from .support import (DEVICES, ISSUES, PRODUCTS, generate_support, reference_reply, score_reply,
                       write_splits)
@@ -44,19 +44,6 @@ Messages = list[dict[str, str]]
 
 
 # --------------------------------------------------------------------------- loading
-
-def _check_message(msg: Any, where: str) -> dict[str, str]:
-    """One {"role", "content"} message, reduced to those two keys like the SFT loader does."""
-    if not isinstance(msg, dict):
-        raise _LineProblem(where, f"must be an object, got {_type_name(msg)}")
-    for key in ("role", "content"):
-        if key not in msg:
-            raise _LineProblem(f"{where}.{key}", "missing field")
-    role = _check_string(msg["role"], f"{where}.role")
-    if role not in ROLES:
-        raise _LineProblem(f"{where}.role", f"unknown role {role[:20]!r}, expected one of {', '.join(ROLES)}")
-    return {"role": role, "content": _check_string(msg["content"], f"{where}.content")}
-
 
 def _check_messages(value: Any, name: str) -> Messages:
     """A non-empty array of messages in which a system message may only come first."""
