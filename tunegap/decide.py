@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .costs.flops import generation_flops, train_step_flops
+from .costs.hardware import DEFAULT_MFU
 from .io import atomic_write_json, atomic_write_text
 from .ledger import format_flops, q
 from .report import Section, Verdict
@@ -36,7 +37,7 @@ from .trainer import run_or_reuse
 
 QUICK_MODEL = "tiny"
 SERVING_MFU = 0.1  # assumed: decoding is bound by memory, far below a training step's utilisation
-TRAINING_MFU = 0.4  # assumed, as the estimator's default
+TRAINING_MFU = DEFAULT_MFU  # assumed, the estimator's
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .costs.catalog import Device, EstimateError, model_presets, resolve_device, resolve_model
 from .costs.flops import CONVENTIONS, convention_flops, recompute_flops, train_step_flops
+from .costs.hardware import DEFAULT_MFU
 from .costs.megatron import RECOMPUTE, Layout, StageMemory, smallest_fitting_layout, stage_memory
 from .costs.memory import (NAMED_PRESETS, OPTIMIZERS, PRECISIONS, TrainSetup, bytes_per_param, devices_needed,
                            memory_per_device, nf4_bytes_per_param, precision)
@@ -40,7 +41,6 @@ COST_UNITS = {
 # Names the estimator takes beyond the registered methods, and the method each runs as ("qlora" is registered:
 # `methods.qlora.QLoRA`, whose base_format "nf4" sets the setup's).
 PSEUDO_METHODS = {"pretrain": "full"}
-DEFAULT_MFU = 0.40
 
 
 def _q(value, key: str) -> dict:
