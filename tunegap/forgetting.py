@@ -213,7 +213,7 @@ def forgetting_applies(config, data_kind: str) -> bool:
         has_real_weights(config)
 
 
-def forgetting_work(config, tokenizer, precision: str | None = None) -> list[dict]:
+def forgetting_work(config, tokenizer) -> list[dict]:
     """The generation jobs `forgetting_after_training` will run, for its predicted duration: the tuned model's
     answers, the KL forward passes of both models, and the base model's replies unless they are on disk."""
     questions = [tokenize_prompt(tokenizer, [{"role": "user", "content": q["question"]}]) for q in general_questions()]
@@ -221,7 +221,7 @@ def forgetting_work(config, tokenizer, precision: str | None = None) -> list[dic
     mean = lambda rows: sum(map(len, rows)) / max(len(rows), 1)  # noqa: E731
     jobs = [dict(prompts=len(questions), prompt_tokens=mean(questions), max_new_tokens=ANSWER_TOKENS),
             dict(prompts=2 * len(prompts), prompt_tokens=mean(prompts) + REPLY_TOKENS, max_new_tokens=1)]
-    path = _reference_path(config.model, resolve_precision(precision or config.precision), REPLY_TOKENS, ANSWER_TOKENS)
+    path = _reference_path(config.model, resolve_precision(config.precision), REPLY_TOKENS, ANSWER_TOKENS)
     if not path.is_file():
         jobs += [dict(prompts=len(prompts), prompt_tokens=mean(prompts), max_new_tokens=REPLY_TOKENS),
                  dict(prompts=len(questions), prompt_tokens=mean(questions), max_new_tokens=ANSWER_TOKENS)]
