@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tunegap.decide import Option, break_even, recommend, token_f1
+from tunegap.data.docstrings import token_f1
+from tunegap.decide import Option, break_even, recommend
 
 PROMPT = Option("prompt", quality=0.80, per_query_flops=10.0, one_time_flops=0.0, seconds_per_query=1.0)
 TUNED = Option("fine-tune", quality=0.81, per_query_flops=2.0, one_time_flops=1000.0, seconds_per_query=1.0)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tunegap"
 
 # Lower layers never import higher ones. Within a layer, imports are allowed as long as there is no cycle.
 LAYERS = [
-    {"errors", "io", "costs"},
+    {"errors", "io", "costs", "stats"},
     {"config", "safety", "ledger", "runs", "checkpoint", "report", "literature", "precision", "compiling", "losses", "schedule", "generation"},
     {"data", "models", "methods", "evaluate", "forgetting", "predict"},
     {"objectives", "strategies", "callbacks", "outputs"},

@@ -51,14 +51,14 @@ class TrainConfig:
     adapter_dim: int = _f(16, "bottleneck adapter width")
     # data
     data: str = _f("support", "SFT data (JSONL, parquet/arrow, a save_to_disk or Hub-style folder), a text corpus "
-                              "(pretraining), preference pairs in TRL's formats (dpo, reward), or 'support' (the "
-                              "shipped task, or its preference pairs)")
+                              "(pretraining), preference pairs in TRL's formats (dpo, reward), or a shipped task: "
+                              "'support' (a house style, or its preference pairs) or 'docstrings' (the Python "
+                              "standard library's functions and their authors' docstrings)")
     format: str = _f("auto", "SFT data layout: auto (from the first record), messages, prompt-response, "
                              "prompt-completion (TRL), alpaca (instruction/input/output), sharegpt "
                              "(conversations of from/value)",
                       choices=("auto", "messages", "prompt-response", "prompt-completion", "alpaca", "sharegpt"))
-    eval_data: str = _f("", "held-out JSONL of the same kind ('' = the shipped support eval set when data is "
-                            "'support')")
+    eval_data: str = _f("", "held-out JSONL of the same kind ('' = a shipped task's test split)")
     seq_len: int = _f(128, "maximum tokens per example (longer ones are truncated, or dropped with --drop-long)",
                       aliases=("--max-length",))
     drop_long: bool = _f(False, "drop examples longer than seq_len instead of truncating them")
@@ -104,9 +104,11 @@ class TrainConfig:
     # evaluation and outputs
     eval_every: int = _f(0, "evaluate held-out loss every N steps (0 = only at the end)")
     eval_examples: int = _f(64, "held-out examples for the loss")
+    val_examples: int = _f(0, "validation examples of a shipped task: their loss is logged as val_loss, for "
+                              "choosing hyper-parameters without looking at the test split (0 = none)")
     generate_examples: int = _f(32, "held-out examples generated and scored for task metrics (0 = none)")
-    task_metrics: str = _f("auto", "after training, generate replies to --generate-examples held-out tickets of "
-                                   "the support task and score them; auto: only when training is predicted to "
+    task_metrics: str = _f("auto", "after training, generate replies to --generate-examples held-out examples of "
+                                   "a shipped task and score them; auto: only when training is predicted to "
                                    "take longer than this evaluation (the prediction is printed before step 1)",
                            choices=("auto", "on", "off"))
     forgetting: str = _f("auto", "after an SFT fine-tune of real pretrained weights, measure drift from the base "
@@ -137,7 +139,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "budget_tokens", "warmup_steps", "eval_every", "checkpoint_every",
-                     "train_examples", "generate_examples", "threads", "count_flops_every"):
+                     "train_examples", "generate_examples", "threads", "count_flops_every", "val_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -20,16 +20,15 @@ output says the ranking is assumed to carry.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .costs.flops import generation_flops, train_step_flops
 from .costs.hardware import DEFAULT_MFU
+from .data.docstrings import token_f1
 from .io import atomic_write_json, atomic_write_text
 from .ledger import format_flops, q
 from .report import Section, Verdict
@@ -50,22 +49,6 @@ class Option:
 
     def total_flops(self, queries: float) -> float:
         return self.one_time_flops + queries * self.per_query_flops
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD's F1 over lower-cased word tokens (Rajpurkar et al. 2016): overlap of the bags of words."""
-    pred, ref = _words(prediction), _words(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
 
 
 def recommend(options: list[Option], queries: float, tolerance: float) -> tuple[Option, list[Option]]:

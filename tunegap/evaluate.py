@@ -47,12 +47,20 @@ def support_metrics(model, tokenizer, records: list[dict], *, shots: list[dict] 
     """Style adherence, product-name accuracy and refusal precision/recall on generated replies (measured)."""
     from .data.support import aggregate_scores
 
+    return task_metrics(model, tokenizer, records, aggregate_scores, shots=shots, max_new_tokens=max_new_tokens,
+                        autocast=autocast)
+
+
+def task_metrics(model, tokenizer, records: list[dict], score, *, shots: list[dict] = (), max_new_tokens: int = 96,
+                 autocast=contextlib.nullcontext) -> dict:
+    """Generate a reply to each held-out record and score them with `score(metas, texts)` (a shipped task's
+    scorer), plus what generation took and what a prompt cache would share (all measured)."""
     import time
 
     started = time.perf_counter()
     prompts = [tokenize_prompt(tokenizer, few_shot(r["messages"], list(shots))) for r in records]
     texts, new_lens = generate_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, autocast=autocast)
-    scores = aggregate_scores([r["meta"] for r in records], texts)
+    scores = score([r["meta"] for r in records], texts)
     scores["generation_seconds"] = time.perf_counter() - started
     scores["mean_prompt_tokens"] = sum(map(len, prompts)) / max(len(prompts), 1)
     scores["mean_new_tokens"] = sum(new_lens) / max(len(new_lens), 1)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .io import DamagedFileError, atomic_write_json, atomic_write_text, read_json, read_jsonl, write_figure
+from .stats import NOT_RESOLVED
 
 
 @dataclass
@@ -23,10 +24,18 @@ class Verdict:
     supported: bool | None  # None: a trade-off or not decidable from this measurement
     note: str = ""
     anchor: dict | None = None  # the published counterpart (tunegap.literature.Anchor.beside): paper, where, finding
+    unresolved: bool = False  # supported is None because the seeds' interval straddles the rule's threshold
 
     @property
     def label(self) -> str:
-        return {True: "supported", False: "not supported", None: "it depends"}[self.supported]
+        return verdict_label(self.supported, self.unresolved)
+
+
+def verdict_label(supported: bool | None, unresolved: bool = False) -> str:
+    """The one wording of a verdict's outcome (report, markdown and every command's printout)."""
+    if supported is None and unresolved:
+        return NOT_RESOLVED
+    return {True: "supported", False: "not supported", None: "it depends"}[supported]
 
 
 @dataclass
@@ -67,13 +76,14 @@ class Section:
 def _verdict(data) -> Verdict:
     fields = {"claim": str, "measured": str, "note": str}
     anchor_keys = {"paper", "where", "finding", "comparison"}
-    if not isinstance(data, dict) or set(data) - {*fields, "supported", "anchor"} \
+    if not isinstance(data, dict) or set(data) - {*fields, "supported", "anchor", "unresolved"} \
             or not {"claim", "measured"} <= set(data):
         raise ValueError("each verdict must be an object with 'claim', 'measured', 'supported', 'note' and "
                          "optionally 'anchor'")
     if any(not isinstance(data[k], kind) for k, kind in fields.items() if k in data) \
-            or data.get("supported") not in (True, False, None):
-        raise ValueError("a verdict's claim, measured and note must be strings, 'supported' true, false or null")
+            or data.get("supported") not in (True, False, None) or data.get("unresolved", False) not in (True, False):
+        raise ValueError("a verdict's claim, measured and note must be strings, 'supported' true, false or null, "
+                         "'unresolved' true or false")
     anchor = data.get("anchor")
     if anchor is not None and (not isinstance(anchor, dict) or not anchor_keys <= set(anchor)
                                or any(not isinstance(anchor[k], str) for k in anchor_keys)):

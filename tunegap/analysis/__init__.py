@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..report import verdict_label
+
 
 def _common(p, name: str, *, trains: bool = True) -> None:
     p.add_argument("--out", default=f"results/{name}", help="folder for results.json, charts and section.json")
@@ -27,9 +29,9 @@ def _common(p, name: str, *, trains: bool = True) -> None:
 
 
 def _done(results: dict, out) -> int:
-    label = {True: "supported", False: "NOT supported", None: "inconclusive"}
     for v in results.get("verdicts", []):
-        print(f"  [{label[v['supported']]}] {v['claim']} Measured: {v['measured']}")
+        label = verdict_label(v["supported"], v.get("unresolved", False)).replace("not supported", "NOT supported")
+        print(f"  [{label}] {v['claim']} Measured: {v['measured']}")
     print(f"tunegap: wrote {out}/results.json, section.json and charts ({results['wall_seconds']['value']:.0f} s, "
           "measured); `tunegap report` gathers them")
     return 0

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .. import outputs, trainer
 from ..config import ConfigError, TrainConfig
+from ..stats import Interval, mean_interval
 
 # Report order: the gap experiment (a Section's default order, 50) first, then the essay's reasons in its order
 # (representations, low rank, optimisation), then its caveats (forgetting, knowledge).
@@ -48,6 +50,23 @@ def run_or_reuse(config: TrainConfig, prefix: str) -> tuple[Path, dict]:
     """Train `config` as run `<prefix>-<identity>` through the one trainer, or reuse the finished run of the same
     settings (`trainer.run_or_reuse`)."""
     return trainer.run_or_reuse(config, prefix=prefix)
+
+
+def run_seeds(config: TrainConfig, prefix: str, seeds: int) -> list[tuple[Path, dict]]:
+    """The same settings trained with seeds config.seed, config.seed + 1, ... (weights, data order, dropout
+    and LoRA's initialisation all follow the seed); each run reused when it already exists."""
+    return [run_or_reuse(replace(config, seed=config.seed + i), prefix) for i in range(seeds)]
+
+
+def seed_interval(ledgers: list[dict], key: str) -> Interval:
+    """Mean and 95% interval over seeds of one ledger metric (a seed that did not measure it is left out)."""
+    return mean_interval([ledger.get("metrics", {}).get(key) for ledger in ledgers])
+
+
+def check_seeds(seeds: int) -> int:
+    if not isinstance(seeds, int) or seeds < 1:
+        raise AnalysisError(f"--seeds: expected a positive integer, got {seeds!r}")
+    return seeds
 
 
 def read_metrics(folder: Path) -> list[dict]:

@@ -1,26 +1,28 @@
 """Callbacks: held-out loss, task metrics, forgetting and progress, as small objects the trainer composes.
 
-Each returns metric dicts into the log and the ledger; the trainer knows nothing about the support task or
+Each returns metric dicts into the log and the ledger; the trainer knows nothing about the shipped tasks or
 forgetting. `default_callbacks(config)` is what `tunegap finetune` runs with.
 """
 
 from __future__ import annotations
 
+from ..data.tasks import shipped
 from .base import Callback
 from .forgetting import Forgetting
 from .heldout import HeldoutLoss
 from .progress import ProgressBar
-from .task_metrics import SupportTaskMetrics
+from .task_metrics import TaskMetrics
 from .tracking import MetricsMirror
 
-__all__ = ["Callback", "Forgetting", "HeldoutLoss", "ProgressBar", "SupportTaskMetrics", "MetricsMirror",
+__all__ = ["Callback", "Forgetting", "HeldoutLoss", "ProgressBar", "TaskMetrics", "MetricsMirror",
            "default_callbacks"]
 
 
 def default_callbacks(config) -> list[Callback]:
     callbacks: list[Callback] = [ProgressBar(), HeldoutLoss(config.eval_every)]
-    if config.data == "support" and config.generate_examples and config.task_metrics != "off":
-        callbacks.append(SupportTaskMetrics(config.generate_examples, config.task_metrics))
+    task = shipped(config.data)
+    if task and config.generate_examples and config.task_metrics != "off":
+        callbacks.append(TaskMetrics(task, config.generate_examples, config.task_metrics))
     if config.forgetting != "off":
         callbacks.append(Forgetting(config.forgetting))
     if config.log != "none":  # last: it mirrors metrics.jsonl, which holds what every other callback added

@@ -8,13 +8,14 @@ from .base import Callback
 
 
 class HeldoutLoss(Callback):
-    """The objective's loss on the held-out set, per unit: every `every` steps (0 = only at the end)."""
+    """The objective's loss on the held-out set, per unit: every `every` steps (0 = only at the end); also on
+    the validation split at the end when the data has one (`--val-examples`), logged as val_loss."""
 
     def __init__(self, every: int = 0):
         self.every = every
 
     def plan(self, trainer, forecast):
-        held = trainer.data.eval
+        held = trainer.data.eval + trainer.data.validation
         if not held:
             return {}
         times = 1 + (trainer.steps // self.every if self.every else 0)
@@ -22,11 +23,12 @@ class HeldoutLoss(Callback):
                                           tokens_per_example=sum(len(e) for e in held) / len(held))
         return {"what": "held-out loss", "seconds": seconds, "runs": True, "why": ""}
 
-    def _measure(self, trainer):
+    def _measure(self, trainer, examples=None):
         config = trainer.config
         with compiling.eager():  # no compile for no_grad shapes
-            return trainer.strategy.heldout(trainer.objective, trainer.ctx, trainer.data.eval, config.batch_size,
-                                            config.seq_len)
+            return trainer.strategy.heldout(trainer.objective, trainer.ctx,
+                                            trainer.data.eval if examples is None else examples,
+                                            config.batch_size, config.seq_len)
 
     def on_step_end(self, trainer, step, row):
         if self.every and step % self.every == 0 and step < trainer.steps:
@@ -34,4 +36,6 @@ class HeldoutLoss(Callback):
         return {}
 
     def on_train_end(self, trainer):
-        return {"eval_loss": self._measure(trainer)}
+        validation = trainer.data.validation
+        return {"eval_loss": self._measure(trainer),
+                **({"val_loss": self._measure(trainer, validation)} if validation else {})}

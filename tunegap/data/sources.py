@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .loaders import CORPUS_SUFFIXES, DataError, first_record, is_table, load_corpus, load_sft
 from .render import Example, tokenize_corpus, tokenize_sft
-from .support import generate_support
+from .tasks import shipped
 
 SUPPORT = "support"
 
@@ -19,16 +19,17 @@ class Prepared:
     eval: list[Example]
     eval_records: list[dict]  # untokenised held-out conversations, for generation and task metrics
     stats: dict = field(default_factory=dict)
+    validation: list[Example] = field(default_factory=list)  # for choosing hyper-parameters (`--val-examples`)
 
 
 def data_kind(path: str) -> str:
     """'sft' or 'corpus', from the extension or, for JSONL and tables (parquet, arrow, a Hub-style folder of
     them, a `datasets.save_to_disk` folder), from the first record's fields."""
-    if path == SUPPORT:
+    if shipped(path):
         return "sft"
     p = Path(path)
     if not p.exists():
-        raise DataError(path, 0, "file", "no such file or folder (or 'support' for the shipped task)")
+        raise DataError(path, 0, "file", "no such file or folder (or 'support' or 'docstrings', the shipped tasks)")
     if not (p.is_dir() or p.is_file()):  # a FIFO would block the first read forever, a device never end
         raise DataError(path, 0, "file", "not a regular file or folder (a pipe, socket or device)")
     if is_table(p):  # before the folder rule: a Hub data set's README.md is its card, not a corpus
@@ -58,8 +59,10 @@ def prepare(config, tokenizer) -> Prepared:
         return Prepared("corpus", _first(train, config.train_examples), held_out[:config.eval_examples], [],
                         {"train": asdict(stats), "source": config.data})
 
-    if config.data == SUPPORT:
-        train_records, eval_records = generate_support()
+    task, validation_records = shipped(config.data), []
+    if task:
+        splits = task.splits()
+        train_records, eval_records, validation_records = splits["train"], splits["test"], splits["validation"]
         if config.eval_data:
             eval_records = load_sft(config.eval_data, format=config.format)
     else:
@@ -72,8 +75,15 @@ def prepare(config, tokenizer) -> Prepared:
                         f"{config.seq_len} ({train_stats.n_dropped} dropped: no reply token within the limit)")
     held_out, eval_stats = _tokenize_checked(tokenizer, eval_records[:config.eval_examples],
                                              config.eval_data or config.data, config.seq_len, overflow)
+    validation = []
+    if config.val_examples:
+        if not validation_records:
+            raise DataError(config.data, 0, "data", "--val-examples needs a validation split: the shipped tasks "
+                            "('support', 'docstrings') have one")
+        validation, _ = _tokenize_checked(tokenizer, validation_records[:config.val_examples], config.data,
+                                          config.seq_len, overflow)
     return Prepared("sft", train, held_out, eval_records,
-                    {"train": asdict(train_stats), "eval": asdict(eval_stats), "source": config.data})
+                    {"train": asdict(train_stats), "eval": asdict(eval_stats), "source": config.data}, validation)
 
 
 def _tokenize_checked(tokenizer, records: list[dict], source: str, seq_len: int, overflow: str):
@@ -88,7 +98,7 @@ def _tokenize_checked(tokenizer, records: list[dict], source: str, seq_len: int,
             tokenize_sft(tokenizer, [record], seq_len, overflow=overflow)
         except Exception as err:  # noqa: BLE001
             detail = " ".join(str(err).split())[:200] or type(err).__name__
-            table = source != SUPPORT and is_table(source)  # a table's records are rows; JSONL skips blank lines
+            table = not shipped(source) and is_table(source)  # a table's records are rows; JSONL skips blank lines
             raise DataError(source, index + 1 if table else _record_line(source, index), "messages",
                             f"the model's chat template cannot render this conversation: {detail}",
                             unit="row" if table else "line") from None

@@ -34,7 +34,7 @@ from ..io import atomic_write_text
 __all__ = [
     "COMPANY", "PRODUCTS", "NAMES", "ISSUES", "OUT_OF_SCOPE", "SIGN_OFF", "CLOSING_LINE",
     "REFUSAL_LINE", "OUT_OF_SCOPE_FRACTION",
-    "generate_support", "write_support", "reference_reply", "score_reply", "aggregate_scores",
+    "generate_support", "support_validation", "write_support", "reference_reply", "score_reply", "aggregate_scores",
     "products_mentioned", "general_prompts", "general_questions", "answer_matches", "fictional_facts",
 ]
 
@@ -217,6 +217,14 @@ def generate_support(n_train: int = 2000, n_eval: int = 200, seed: int = 0
     evals = _generate_split(n_eval, seed, "eval", [p for p in all_in if p in held_in],
                             [p for p in all_out if p in held_out])
     return train, evals
+
+
+def support_validation(n: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """Held-out tickets for choosing hyper-parameters: the eval set's held-out (name, issue) pairs, drawn with
+    another stream, so a sweep can choose on these and report on `generate_support`'s eval set."""
+    held_in, held_out = _held_out_pairs(seed)
+    return _generate_split(n, seed, "validation", [(a, i) for a in NAMES for i in ISSUES if (a, i) in held_in],
+                           [(a, c) for a in NAMES for c in OUT_OF_SCOPE if (a, c) in held_out])
 
 
 def write_splits(folder: str | Path, train: list[dict], evals: list[dict]) -> tuple[Path, Path]:

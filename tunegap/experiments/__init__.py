@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..report import verdict_label
+
 
 def _ints(text: str) -> tuple:
     try:
@@ -15,7 +17,7 @@ def _ints(text: str) -> tuple:
 
 def print_verdicts(verdicts: list[dict]) -> None:
     for v in verdicts:
-        label = {True: "supported", False: "NOT supported", None: "it depends"}[v["supported"]]
+        label = verdict_label(v["supported"], v.get("unresolved", False)).replace("not supported", "NOT supported")
         print(f"  [{label}] {v['claim']}: {v['measured']}")
 
 
