@@ -66,19 +66,29 @@ def run_or_reuse(config: TrainConfig, *, name: str | None = None, prefix: str = 
     name with other settings is replaced (the caller owns the name)."""
     name = name or f"{prefix}-{run_identity(config.to_dict())[:8]}"
     folder = run_folder(config.runs_dir, name)
-    wanted = run_identity({**config.to_dict(), "name": name})
+    ledger = finished_ledger(config, name=name)
+    if ledger is not None:
+        print(f"tunegap: reusing {what} {name} (same settings, already run: {folder})", flush=True)
+        return folder, ledger
     saved = _read_json(folder / "config.json")
-    if saved is not None and run_identity(saved) == wanted:
-        ledger = _read_json(folder / "ledger.json")
-        if ledger and ledger.get("status") == "completed":
-            print(f"tunegap: reusing {what} {name} (same settings, already run: {folder})", flush=True)
-            return folder, ledger
-        resume = True  # from its newest checkpoint, or from step 0 with its log cleared when it has none
-    else:
-        if folder.exists():
-            shutil.rmtree(folder)
-        resume = False
+    # a run of the same settings that was killed resumes from its newest checkpoint (or from step 0 with its
+    # log cleared when it has none); a run of that name with other settings is replaced
+    resume = saved is not None and run_identity(saved) == run_identity({**config.to_dict(), "name": name})
+    if not resume and folder.exists():
+        shutil.rmtree(folder)
     return folder, train(replace(config, name=name, resume=resume))
+
+
+def finished_ledger(config: TrainConfig, *, name: str | None = None, prefix: str = "run") -> dict | None:
+    """The ledger of the completed run of these settings that `run_or_reuse` would reuse, else None (sweeps
+    count such runs as free when they predict their duration)."""
+    name = name or f"{prefix}-{run_identity(config.to_dict())[:8]}"
+    folder = run_folder(config.runs_dir, name)
+    saved = _read_json(folder / "config.json")
+    if saved is None or run_identity(saved) != run_identity({**config.to_dict(), "name": name}):
+        return None
+    ledger = _read_json(folder / "ledger.json")
+    return ledger if ledger and ledger.get("status") == "completed" else None
 
 
 def _read_json(path: Path) -> dict | None:

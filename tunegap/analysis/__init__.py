@@ -3,6 +3,8 @@ PNG charts and a report section (`tunegap report` gathers them).
 
     tunegap analyze rank RUN          is a full fine-tune's update low-rank?            (reason 2)
     tunegap sweep lora-rank           quality and cost against LoRA rank                (reason 2)
+    tunegap sweep lr                  LoRA vs full, each at its best learning rate      (reason 2)
+    tunegap sweep freeze              freeze the bottom k blocks: quality, forgetting, cost vs k  (reason 1)
     tunegap analyze convergence       pretrained vs random start, same architecture     (reason 3)
     tunegap analyze probe             what the frozen layers already encode             (reason 1)
     tunegap analyze forgetting        does LoRA forget less, at equal task quality?     (caveat 2)
@@ -63,6 +65,29 @@ def cmd_sweep(args) -> int:
                                  generate_examples=args.generate_examples, progress=args.progress), args.out)
 
 
+def cmd_sweep_lr(args) -> int:
+    from .common import parse_floats
+    from .lr_sweep import sweep_lr
+
+    lora_lrs = parse_floats(args.lora_lrs, "--lora-lrs") if args.lora_lrs else None
+    full_lrs = parse_floats(args.full_lrs, "--full-lrs") if args.full_lrs else None
+    return _done(sweep_lr(out=args.out, task=args.task, seeds=args.seeds, lora_lrs=lora_lrs, full_lrs=full_lrs,
+                          rank=args.rank, model=args.model, steps=args.steps, runs_dir=args.runs_dir,
+                          quick=args.quick, generate_examples=args.generate_examples, progress=args.progress),
+                 args.out)
+
+
+def cmd_sweep_freeze(args) -> int:
+    from .common import parse_ints
+    from .freeze_sweep import sweep_freeze
+
+    ks = parse_ints(args.ks, "--ks", allow_zero=True) if args.ks else None
+    return _done(sweep_freeze(out=args.out, task=args.task, seeds=args.seeds, ks=ks, lr=args.lr,
+                              lora_lr=args.lora_lr, rank=args.rank, model=args.model, steps=args.steps,
+                              runs_dir=args.runs_dir, quick=args.quick, generate_examples=args.generate_examples,
+                              progress=args.progress), args.out)
+
+
 def cmd_forgetting(args) -> int:
     from .common import parse_ints
     from .forgetting import analyze_forgetting
@@ -104,6 +129,13 @@ def _positive(kind):
         return value
 
     return parse
+
+
+def _tasks_and_seeds(p) -> None:
+    p.add_argument("--task", default="both", choices=("support", "docstrings", "both"),
+                   help="shipped task(s) to train on; with both, the report says where they disagree")
+    p.add_argument("--seeds", type=_positive(int), default=None,
+                   help="seeds per setting: means with 95%% intervals over them (default 3; --quick: 2)")
 
 
 def add_parser(subparsers) -> None:
@@ -171,5 +203,39 @@ def add_parser(subparsers) -> None:
     p.add_argument("--full-lr", type=_positive(float), default=5e-5, help="full fine-tuning learning rate")
     p.add_argument("--generate-examples", type=int, default=16, help="held-out tickets generated per run (0 = none)")
     p.set_defaults(func=cmd_sweep)
+
+    p = ssub.add_parser("lr", help="LoRA and full fine-tuning over a learning-rate grid, each at its best rate "
+                                   "(chosen on validation, reported on test)",
+                        description="Defaults (default model, 16 steps, 4 rates per method, --seeds 3, both "
+                                    "tasks: 96 runs) take about 2.5 hours on a free 2-core CPU (estimate); the "
+                                    "command prints its own prediction before training.")
+    _common(p, "sweep-lr")
+    _tasks_and_seeds(p)
+    p.add_argument("--lora-lrs", default="", help="LoRA learning rates, comma-separated (default 1e-4,3e-4,1e-3,3e-3; "
+                                                  "--quick: 1e-3,1e-2)")
+    p.add_argument("--full-lrs", default="", help="full fine-tuning learning rates (default 1e-5,3e-5,1e-4,3e-4; "
+                                                  "--quick: 1e-4,1e-3)")
+    p.add_argument("--rank", type=_positive(int), default=16, help="LoRA rank (alpha = 2r)")
+    p.add_argument("--steps", type=_positive(int), default=16, help="optimizer steps per run")
+    p.add_argument("--generate-examples", type=int, default=16, help="test examples generated per run (0 = none)")
+    p.set_defaults(func=cmd_sweep_lr)
+
+    p = ssub.add_parser("freeze", help="freeze the bottom k blocks, train the rest: quality, forgetting and cost "
+                                       "vs k, LoRA and full as reference lines",
+                        description="Defaults (default model, 16 steps, k = 0,7,15,22,29 of 30 blocks plus LoRA, "
+                                    "--seeds 3, both tasks: 36 runs with the forgetting evaluation) take about 1.5 "
+                                    "hours on a free 2-core CPU (estimate); the command prints its own "
+                                    "prediction before training.")
+    _common(p, "sweep-freeze")
+    _tasks_and_seeds(p)
+    p.add_argument("--ks", default="", help="frozen bottom blocks, comma-separated (default 0, L/4, L/2, 3L/4, L-1 "
+                                            "of the model's L blocks; 0 = full fine-tuning)")
+    p.add_argument("--lr", type=_positive(float), default=1e-4, help="learning rate of every k (k = 0 is full "
+                                                                     "fine-tuning at this rate)")
+    p.add_argument("--lora-lr", type=_positive(float), default=1e-3, help="the LoRA reference line's learning rate")
+    p.add_argument("--rank", type=_positive(int), default=16, help="the LoRA reference line's rank (alpha = 2r)")
+    p.add_argument("--steps", type=_positive(int), default=16, help="optimizer steps per run")
+    p.add_argument("--generate-examples", type=int, default=16, help="test examples generated per run (0 = none)")
+    p.set_defaults(func=cmd_sweep_freeze)
 
     report.add_parser(subparsers)

@@ -34,13 +34,25 @@ def q(value, unit: str, how: str) -> dict:
     return {"value": value, "unit": unit, "how": how}
 
 
-def parse_ints(text: str, what: str) -> list[int]:
+def parse_ints(text: str, what: str, *, allow_zero: bool = False) -> list[int]:
     try:
         values = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise AnalysisError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise AnalysisError(f"{what}: expected positive integers, got {text!r}")
+    if not values or min(values) < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise AnalysisError(f"{what}: expected {kind} integers, got {text!r}")
+    return values
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    """Comma-separated positive numbers (a learning-rate grid: 1e-4,3e-4)."""
+    try:
+        values = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise AnalysisError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise AnalysisError(f"{what}: expected positive numbers, got {text!r}")
     return values
 
 
