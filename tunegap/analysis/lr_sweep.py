@@ -346,13 +346,14 @@ def _verdicts(results: dict) -> dict:
         verdicts[t].append(Verdict(
             f"[{t}] At its best learning rate, LoRA reaches full fine-tuning's test loss within 5%.",
             f"{t}: LoRA test loss relative to full's, paired per seed: {gap_text} (LoRA "
-            f"{_interval_text(lora['eval_loss'])}, full {_interval_text(full['eval_loss'])} nats/token)",
+            f"{interval_text(lora['eval_loss'])}, full {interval_text(full['eval_loss'])} nats/token)",
             gv["supported"], gv["note"] or f"paired over {gap['seeds']} seeds; threshold +5%",
             anchor("lora_gap_at_best_lr", gv["supported"]), unresolved=gv["supported"] is None))
     return verdicts
 
 
-def _interval_text(value: dict | None) -> str:
+def interval_text(value: dict | None) -> str:
+    """A results.json number with its interval, for a table cell: mean [low, high]."""
     if not value or value["value"] is None or value["seeds"] == 0:
         return "n/a"
     if value["low"] is None:
@@ -389,8 +390,8 @@ def lr_section(results: dict, images: list[Path]):
             chosen = res["chosen"][method]["lr"]["value"]
             for arm in res["arms"][method]:
                 mark = " (chosen)" if arm["lr"] == chosen else ""
-                rows.append([f"{method}{mark}", f"{arm['lr']:g}", _interval_text(arm["val_loss"]),
-                             _interval_text(arm["eval_loss"]), _interval_text(arm["quality"])])
+                rows.append([f"{method}{mark}", f"{arm['lr']:g}", interval_text(arm["val_loss"]),
+                             interval_text(arm["eval_loss"]), interval_text(arm["quality"])])
         blocks += [f"**{t}** (quality: {TASKS[t].quality_name}, test split; chosen arms' test numbers are the "
                    "ones the verdicts read)", "",
                    md_table(["method", "lr", "val loss (choice)", "test loss", TASKS[t].quality_name], rows), ""]
