@@ -137,6 +137,12 @@ def test_quick_sweep_reports_the_test_metrics_of_the_arm_chosen_on_validation(tm
         gaps = [(a - b) / b for a, b in zip(lora["eval_loss"]["per_seed"], full["eval_loss"]["per_seed"])]
         assert res["test_loss_gap"]["per_seed"] == pytest.approx(gaps)
         assert res["ratio_verdict"]["supported"] is None  # two rates per method: every argmin sits at an edge
+    # every run is finished now: a second sweep would train none of them (and predicts zero seconds for them)
+    from tunegap.analysis.lr_sweep import lora_arm, pending_runs, task_config
+
+    base = task_config("support", model="tiny", steps=3, runs_dir=str(tmp_path / "runs"), quick=True)
+    chosen_lora = lora_arm(base, 16, results["per_task"]["support"]["chosen"]["lora"]["lr"]["value"])
+    assert pending_runs(*chosen_lora, 2) == 0 and pending_runs(*chosen_lora, 3) == 1
     assert len(results["verdicts"]) == 2
     assert {v["anchor"]["paper"].split(",")[0] for v in results["verdicts"]} == {"Schulman et al. 2025"}
     assert all(v["unresolved"] == (v["supported"] is None) for v in results["verdicts"])
