@@ -16,8 +16,9 @@ the paired per-seed relative test-loss increase at k = 3L/4 (the nearest k swept
 interval below 5%, not supported when above, not resolved when it straddles 5%.
 
 Defaults (default model of 30 blocks: k = 0, 7, 15, 22, 29, plus LoRA; 16 steps; --seeds 3; both tasks) are 36
-runs with the forgetting evaluation, predicted about 1.5 hours on a free 2-core CPU (an estimate: about 2 min a
-support run, 3 min a docstrings run). The command prints its own prediction first.
+runs with the forgetting evaluation, about 1.5 hours on a free 2-core CPU (an estimate: about 2 min a support
+run, 3 min a docstrings run, from the measured step times in benchmarks/RESULTS.md plus the forgetting
+evaluation's generation). The command prints its own prediction (`Trainer.predict()` probes) before training.
 """
 
 from __future__ import annotations

@@ -13,9 +13,16 @@ task's quality) are reported, as means with 95% intervals over seeds. Two verdic
   * at its best rate LoRA reaches full fine-tuning's test loss within 5%: the per-seed relative gap
     (paired: the same seed on both sides), judged against 0.05.
 
-Defaults (default model, 16 steps, batch 8, 4 rates per method, rank 16): 16 runs a seed per task without the
-forgetting evaluation; with --seeds 3 on both tasks 96 runs, predicted about 2.5 hours on a free 2-core CPU
-(an estimate: about 1 min a support run, 2 min a docstrings run). The command prints its own prediction first.
+Defaults (default model, 16 steps, batch 8, 4 rates per method, rank 16, no forgetting evaluation): 8 runs per
+seed and task; with --seeds 3 on both tasks 48 runs, about 70 min on a free 2-core CPU (an estimate from the
+measured eager step times in benchmarks/RESULTS.md, 2.3 s LoRA and 3.1 s full per step of 8 x 128 tokens, about
+twice that for docstrings' 256-token rows, plus the evaluations: about 1 min a support run, 1.5-2 min a
+docstrings run). The command prints its own prediction (`Trainer.predict()` probes) before training.
+
+Runs are named `<task>-full-<identity>` and `<task>-lora-r<rank>-<identity>` from `task_config`'s settings, so
+any analysis asking for the same run reuses it. These runs skip the forgetting evaluation (on the default model
+it takes about as long as a 16-step run's training); `sweep freeze` measures forgetting, so its k = 0 and LoRA
+runs are its own.
 """
 
 from __future__ import annotations
