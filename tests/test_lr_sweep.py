@@ -159,6 +159,7 @@ def test_with_both_tasks_the_report_names_the_claims_they_disagree_on():
                                                                                  unresolved=gap is None)]
 
     text = disagreements({"support": two(True, None), "docstrings": two(True, False)})
-    assert text == "The tasks disagree on 'Within 5%.' (support: not resolved at this budget, docstrings: not supported)."
+    assert text == ("The tasks disagree on 'Within 5%.' (support: not resolved at this budget, "
+                    "docstrings: not supported).")
     assert disagreements({"support": two(True, True), "docstrings": two(True, True)}).endswith("same verdicts.")
     assert disagreements({"support": two(True, True)}) == ""

@@ -199,7 +199,7 @@ ANCHORS: dict[str, Anchor] = {
         "tunegap agrees: fine-tuning facts in moved unrelated behaviour, while retrieval leaves the weights alone.",
         "tunegap differs: the fine-tune moved unrelated behaviour too little to count, which a short run on "
         "few facts can cause."),
-    # ---------------------------------------------------------------- sweep lr and sweep freeze (lr_sweep.py, freeze_sweep.py)
+    # ---------------------------------------------------------------- sweep lr and sweep freeze (lr_sweep, freeze_sweep)
     "lora_lr_ratio": Anchor(
         SCHULMAN, "learning-rate sweeps of LoRA and full fine-tuning (supervised learning)",
         "the optimal LoRA learning rate is about 10x full fine-tuning's, consistently across the models and "

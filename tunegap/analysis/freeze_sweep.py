@@ -127,7 +127,10 @@ def sweep_freeze(*, out: str | Path, task: str = "both", seeds: int | None = Non
         done += 1
         print(f"tunegap: sweep freeze: arm {done}/{total}: {t}, LoRA reference r={rank} ({seeds} seeds)", flush=True)
         lora = {"method": "lora", "rank": rank, **_arm_row(run_seeds(*arms["lora"], seeds), quality)}
-        per_task[t] = {"quality_key": quality, "arms": rows, "lora": lora, "verdict": _judge(rows, judged_k, quality)}
+        verdict = _judge(rows, judged_k, quality)
+        for row in (*rows, lora):
+            del row["per_seed"]  # raw, aligned by seed for the paired verdict; results.json has the intervals
+        per_task[t] = {"quality_key": quality, "arms": rows, "lora": lora, "verdict": verdict}
 
     wall = time.perf_counter() - started
     print(f"tunegap: sweep freeze: {minutes(wall)} (measured) against a predicted {minutes(predicted['seconds'])} "
@@ -140,7 +143,8 @@ def sweep_freeze(*, out: str | Path, task: str = "both", seeds: int | None = Non
                "predicted_seconds": q(predicted["seconds"], "s", "estimate"), "prediction": predicted["how"],
                "wall_seconds": q(wall, "s", "measured")}
     out.mkdir(parents=True, exist_ok=True)
-    images = [_plot_quality(results, out / "freeze_quality_forgetting.png"), _plot_cost(results, out / "freeze_cost.png")]
+    images = [_plot_quality(results, out / "freeze_quality_forgetting.png"),
+              _plot_cost(results, out / "freeze_cost.png")]
     section = freeze_section(results, images)
     results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
@@ -167,8 +171,8 @@ def _predict(plan: dict, seeds: int, layers: int) -> dict:
             for k, n in todo.items():
                 if not n:
                     continue
-                ratio = 1.0 if k == 0 else step_flops(make_method("freeze", layers=layers - k).trainable(trainer.shape)) \
-                    / full_step
+                frozen = make_method("freeze", layers=layers - k).trainable(trainer.shape) if k else None
+                ratio = step_flops(frozen) / full_step if k else 1.0
                 each = sum(full_parts.values()) + full_parts["training"] * (ratio - 1)
                 parts[f"{t} k={k}"] = {"runs": n, "seconds_each": each}
                 total += n * each

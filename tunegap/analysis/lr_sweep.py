@@ -268,17 +268,18 @@ def _task_results(rows: dict, quality: str) -> dict:
         chosen[method] = {
             **{k: v for k, v in choice.items() if k not in ("lr", "agree", "seeds")},
             "lr": q(choice["lr"], "learning rate", "measured"),
-            "seeds_agreeing": q(choice["agree"], "seeds", "measured"), "seeds": choice["seeds"],
+            "seeds_agreeing": q(choice["agree"], "seeds", "measured"),
+            "seeds": q(choice["seeds"], "seeds", "measured"),
             "runs": row["runs"] if row else [],
             "val_loss": row["val_loss"].as_dict("nats/token") if row else None,
             "eval_loss": row["eval_loss"].as_dict("nats/token") if row else None,
-            "quality": row["quality"].as_dict("fraction") if row else None,
-            "per_seed_eval_loss": row["per_seed"]["eval_loss"] if row else []}
+            "quality": row["quality"].as_dict("fraction") if row else None}
     lora, full = choices["lora"], choices["full"]
     ratio_supported, ratio_note = ratio_verdict(lora, full)
     ratio = lora["lr"] / full["lr"] if lora["lr"] and full["lr"] else None
     low, high = ratio_bounds(lora, full) if ratio else (None, None)
-    gaps = relative_gaps(chosen["lora"]["per_seed_eval_loss"], chosen["full"]["per_seed_eval_loss"])
+    gaps = relative_gaps(*(rows[m][choices[m]["lr"]]["per_seed"]["eval_loss"] if choices[m]["lr"] is not None else []
+                           for m in ("lora", "full")))  # seed by seed, before None values are dropped
     gap, gap_supported, gap_note = gap_verdict(gaps)
     return {
         "quality_key": quality,
@@ -335,8 +336,9 @@ def _verdicts(results: dict) -> dict:
         res = results["per_task"][t]
         lora, full = res["chosen"]["lora"], res["chosen"]["full"]
         rv, gv = res["ratio_verdict"], res["gap_verdict"]
-        stability = (f"seeds agreeing on the argmin: LoRA {lora['seeds_agreeing']['value']}/{lora['seeds']}, "
-                     f"full {full['seeds_agreeing']['value']}/{full['seeds']}")
+        stability = "seeds agreeing on the argmin: " + ", ".join(
+            f"{name} {c['seeds_agreeing']['value']}/{c['seeds']['value']}"
+            for name, c in (("LoRA", lora), ("full", full)))
         low, high = res["ratio_bounds"]["low"]["value"], res["ratio_bounds"]["high"]["value"]
         bound = "" if low == high else f" (bounds [{fmt(low)}, {fmt(high) if high is not None else 'inf'}]x)"
         ratio_measured = (f"{t}: best LoRA lr {fmt(lora['lr']['value'])} / best full lr {fmt(full['lr']['value'])} "
