@@ -306,12 +306,14 @@ def _plot_cost(results: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _pct(value: dict | None) -> str:
+def _pct(value: dict | None, unit: str = "%") -> str:
+    """A fraction as a signed percentage (or percentage points, unit " points") with its interval."""
     if not value or value["value"] is None or not value["seeds"]:
         return "not measured"
     if value["low"] is None:
-        return f"{100 * value['value']:+.2f}% (1 seed, no interval)"
-    return f"{100 * value['value']:+.2f}% [95% CI {100 * value['low']:+.2f}%, {100 * value['high']:+.2f}%]"
+        return f"{100 * value['value']:+.2f}{unit} (1 seed, no interval)"
+    return (f"{100 * value['value']:+.2f}{unit} [95% CI {100 * value['low']:+.2f}{unit}, "
+            f"{100 * value['high']:+.2f}{unit}]")
 
 
 def freeze_section(results: dict, images: list[Path]):
@@ -323,17 +325,17 @@ def freeze_section(results: dict, images: list[Path]):
         res = results["per_task"][t]
         rows = []
         for arm in [*res["arms"], {**res["lora"], "k": f"LoRA r={res['lora']['rank']}"}]:
-            rows.append([arm["k"], fmt(arm["params_trainable"]["value"]),
+            rows.append(["0 (full)" if arm["k"] == 0 else arm["k"], fmt(arm["params_trainable"]["value"]),
                          f"{arm['optimizer_state_bytes']['value'] / 2**20:.3g} MiB",
                          f"{arm['flops_total']['value']:.3g}", interval_text(arm["wall_time_s"]),
                          interval_text(arm["eval_loss"]), interval_text(arm["quality"]),
-                         interval_text(arm["forgetting_kl"]), interval_text(arm["general_accuracy"])])
+                         *(interval_text(arm[key]) if arm[key] else "not measured" for key in FORGETTING)])
         blocks += [f"**{t}** (quality: {TASKS[t].quality_name})", "",
                    md_table(["k frozen", "trainable params", "optimizer state", "FLOPs (formula)", "wall time, s",
                              "test loss", TASKS[t].quality_name, "KL forgetting", "general accuracy"], rows), ""]
         v = res["verdict"]
         measured = (f"{t}: test loss at k = {v['k']} of {L} frozen vs k = 0 (full), paired per seed: "
-                    f"{_pct(v['loss_increase'])}; {TASKS[t].quality_name} drop {_pct(v['quality_drop'])}; "
+                    f"{_pct(v['loss_increase'])}; {TASKS[t].quality_name} drop {_pct(v['quality_drop'], ' points')}; "
                     "forgetting KL change " + (f"{interval_text(v['forgetting_kl_change'])} nats/token"
                                                if v["forgetting_kl_change"] else "not measured"))
         by_task[t] = [Verdict(
