@@ -213,7 +213,7 @@ def test_train_loop_writes_forgetting_into_the_ledger_for_a_pretrained_folder(tm
 def shared_runs(tmp_path_factory):
     """The quick sweep's runs; the quick forgetting analysis reuses its full and LoRA runs."""
     root = tmp_path_factory.mktemp("analyses")
-    sweep = sweep_lora_rank(out=root / "sweep", quick=True, runs_dir=str(root / "runs"))
+    sweep = sweep_lora_rank(out=root / "sweep", quick=True, runs_dir=str(root / "runs"), seeds=2)
     return root, sweep
 
 
@@ -222,12 +222,20 @@ def test_sweep_gaps_are_recomputed_from_the_run_ledgers(shared_runs):
     assert all(v["anchor"]["paper"].startswith("Schulman") for v in sweep["verdicts"])
     arms = sweep["arms"]
     assert sorted(arms) == ["full", "lora-r1", "lora-r2", "lora-r4"]
-    full = json.loads((root / "runs" / arms["full"]["run"].split("/")[-1] / "ledger.json").read_text())
+    def ledgers(arm):
+        return [json.loads((root / "runs" / run.split("/")[-1] / "ledger.json").read_text()) for run in arm["runs"]]
+
+    full = ledgers(arms["full"])
+    assert len(full) == 2 and full[0]["config"]["seed"] != full[1]["config"]["seed"]
     for label, arm in arms.items():
-        ledger = json.loads((root / "runs" / arm["run"].split("/")[-1] / "ledger.json").read_text())
-        expected = (ledger["metrics"]["eval_loss"] - full["metrics"]["eval_loss"]) / full["metrics"]["eval_loss"]
-        assert arm["loss_gap"]["value"] == pytest.approx(expected)
-        assert arm["params_trainable"]["value"] == ledger["costs"]["params_trainable"]["value"]
+        runs = ledgers(arm)
+        gaps = [(r["metrics"]["eval_loss"] - f["metrics"]["eval_loss"]) / f["metrics"]["eval_loss"]
+                for r, f in zip(runs, full)]  # paired by seed
+        assert arm["loss_gap"]["per_seed"] == pytest.approx(gaps)
+        assert arm["loss_gap"]["value"] == pytest.approx(sum(gaps) / 2)
+        losses = [r["metrics"]["eval_loss"] for r in runs]
+        assert arm["eval_loss"]["low"] <= min(losses) and arm["eval_loss"]["high"] >= max(losses)
+        assert arm["params_trainable"]["value"] == runs[0]["costs"]["params_trainable"]["value"]
     # LoRA trains 2 x r x (fan_in + fan_out) per target matrix: parameters grow linearly with r
     p = [arms[f"lora-r{r}"]["params_trainable"]["value"] for r in (1, 2, 4)]
     assert p[1] == 2 * p[0] and p[2] == 4 * p[0]

@@ -60,7 +60,8 @@ def cmd_sweep(args) -> int:
     ranks = parse_ints(args.ranks, "--ranks")
     return _done(sweep_lora_rank(out=args.out, ranks=ranks, model=args.model, steps=args.steps, lr=args.lr,
                                  full_lr=args.full_lr, runs_dir=args.runs_dir, quick=args.quick,
-                                 generate_examples=args.generate_examples, progress=args.progress), args.out)
+                                 generate_examples=args.generate_examples, progress=args.progress,
+                                 seeds=args.seeds, task=args.task), args.out)
 
 
 def cmd_forgetting(args) -> int:
@@ -170,6 +171,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lr", type=_positive(float), default=2e-4, help="LoRA learning rate")
     p.add_argument("--full-lr", type=_positive(float), default=5e-5, help="full fine-tuning learning rate")
     p.add_argument("--generate-examples", type=int, default=16, help="held-out tickets generated per run (0 = none)")
+    p.add_argument("--seeds", type=_positive(int), default=3, help="seeds per arm: means with 95%% intervals")
+    p.add_argument("--task", default="support", choices=("support", "docstrings", "both"),
+                   help="shipped task(s) to sweep on (both: each verdict per task, and where they disagree)")
     p.set_defaults(func=cmd_sweep)
 
     report.add_parser(subparsers)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import outputs, trainer
 from ..config import ConfigError, TrainConfig
+from ..data.tasks import TASKS
 from ..stats import Interval, mean_interval
 
 # Report order: the gap experiment (a Section's default order, 50) first, then the essay's reasons in its order
@@ -67,6 +68,23 @@ def check_seeds(seeds: int) -> int:
     if not isinstance(seeds, int) or seeds < 1:
         raise AnalysisError(f"--seeds: expected a positive integer, got {seeds!r}")
     return seeds
+
+
+def task_names(choice: str) -> tuple[str, ...]:
+    """`--task support|docstrings|both` as the shipped task names to run."""
+    if choice == "both":
+        return tuple(TASKS)
+    if choice not in TASKS:
+        raise AnalysisError(f"--task: expected one of {', '.join([*TASKS, 'both'])}, got {choice!r}")
+    return (choice,)
+
+
+def task_settings(task: str, quick: bool) -> dict:
+    """Run settings a shipped task needs beside an analysis's shared ones: a docstrings prompt (the function's
+    code) is about 250 SmolLM2 tokens where a support ticket is about 100."""
+    if task == "docstrings":
+        return {"data": task, "seq_len": 512 if quick else 320}
+    return {"data": task}
 
 
 def read_metrics(folder: Path) -> list[dict]:
