@@ -463,7 +463,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_run_identity_ignores_names_and_folders_only():
     from tunegap.config import TrainConfig
-    from tunegap.runs import run_identity
+    from tunegap.config import run_identity
 
     def identity(config):
         return run_identity(config.to_dict())
@@ -471,6 +471,23 @@ def test_run_identity_ignores_names_and_folders_only():
     a = TrainConfig(model="tiny", name="a", runs_dir="x", threads=1)
     assert identity(a) == identity(TrainConfig(model="tiny", name="b", runs_dir="y", threads=2))
     assert identity(a) != identity(TrainConfig(model="tiny", rank=4))
+
+
+def test_run_identity_survives_a_new_setting_but_not_a_changed_default(monkeypatch):
+    """A finished run's config.json predates settings added since; at their defaults they change nothing. A
+    default that changes is another run: the saved config holds the old value."""
+    from tunegap import config as config_module
+    from tunegap.config import TrainConfig, changed_settings, run_identity
+
+    saved = TrainConfig(model="tiny").to_dict()
+    older = {k: v for k, v in saved.items() if k != "val_examples"}  # written before --val-examples existed
+    assert run_identity(older) == run_identity(saved)
+    assert changed_settings(older, saved) == []
+    assert run_identity(older) != run_identity({**saved, "val_examples": 8})
+    defaults = config_module._defaults()
+    monkeypatch.setattr(config_module, "_defaults", lambda: {**defaults, "rank": defaults["rank"] * 2})
+    assert run_identity(saved) != run_identity({**saved, "rank": defaults["rank"] * 2})
+    assert changed_settings(saved, {**saved, "rank": defaults["rank"] * 2}) == ["rank"]
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 An analysis writes `<out>/results.json` (every number with its unit and how it was obtained), PNG charts and
 `<out>/section.json` (a `tunegap.report.Section`), so `tunegap report` can gather it with the others.
 Analyses that train go through the one trainer and name each run after its settings' identity
-(`runs.run_identity`), so a second analysis asking for the same run (the rank sweep's full fine-tune and the
+(`config.run_identity`), so a second analysis asking for the same run (the rank sweep's full fine-tune and the
 forgetting analysis's, say) reuses it instead of training it again.
 """
 
