@@ -347,6 +347,32 @@ def test_knowledge_quick_runs_all_three_arms(tmp_path):
 
 # --------------------------------------------------------------------------- probes
 
+def _seeds(*values):
+    from tunegap.stats import mean_interval
+
+    return mean_interval(values).as_dict("fraction")
+
+
+def test_probe_verdicts_on_each_side_of_their_thresholds():
+    from tunegap.analysis.probe import depth_verdict, features_verdict
+
+    present = {"best_accuracy": _seeds(0.97, 0.98, 0.99), "over_majority": _seeds(0.45, 0.47, 0.49)}
+    weak = {"best_accuracy": _seeds(0.70, 0.72, 0.74), "over_majority": _seeds(0.20, 0.22, 0.24)}
+    noisy = {"best_accuracy": _seeds(0.80, 0.95, 1.0), "over_majority": _seeds(0.45, 0.47, 0.49)}
+    assert features_verdict({"a": present}, ["a"]).supported is True
+    assert features_verdict({"a": present, "b": weak}, ["a", "b"]).supported is False
+    unresolved = features_verdict({"a": noisy}, ["a"])
+    assert unresolved.supported is None and "seeds" in unresolved.note
+    deep = {"gain_over_layer0": _seeds(0.40, 0.45, 0.50), "over_random_init": _seeds(0.30, 0.32, 0.34)}
+    flat = {"gain_over_layer0": _seeds(0.0, 0.01, 0.02), "over_random_init": _seeds(0.30, 0.32, 0.34)}
+    random_too = {"gain_over_layer0": _seeds(0.40, 0.45, 0.50), "over_random_init": _seeds(-0.02, 0.0, 0.02)}
+    middle = {"gain_over_layer0": _seeds(0.05, 0.15, 0.25), "over_random_init": _seeds(0.30, 0.32, 0.34)}
+    assert depth_verdict(deep).supported is True
+    assert depth_verdict(flat).supported is False
+    assert depth_verdict(random_too).supported is False  # random weights decode it as well: no credit to pretraining
+    assert depth_verdict(middle).supported is None
+
+
 def test_probe_reads_a_planted_linear_feature_and_not_noise():
     g = torch.Generator().manual_seed(0)
     x, xt = torch.randn(400, 32, generator=g), torch.randn(200, 32, generator=g)
@@ -387,8 +413,11 @@ def test_probes_on_a_real_tiny_model_read_a_planted_token_and_not_random_labels(
 
 
 def test_probe_quick_writes_its_chart_and_anchored_verdicts(tmp_path):
-    results = analyze_probe(out=tmp_path / "p", quick=True)
+    results = analyze_probe(out=tmp_path / "p", quick=True, seeds=2)
     assert (tmp_path / "p" / "probe_layers.png").is_file()
+    best = results["intervals"]["agreement"]["best_accuracy"]
+    assert best["per_seed"] == [s["agreement"]["best_accuracy"] for s in results["per_seed_summary"]]
+    assert best["low"] <= best["value"] <= best["high"]
     assert all("Tenney" in v["anchor"]["paper"] for v in results["verdicts"])
 
 

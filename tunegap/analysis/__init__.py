@@ -94,7 +94,7 @@ def cmd_probe(args) -> int:
     from .probe import analyze_probe
 
     return _done(analyze_probe(out=args.out, model=args.model, n=args.examples, control=args.control,
-                               quick=args.quick), args.out)
+                               quick=args.quick, seeds=args.seeds), args.out)
 
 
 def _positive(kind):
@@ -159,6 +159,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--examples", type=_positive(int), default=100, help="test examples per class-balanced property")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                    help="also probe the same architecture with random weights")
+    p.add_argument("--seeds", type=_positive(int), default=3,
+                   help="draws of the probe data and of the random-weight control: 95%% intervals over them")
     p.set_defaults(func=cmd_probe)
 
     sweep = subparsers.add_parser("sweep", help="sweep a setting through the training loop")
