@@ -3,6 +3,7 @@ PNG charts and a report section (`tunegap report` gathers them).
 
     tunegap analyze rank RUN          is a full fine-tune's update low-rank?            (reason 2)
     tunegap sweep lora-rank           quality and cost against LoRA rank                (reason 2)
+    tunegap sweep noise               what mismatched training replies cost, in compute (caveat 3)
     tunegap analyze convergence       pretrained vs random start, same architecture     (reason 3)
     tunegap analyze probe             what the frozen layers already encode             (reason 1)
     tunegap analyze forgetting        does LoRA forget less, at equal task quality?     (caveat 2)
@@ -61,6 +62,19 @@ def cmd_sweep(args) -> int:
     return _done(sweep_lora_rank(out=args.out, ranks=ranks, model=args.model, steps=args.steps, lr=args.lr,
                                  full_lr=args.full_lr, runs_dir=args.runs_dir, quick=args.quick,
                                  generate_examples=args.generate_examples, progress=args.progress), args.out)
+
+
+def cmd_sweep_noise(args) -> int:
+    from .common import AnalysisError
+    from .noise_sweep import sweep_noise
+
+    try:
+        noise = [int(x) for x in args.noise.split(",") if x.strip()]
+    except ValueError:
+        raise AnalysisError(f"--noise: expected comma-separated percentages, got {args.noise!r}") from None
+    return _done(sweep_noise(out=args.out, task=args.task, noise=noise, seeds=args.seeds, model=args.model,
+                             steps=args.steps, lr=args.lr, rank=args.rank, generate_examples=args.generate_examples,
+                             runs_dir=args.runs_dir, quick=args.quick, progress=args.progress), args.out)
 
 
 def cmd_forgetting(args) -> int:
@@ -171,5 +185,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--full-lr", type=_positive(float), default=5e-5, help="full fine-tuning learning rate")
     p.add_argument("--generate-examples", type=int, default=16, help="held-out tickets generated per run (0 = none)")
     p.set_defaults(func=cmd_sweep)
+
+    p = ssub.add_parser("noise", help="test quality vs the share of mismatched training replies, beside clean data "
+                                      "at 2x and 4x the steps (defaults: about 60 min on the default model, 2 cores)")
+    _common(p, "sweep-noise")
+    p.add_argument("--task", choices=("support", "docstrings", "both"), default="both")
+    p.add_argument("--noise", default="0,10,25,50",
+                   help="percent of the training replies replaced by another example's reply, comma-separated")
+    p.add_argument("--seeds", type=_positive(int), default=3, help="seeds per arm (the corruption follows the seed)")
+    p.add_argument("--steps", type=_positive(int), default=12, help="optimizer steps at 1x (batch 8: one epoch)")
+    p.add_argument("--lr", type=_positive(float), default=1e-3, help="LoRA learning rate")
+    p.add_argument("--rank", type=_positive(int), default=16, help="LoRA rank (alpha = 2r)")
+    p.add_argument("--generate-examples", type=_positive(int), default=16, help="test replies generated per run")
+    p.set_defaults(func=cmd_sweep_noise)
 
     report.add_parser(subparsers)
