@@ -7,7 +7,7 @@ PNG charts and a report section (`tunegap report` gathers them).
     tunegap analyze convergence       pretrained vs random start, same architecture     (reason 3)
     tunegap analyze probe             what the frozen layers already encode             (reason 1)
     tunegap analyze forgetting        does LoRA forget less, at equal task quality?     (caveat 2)
-    tunegap analyze knowledge         new facts: fine-tuning vs retrieval               (caveat 1)
+    tunegap analyze knowledge         new facts: fine-tuning (1-10 paraphrases) vs retrieval (caveat 1)
 
 Defaults run on the default model within about ten minutes each on a free 2-core CPU; `--quick` runs the same
 code on a tiny random model in seconds (that is what the tests do; its numbers say nothing about LLMs).
@@ -96,11 +96,17 @@ def cmd_convergence(args) -> int:
 
 
 def cmd_knowledge(args) -> int:
+    from .common import AnalysisError
     from .knowledge import analyze_knowledge
 
+    try:
+        paraphrases = [int(x) for x in args.paraphrases.split(",") if x.strip()]
+    except ValueError:
+        raise AnalysisError(f"--paraphrases: expected comma-separated counts, got {args.paraphrases!r}") from None
     return _done(analyze_knowledge(out=args.out, model=args.model, method=args.method, rank=args.rank,
-                                   epochs=args.epochs, lr=args.lr, k=args.k, runs_dir=args.runs_dir,
-                                   quick=args.quick, progress=args.progress), args.out)
+                                   epochs=args.epochs, lr=args.lr, k=args.k, paraphrases=paraphrases,
+                                   seeds=args.seeds, runs_dir=args.runs_dir, quick=args.quick,
+                                   progress=args.progress), args.out)
 
 
 def cmd_probe(args) -> int:
@@ -158,11 +164,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--freeze-lr", type=_positive(float), default=1e-4)
     p.set_defaults(func=cmd_forgetting)
 
-    p = sub.add_parser("knowledge", help="fictional facts: fine-tuning vs BM25 retrieval")
+    p = sub.add_parser("knowledge", help="fictional facts: fine-tuning on 1-10 paraphrases vs BM25 retrieval vs both "
+                                         "(defaults: about 45 min on the default model, 2 cores)")
     _common(p, "knowledge")
     p.add_argument("--method", default="lora", choices=("lora", "full"))
     p.add_argument("--rank", type=_positive(int), default=16)
-    p.add_argument("--epochs", type=_positive(float), default=10.0)
+    p.add_argument("--epochs", type=_positive(float), default=10.0,
+                   help="training compute, in passes over one wording per fact (the same steps for every count)")
+    p.add_argument("--paraphrases", default="0,1,5,10",
+                   help="templated wordings of each fact to fine-tune on, comma-separated (0 = closed book, max 10)")
+    p.add_argument("--seeds", type=_positive(int), default=3, help="seeds per fine-tune")
     p.add_argument("--lr", type=_positive(float), default=1e-3)
     p.add_argument("--k", type=_positive(int), default=3, help="retrieved statements per question")
     p.set_defaults(func=cmd_knowledge)

@@ -28,7 +28,7 @@ from pathlib import Path
 from ..literature import anchor
 from ..stats import mean_interval, paired_differences, judge
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, md_table, q, quick_aware,
-                     run_seeds, save_figure, seed_interval, write_outputs)
+                     interval_from, run_seeds, save_figure, seed_interval, write_outputs)
 
 DEFAULT_NOISE = (0, 10, 25, 50)  # percent of the training replies replaced
 COMPUTE = (2, 4)  # clean arms at these multiples of the noisy arms' steps
@@ -243,14 +243,6 @@ def noise_cost(rows: dict) -> dict:
             "max_noise_loss_rise": loss_rise.as_dict("nats/token")}
 
 
-def _interval(d: dict):
-    from ..stats import Interval
-
-    low = d["low"] if d.get("low") is not None else float("-inf")
-    high = d["high"] if d.get("high") is not None else float("inf")
-    return Interval(d["value"], low, high, d["seeds"], tuple(d["per_seed"]))
-
-
 def noise_verdicts(name: str, result: dict, quality_name: str) -> list:
     """Per task: does the key noise level cost more than doubling the compute buys; does the largest raise test loss."""
     from ..report import Verdict
@@ -258,11 +250,11 @@ def noise_verdicts(name: str, result: dict, quality_name: str) -> list:
     level = result.get("key_noise_percent")
     if level is None:
         return []
-    excess = _interval(result["noise_minus_doubling"])
+    excess = interval_from(result["noise_minus_doubling"])
     j = judge(excess, 0.0, claim_below=False)
-    lost, gained = _interval(result["quality_lost_to_noise"]), _interval(result["quality_gained_by_2x"])
+    lost, gained = interval_from(result["quality_lost_to_noise"]), interval_from(result["quality_gained_by_2x"])
     top = max(r["noise_percent"] for r in result["arms"].values())
-    rise = _interval(result["max_noise_loss_rise"])
+    rise = interval_from(result["max_noise_loss_rise"])
     jl = judge(rise, 0.0, claim_below=False)
     return [
         Verdict(f"{name}: {level}% noisy replies cost more than 2x compute (the {quality_name} they remove "
