@@ -290,6 +290,8 @@ def _plot(results: dict, path: Path) -> Path:
                 ax.axhline(v["value"], color=colours.get(m, "black"), linewidth=1, label=f"clean, {m}x compute")
                 if v["low"] is not None:
                     ax.axhspan(v["low"], v["high"], color=colours.get(m, "black"), alpha=0.12)
+            if key == "quality":
+                ax.set_ylim(-0.05, 1.05)
             ax.set_xlabel("share of training replies mismatched, %")
             ax.set_ylabel(label, fontsize=8)
             ax.set_title(f"{name}: mean and 95% interval over {results['seeds']} seeds", fontsize=9)
