@@ -100,3 +100,15 @@ def test_sweep_noise_quick_trains_on_corrupted_files_and_scores_the_untouched_te
     expected = [(c - n) - (d - c) for c, n, d in zip(q["noise-0"], q["noise-25"], q["clean-2x"])]
     assert t["noise_minus_doubling"]["per_seed"] == pytest.approx(expected)
     assert [v["anchor"]["paper"].split()[0] for v in results["verdicts"]] == ["Zhou", "Song"]
+
+
+def test_a_user_eval_file_without_a_shipped_tasks_meta_trains_and_is_not_scored(tmp_path, few_jsonl):
+    """The one change TaskMetrics needed: a held-out file is scored only when its records name a shipped task."""
+    from conftest import tiny_config
+    from tunegap.callbacks import TaskMetrics, default_callbacks
+    from tunegap.trainer import train
+
+    config = tiny_config(tmp_path, data=str(few_jsonl), eval_data=str(few_jsonl), generate_examples=2, max_steps=1)
+    assert any(isinstance(c, TaskMetrics) for c in default_callbacks(config))
+    ledger = train(config)
+    assert "eval_loss" in ledger["metrics"] and "style_adherence" not in ledger["metrics"]
