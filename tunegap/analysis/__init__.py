@@ -9,7 +9,8 @@ PNG charts and a report section (`tunegap report` gathers them).
     tunegap analyze forgetting        does LoRA forget less, at equal task quality?     (caveat 2)
     tunegap analyze knowledge         new facts: fine-tuning (1-10 paraphrases) vs retrieval (caveat 1)
 
-Defaults run on the default model within about ten minutes each on a free 2-core CPU; `--quick` runs the same
+Defaults run on the default model within about ten minutes each on a free 2-core CPU (the two that train every
+arm over 3 seeds take longer: knowledge about 30 min, sweep noise about 50); `--quick` runs the same
 code on a tiny random model in seconds (that is what the tests do; its numbers say nothing about LLMs).
 """
 
@@ -165,7 +166,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_forgetting)
 
     p = sub.add_parser("knowledge", help="fictional facts: fine-tuning on 1-10 paraphrases vs BM25 retrieval vs both "
-                                         "(defaults: about 45 min on the default model, 2 cores)")
+                                         "(defaults: about 30 min on the default model, 2 free cores)")
     _common(p, "knowledge")
     p.add_argument("--method", default="lora", choices=("lora", "full"))
     p.add_argument("--rank", type=_positive(int), default=16)
@@ -198,7 +199,8 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = ssub.add_parser("noise", help="test quality vs the share of mismatched training replies, beside clean data "
-                                      "at 2x and 4x the steps (defaults: about 60 min on the default model, 2 cores)")
+                                      "at 2x and 4x the steps (defaults: about 50 min on the default model, 2 free "
+                                      "cores; --task support about 22 min)")
     _common(p, "sweep-noise")
     p.add_argument("--task", choices=("support", "docstrings", "both"), default="both")
     p.add_argument("--noise", default="0,10,25,50",

@@ -20,8 +20,9 @@ inference FLOP formula), giving the number of queries after which fine-tuning wo
 Forgetting: the best fine-tune's drift on general prompts; retrieval leaves the weights untouched (0 by
 construction).
 
-Defaults (LoRA r16, 50 steps per fine-tune, paraphrases 0,1,5,10, 3 seeds) on the default model: about 45 min
-on a free 2-core CPU (predicted before the first run).
+Defaults (LoRA r16, 50 steps per fine-tune, paraphrases 0,1,5,10, 3 seeds: 9 fine-tunes) on the default model:
+about 30 min on a free 2-core CPU (estimate: 2.3 s per LoRA step from benchmarks/RESULTS.md, plus 160 short
+answers per fine-tune); `Trainer.predict` prints this machine's prediction before the first fine-tune.
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ def analyze_knowledge(*, out: str | Path, model: str = "smollm2-135m", method: s
     for n in tuned_counts:
         train_path = out / f"facts_train_p{n}.jsonl"
         _write_jsonl(train_path, fact_records(facts, n)[0])
-        configs[n] = TrainConfig(model=model, method=method, rank=rank, alpha=2.0 * rank, data=str(train_path.resolve()),
-                                 eval_data=str(eval_path.resolve()), seq_len=256 if quick else 128,
+        configs[n] = TrainConfig(model=model, method=method, rank=rank, alpha=2.0 * rank,
+                                 data=str(train_path.resolve()), eval_data=str(eval_path.resolve()), seq_len=256 if quick else 128,
                                  batch_size=batch_size, max_steps=steps, lr=lr, eval_examples=len(eval_records),
                                  generate_examples=0, runs_dir=runs_dir, progress=progress and not quick,
                                  keep_checkpoints=1, forgetting="off", precision="fp32" if quick else "auto",

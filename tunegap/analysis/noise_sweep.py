@@ -13,8 +13,10 @@ trains 2x and 4x the steps (the same examples seen two and four times: compute, 
 prices the noise in compute: "25% noise costs more than doubling the compute" holds when, seed by seed, the
 quality the noise removed (clean 1x - noisy 1x) exceeds what doubling the steps added (clean 2x - clean 1x).
 
-Defaults (LoRA r16, 12 steps of batch 8, 3 seeds, both tasks) on the default model: about 60 min on a free 2-core
-CPU (predicted by `Trainer.predict` and printed before the first run).
+Defaults (LoRA r16, 12 steps of batch 8, 3 seeds, both tasks: 36 runs, 720 steps) on the default model: about
+50 min on a free 2-core CPU (support alone about 22 min; estimate from the 2.3 s LoRA step of
+benchmarks/RESULTS.md plus start-up and evaluation per run); `Trainer.predict` prints this machine's prediction
+before the first run.
 """
 
 from __future__ import annotations
