@@ -222,8 +222,9 @@ ANCHORS: dict[str, Anchor] = {
         "before the noise is memorised (the survey's early-learning phase fits clean patterns first)."),
     "paraphrases_help_ft": Anchor(
         OVADIA, "abstract; their paraphrase (repetition) experiment on the current-events task",
-        "language models struggle to learn new facts through unsupervised fine-tuning, and training on several "
-        "paraphrases of each fact helped: accuracy on new facts rose with the number of paraphrases", True,
+        "language models struggle to learn new factual information through unsupervised fine-tuning, and "
+        "exposing them to numerous variations (paraphrases) of the same fact during training could alleviate "
+        "this; in their paraphrase experiment accuracy on new facts rose with the number of paraphrases", True,
         "tunegap agrees: ten wordings of each fact taught the fine-tune more than one, at equal compute.",
         "tunegap differs: ten wordings did not beat one; at equal compute each wording is seen fewer times, and "
         "a small model may memorise the surface text of one wording rather than the fact (Ovadia et al. "

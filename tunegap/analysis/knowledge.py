@@ -387,8 +387,8 @@ def knowledge_section(results: dict, images: list[Path]):
         md_table(["arm", "paraphrases", "accuracy (measured)", "with retrieval (measured)", "prompt tokens",
                   "extra compute"], rows),
         "",
-        "Ovadia et al. (2023) found fine-tuning plus retrieval no better than retrieval alone in most of their "
-        "settings; compare the two right-hand columns.",
+        "In Ovadia et al. (2023) fine-tuning plus retrieval did not consistently beat retrieval alone; compare "
+        "the retrieval row with the 'with retrieval' column.",
         "",
         (f"Break-even: after {fmt(be)} queries retrieval's longer prompts have cost as many FLOPs as the best "
          "fine-tune (formula; retrieval also needs an index and a store, fine-tuning needs retraining whenever a "

@@ -261,7 +261,7 @@ def noise_verdicts(name: str, result: dict, quality_name: str) -> list:
     return [
         Verdict(f"{name}: {level}% noisy replies cost more than 2x compute (the {quality_name} they remove "
                 "exceeds what doubling the steps adds on clean data).",
-                f"lost to noise {lost.text(unit='points of 1')}; gained by 2x {gained.text(unit='points of 1')}; "
+                f"lost to noise {lost.text(unit='fraction')}; gained by 2x {gained.text(unit='fraction')}; "
                 f"paired difference {excess.text()} (measured)", j.supported,
                 j.note or "paired per seed: (clean 1x - noisy 1x) - (clean 2x - clean 1x) > 0",
                 anchor("noise_costs_compute", j.supported), unresolved=j.supported is None),
