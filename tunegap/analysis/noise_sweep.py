@@ -37,6 +37,9 @@ COMPUTE = (2, 4)  # clean arms at these multiples of the noisy arms' steps
 KEY_NOISE = 25  # the verdict's noise level (the nearest one swept when 25 is not)
 TASK_NAMES = ("support", "docstrings")
 SEQ_LEN = {"support": 128, "docstrings": 256}
+# A mismatched support reply still follows the house style, so style adherence cannot see this noise; whether
+# the reply names the customer's product can (reported beside it, not judged).
+CONTENT_METRIC = {"support": ("product_accuracy", "product accuracy")}
 
 
 def _reply_index(record: dict) -> int:
@@ -186,6 +189,8 @@ def sweep_noise(*, out: str | Path, task: str = "both", noise=DEFAULT_NOISE, see
                 "corrupted_share": mean_interval(arm["measured_share"]).as_dict("fraction"),
                 "quality": seed_interval(ledgers, TASKS[name].quality).as_dict("fraction"),
                 "eval_loss": seed_interval(ledgers, "eval_loss").as_dict("nats/token"),
+                **({"content": seed_interval(ledgers, CONTENT_METRIC[name][0]).as_dict("fraction")}
+                   if name in CONTENT_METRIC else {}),
                 "flops_total": q(sum(lg["costs"]["flops_total"]["value"] for lg in ledgers) / len(ledgers),
                                  "FLOP", "formula"),
                 "train_time_s": q(sum(lg["costs"]["train_time_s"]["value"] for lg in ledgers) / len(ledgers),
@@ -307,14 +312,19 @@ def noise_section(results: dict, images: list[Path]):
     verdicts, parts = [], []
     for name, t in results["tasks"].items():
         verdicts += noise_verdicts(name, t, t["quality_name"])
+        content = CONTENT_METRIC.get(name)
         rows = [[label, r["noise_percent"], f"{r['compute_multiple']}x ({r['steps']} steps)",
                  fmt(r["corrupted_share"]["value"]), _ci(r["quality"]), _ci(r["eval_loss"]),
-                 f"{r['flops_total']['value']:.3g}"] for label, r in t["arms"].items()]
+                 *([_ci(r["content"])] if content else []), f"{r['flops_total']['value']:.3g}"]
+                for label, r in t["arms"].items()]
         doublings = t.get("noise_in_doublings", {}).get("value")
         parts += [f"**{name}** ({t['pool_examples']} training examples in the pool; quality = {t['quality_name']})",
                   "", md_table(["arm", "noise %", "compute", "corrupted share (measured)",
                                 f"test {t['quality_name']} (95% CI)", "test loss nats/token (95% CI)",
-                                "FLOPs (formula)"], rows), "",
+                                *([f"test {content[1]} (95% CI)"] if content else []), "FLOPs (formula)"], rows),
+                  "", *([f"A mismatched {name} reply still has the task's form, so {t['quality_name']} can miss "
+                         f"this noise; {content[1]} and the test loss (of the right reply) cannot."]
+                        if content else []), "",
                   (f"{t['key_noise_percent']}% noise is worth about {doublings:.2g} doublings of compute (estimate: "
                    "quality lost / quality one doubling adds)." if doublings is not None else
                    "Doubling the compute did not add quality on average, so the noise cannot be priced in "
