@@ -331,11 +331,13 @@ def test_fact_answers_are_checked_leniently_and_training_text_differs_from_quest
     assert tokenize_words("Costs $1,340.") == ["costs", "$1,340"]
 
 
-def test_knowledge_quick_runs_all_three_arms(tmp_path):
-    results = analyze_knowledge(out=tmp_path / "k", quick=True, runs_dir=str(tmp_path / "runs"))
+def test_knowledge_quick_runs_all_four_arms(tmp_path):
+    results = analyze_knowledge(out=tmp_path / "k", quick=True, runs_dir=str(tmp_path / "runs"), paraphrases=(0, 1),
+                                seeds=1)
     assert [v["anchor"]["paper"].split()[0] for v in results["verdicts"]] == ["Ovadia", "Biderman"]
+    assert all(v["unresolved"] for v in results["verdicts"])  # one seed: no interval, nothing is resolved
     arms = results["arms"]
-    assert set(arms) == {"closed_book", "fine_tuned", "retrieval"}
+    assert set(arms) == {"closed_book", "fine_tuned", "retrieval", "fine_tuned_rag"}
     assert arms["retrieval"]["mean_prompt_tokens"]["value"] > arms["closed_book"]["mean_prompt_tokens"]["value"]
     facts = fictional_facts()[:results["facts"]]  # independent: the hit rate recomputed with a fresh index
     retriever = Retriever([f["statement"] for f in facts])

@@ -22,7 +22,7 @@ from ..stats import Interval, mean_interval
 
 # Report order: the gap experiment (a Section's default order, 50) first, then the essay's reasons in its order
 # (representations, low rank, optimisation), then its caveats (forgetting, knowledge).
-ORDER = {"probe": 60, "rank": 70, "sweep": 75, "convergence": 80, "forgetting": 90, "knowledge": 95}
+ORDER = {"probe": 60, "rank": 70, "sweep": 75, "noise": 77, "convergence": 80, "forgetting": 90, "knowledge": 95}
 QUICK_MODEL = "tiny"  # --quick: a 2-layer random Llama; numbers exercise the code, they say nothing about LLMs
 
 
@@ -62,6 +62,13 @@ def run_seeds(config: TrainConfig, prefix: str, seeds: int) -> list[tuple[Path, 
 def seed_interval(ledgers: list[dict], key: str) -> Interval:
     """Mean and 95% interval over seeds of one ledger metric (a seed that did not measure it is left out)."""
     return mean_interval([ledger.get("metrics", {}).get(key) for ledger in ledgers])
+
+
+def interval_from(d: dict) -> Interval:
+    """An Interval back from its results.json form (`Interval.as_dict`), for verdicts written from results."""
+    low = d["low"] if d.get("low") is not None else -math.inf
+    high = d["high"] if d.get("high") is not None else math.inf
+    return Interval(d["value"], low, high, d["seeds"], tuple(d["per_seed"]))
 
 
 def check_seeds(seeds: int) -> int:
