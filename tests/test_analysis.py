@@ -213,7 +213,7 @@ def test_train_loop_writes_forgetting_into_the_ledger_for_a_pretrained_folder(tm
 def shared_runs(tmp_path_factory):
     """The quick sweep's runs; the quick forgetting analysis reuses its full and LoRA runs."""
     root = tmp_path_factory.mktemp("analyses")
-    sweep = sweep_lora_rank(out=root / "sweep", quick=True, runs_dir=str(root / "runs"))
+    sweep = sweep_lora_rank(out=root / "sweep", quick=True, runs_dir=str(root / "runs"), seeds=2)
     return root, sweep
 
 
@@ -222,12 +222,20 @@ def test_sweep_gaps_are_recomputed_from_the_run_ledgers(shared_runs):
     assert all(v["anchor"]["paper"].startswith("Schulman") for v in sweep["verdicts"])
     arms = sweep["arms"]
     assert sorted(arms) == ["full", "lora-r1", "lora-r2", "lora-r4"]
-    full = json.loads((root / "runs" / arms["full"]["run"].split("/")[-1] / "ledger.json").read_text())
+    def ledgers(arm):
+        return [json.loads((root / "runs" / run.split("/")[-1] / "ledger.json").read_text()) for run in arm["runs"]]
+
+    full = ledgers(arms["full"])
+    assert len(full) == 2 and full[0]["config"]["seed"] != full[1]["config"]["seed"]
     for label, arm in arms.items():
-        ledger = json.loads((root / "runs" / arm["run"].split("/")[-1] / "ledger.json").read_text())
-        expected = (ledger["metrics"]["eval_loss"] - full["metrics"]["eval_loss"]) / full["metrics"]["eval_loss"]
-        assert arm["loss_gap"]["value"] == pytest.approx(expected)
-        assert arm["params_trainable"]["value"] == ledger["costs"]["params_trainable"]["value"]
+        runs = ledgers(arm)
+        gaps = [(r["metrics"]["eval_loss"] - f["metrics"]["eval_loss"]) / f["metrics"]["eval_loss"]
+                for r, f in zip(runs, full)]  # paired by seed
+        assert arm["loss_gap"]["per_seed"] == pytest.approx(gaps)
+        assert arm["loss_gap"]["value"] == pytest.approx(sum(gaps) / 2)
+        losses = [r["metrics"]["eval_loss"] for r in runs]
+        assert arm["eval_loss"]["low"] <= min(losses) and arm["eval_loss"]["high"] >= max(losses)
+        assert arm["params_trainable"]["value"] == runs[0]["costs"]["params_trainable"]["value"]
     # LoRA trains 2 x r x (fan_in + fan_out) per target matrix: parameters grow linearly with r
     p = [arms[f"lora-r{r}"]["params_trainable"]["value"] for r in (1, 2, 4)]
     assert p[1] == 2 * p[0] and p[2] == 4 * p[0]
@@ -323,11 +331,13 @@ def test_fact_answers_are_checked_leniently_and_training_text_differs_from_quest
     assert tokenize_words("Costs $1,340.") == ["costs", "$1,340"]
 
 
-def test_knowledge_quick_runs_all_three_arms(tmp_path):
-    results = analyze_knowledge(out=tmp_path / "k", quick=True, runs_dir=str(tmp_path / "runs"))
+def test_knowledge_quick_runs_all_four_arms(tmp_path):
+    results = analyze_knowledge(out=tmp_path / "k", quick=True, runs_dir=str(tmp_path / "runs"), paraphrases=(0, 1),
+                                seeds=1)
     assert [v["anchor"]["paper"].split()[0] for v in results["verdicts"]] == ["Ovadia", "Biderman"]
+    assert all(v["unresolved"] for v in results["verdicts"])  # one seed: no interval, nothing is resolved
     arms = results["arms"]
-    assert set(arms) == {"closed_book", "fine_tuned", "retrieval"}
+    assert set(arms) == {"closed_book", "fine_tuned", "retrieval", "fine_tuned_rag"}
     assert arms["retrieval"]["mean_prompt_tokens"]["value"] > arms["closed_book"]["mean_prompt_tokens"]["value"]
     facts = fictional_facts()[:results["facts"]]  # independent: the hit rate recomputed with a fresh index
     retriever = Retriever([f["statement"] for f in facts])
@@ -338,6 +348,32 @@ def test_knowledge_quick_runs_all_three_arms(tmp_path):
 
 
 # --------------------------------------------------------------------------- probes
+
+def _seeds(*values):
+    from tunegap.stats import mean_interval
+
+    return mean_interval(values).as_dict("fraction")
+
+
+def test_probe_verdicts_on_each_side_of_their_thresholds():
+    from tunegap.analysis.probe import depth_verdict, features_verdict
+
+    present = {"best_accuracy": _seeds(0.97, 0.98, 0.99), "over_majority": _seeds(0.45, 0.47, 0.49)}
+    weak = {"best_accuracy": _seeds(0.70, 0.72, 0.74), "over_majority": _seeds(0.20, 0.22, 0.24)}
+    noisy = {"best_accuracy": _seeds(0.80, 0.95, 1.0), "over_majority": _seeds(0.45, 0.47, 0.49)}
+    assert features_verdict({"a": present}, ["a"]).supported is True
+    assert features_verdict({"a": present, "b": weak}, ["a", "b"]).supported is False
+    unresolved = features_verdict({"a": noisy}, ["a"])
+    assert unresolved.supported is None and "seeds" in unresolved.note
+    deep = {"gain_over_layer0": _seeds(0.40, 0.45, 0.50), "over_random_init": _seeds(0.30, 0.32, 0.34)}
+    flat = {"gain_over_layer0": _seeds(0.0, 0.01, 0.02), "over_random_init": _seeds(0.30, 0.32, 0.34)}
+    random_too = {"gain_over_layer0": _seeds(0.40, 0.45, 0.50), "over_random_init": _seeds(-0.02, 0.0, 0.02)}
+    middle = {"gain_over_layer0": _seeds(0.05, 0.15, 0.25), "over_random_init": _seeds(0.30, 0.32, 0.34)}
+    assert depth_verdict(deep).supported is True
+    assert depth_verdict(flat).supported is False
+    assert depth_verdict(random_too).supported is False  # random weights decode it as well: no credit to pretraining
+    assert depth_verdict(middle).supported is None
+
 
 def test_probe_reads_a_planted_linear_feature_and_not_noise():
     g = torch.Generator().manual_seed(0)
@@ -379,8 +415,11 @@ def test_probes_on_a_real_tiny_model_read_a_planted_token_and_not_random_labels(
 
 
 def test_probe_quick_writes_its_chart_and_anchored_verdicts(tmp_path):
-    results = analyze_probe(out=tmp_path / "p", quick=True)
+    results = analyze_probe(out=tmp_path / "p", quick=True, seeds=2)
     assert (tmp_path / "p" / "probe_layers.png").is_file()
+    best = results["intervals"]["agreement"]["best_accuracy"]
+    assert best["per_seed"] == [s["agreement"]["best_accuracy"] for s in results["per_seed_summary"]]
+    assert best["low"] <= best["value"] <= best["high"]
     assert all("Tenney" in v["anchor"]["paper"] for v in results["verdicts"])
 
 
@@ -455,7 +494,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_run_identity_ignores_names_and_folders_only():
     from tunegap.config import TrainConfig
-    from tunegap.runs import run_identity
+    from tunegap.config import run_identity
 
     def identity(config):
         return run_identity(config.to_dict())
@@ -463,6 +502,23 @@ def test_run_identity_ignores_names_and_folders_only():
     a = TrainConfig(model="tiny", name="a", runs_dir="x", threads=1)
     assert identity(a) == identity(TrainConfig(model="tiny", name="b", runs_dir="y", threads=2))
     assert identity(a) != identity(TrainConfig(model="tiny", rank=4))
+
+
+def test_run_identity_survives_a_new_setting_but_not_a_changed_default(monkeypatch):
+    """A finished run's config.json predates settings added since; at their defaults they change nothing. A
+    default that changes is another run: the saved config holds the old value."""
+    from tunegap import config as config_module
+    from tunegap.config import TrainConfig, changed_settings, run_identity
+
+    saved = TrainConfig(model="tiny").to_dict()
+    older = {k: v for k, v in saved.items() if k != "val_examples"}  # written before --val-examples existed
+    assert run_identity(older) == run_identity(saved)
+    assert changed_settings(older, saved) == []
+    assert run_identity(older) != run_identity({**saved, "val_examples": 8})
+    defaults = config_module._defaults()
+    monkeypatch.setattr(config_module, "_defaults", lambda: {**defaults, "rank": defaults["rank"] * 2})
+    assert run_identity(saved) != run_identity({**saved, "rank": defaults["rank"] * 2})
+    assert changed_settings(saved, {**saved, "rank": defaults["rank"] * 2}) == ["rank"]
 
 
 @pytest.mark.slow

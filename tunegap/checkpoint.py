@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .io import fsync_dir
 from .ledger import Totals
-from .runs import run_identity
+from .config import run_identity
 from .safety import unpickler_reason
 
 PREFIX = "step-"
@@ -33,7 +33,7 @@ class CheckpointError(RuntimeError):
 
 
 def config_hash(config: dict) -> str:
-    """Settings that change the result; a resume under different ones is refused (`runs.run_identity`)."""
+    """Settings that change the result; a resume under different ones is refused (`config.run_identity`)."""
     return run_identity(config)
 
 

@@ -6,6 +6,7 @@ A field's `help` metadata is its documentation and its `--flag` help text at onc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -262,6 +263,34 @@ class _StoreBool(argparse.BooleanOptionalAction):
     def __call__(self, parser, namespace, values, option_string=None):
         super().__call__(parser, namespace, values, option_string)
         _mark_given(namespace, self.dest)
+
+
+# Settings that do not change what a run computes: where it is written, how it reports, how it is sped up.
+RESULT_NEUTRAL = ("resume", "progress", "name", "runs_dir", "threads", "allow_pickle", "compile", "log")
+
+
+def _defaults() -> dict:
+    return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(TrainConfig)}
+
+
+def run_identity(config: dict) -> str:
+    """The one identity of a run's settings: equal for runs that compute the same thing. Resume refuses a
+    checkpoint of another identity; `trainer.run_or_reuse` reuses a finished run of the same one.
+
+    A setting at today's default is left out on both sides: a new setting whose default keeps the old behaviour
+    neither renames nor re-runs every finished run, while a changed default is still another run (the saved
+    config.json holds the old value, which no longer equals the default)."""
+    defaults = _defaults()
+    stable = {k: v for k, v in sorted(config.items())
+              if k not in RESULT_NEUTRAL and not (k in defaults and json.dumps(defaults[k]) == json.dumps(v))}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """The settings that make `new` another run than `old` (for the message that refuses a resume); a setting
+    the old run's config.json lacks had its default then."""
+    defaults = _defaults()
+    return sorted(k for k in new if k not in RESULT_NEUTRAL and old.get(k, defaults.get(k)) != new[k])
 
 
 def _mark_given(namespace: argparse.Namespace, dest: str) -> None:

@@ -187,18 +187,49 @@ ANCHORS: dict[str, Anchor] = {
         "drifting as much as a full fine-tune."),
     # ---------------------------------------------------------------- knowledge
     "retrieval_beats_ft": Anchor(
-        OVADIA, "abstract", "retrieval-augmented generation consistently outperforms unsupervised fine-tuning "
-        "for knowledge injection, for both existing and new knowledge; several paraphrases of each fact help "
-        "fine-tuning", True,
-        "tunegap agrees: retrieving the statement beats fine-tuning it in.",
-        "tunegap differs: fine-tuning on one statement per fact did as well as retrieval, which a tiny fact set "
-        "memorised verbatim or a weak retriever can cause."),
+        OVADIA, "abstract; results on their current-events (new knowledge) task",
+        "retrieval-augmented generation consistently outperformed unsupervised fine-tuning for knowledge "
+        "injection (accuracy on multiple-choice questions), both for knowledge the model saw in pretraining and "
+        "for entirely new knowledge", True,
+        "tunegap agrees: retrieving the statement answered more new facts than the best fine-tune.",
+        "tunegap differs: the best fine-tune answered as many new facts as retrieval, which a small fact set "
+        "trained to memorisation, or a weak retriever or reader at 135M parameters, can cause."),
     "ft_disturbs": Anchor(
         BIDERMAN, "abstract (forgetting outside the target domain)",
         "fine-tuning degrades performance outside the target domain, full fine-tuning more than LoRA", True,
         "tunegap agrees: fine-tuning facts in moved unrelated behaviour, while retrieval leaves the weights alone.",
         "tunegap differs: the fine-tune moved unrelated behaviour too little to count, which a short run on "
         "few facts can cause."),
+    # ---------------------------------------------------------------- sweep noise, knowledge paraphrases
+    "noise_costs_compute": Anchor(
+        "Zhou et al. 2023, LIMA: Less Is More for Alignment (NeurIPS)",
+        "Sec. 5, ablations on data diversity, quality and quantity (7B models)",
+        "2,000 quality-filtered Stack Exchange examples scored about 0.5 points higher (1-6 Likert, graded by "
+        "ChatGPT) than 2,000 unfiltered ones, while growing the filtered set up to 16-fold left the score "
+        "flat: quality mattered more than quantity", True,
+        "tunegap agrees: the quality lost to mismatched replies exceeded what doubling the steps bought back "
+        "(LIMA's quantity is more data at 7B; ours is more compute on the same data at 135M).",
+        "tunegap differs: doubling the steps bought back more than the noise removed; a short run of a small "
+        "model is far from converged, so compute still buys much, and a mismatched reply in the task's own "
+        "format still teaches the format."),
+    "noise_hurts": Anchor(
+        "Song et al. 2022, Learning From Noisy Labels With Deep Neural Networks: A Survey (IEEE TNNLS)",
+        "abstract and Sec. I",
+        "deep networks have the capacity to memorise noisy labels entirely sooner or later in training, which "
+        "degrades generalisation to clean test data", True,
+        "tunegap agrees: training on mismatched replies raised the loss on the clean test split.",
+        "tunegap differs: mismatched replies did not raise the test loss here; a few dozen steps may stop long "
+        "before the noise is memorised (the survey's early-learning phase fits clean patterns first)."),
+    "paraphrases_help_ft": Anchor(
+        OVADIA, "abstract; their paraphrase (repetition) experiment on the current-events task",
+        "language models struggle to learn new factual information through unsupervised fine-tuning, and "
+        "exposing them to numerous variations (paraphrases) of the same fact during training could alleviate "
+        "this; in their paraphrase experiment accuracy on new facts rose with the number of paraphrases", True,
+        "tunegap agrees: ten wordings of each fact taught the fine-tune more than one, at equal compute.",
+        "tunegap differs: ten wordings did not beat one; at equal compute each wording is seen fewer times, and "
+        "a small model may memorise the surface text of one wording rather than the fact (Ovadia et al. "
+        "fine-tune on more data as paraphrases are added, unsupervised on raw text; this fine-tune is "
+        "supervised on question-statement pairs)."),
     # ---------------------------------------------------------------- sweep lr and sweep freeze (lr_sweep, freeze_sweep)
     "lora_lr_ratio": Anchor(
         SCHULMAN, "learning-rate sweeps of LoRA and full fine-tuning (supervised learning)",

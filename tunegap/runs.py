@@ -8,8 +8,6 @@ aside and rebuilt from them (`tunegap runs --rebuild` does it on demand), and ru
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import sqlite3
@@ -29,9 +27,6 @@ _COLUMNS = ("name", "status", "method", "model", "tokens", "steps", "params_trai
 
 # Settings that never change what a run computes: where it is written, how it is shown, how many threads
 # run it, whether a pickle may be read, whether layers are compiled (a resumed run may switch any of them).
-RESULT_NEUTRAL = ("resume", "progress", "name", "runs_dir", "threads", "allow_pickle", "compile", "log")
-
-
 class RunPathError(ValueError):
     pass
 
@@ -52,18 +47,6 @@ def default_run_name(*parts: str) -> str:
     name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:128].rstrip("-") or "run"
     assert valid_run_name(name), name
     return name
-
-
-def run_identity(config: dict) -> str:
-    """The one identity of a run's settings: equal for runs that compute the same thing. Resume refuses a
-    checkpoint of another identity; `trainer.run_or_reuse` reuses a finished run of the same one."""
-    stable = {k: v for k, v in sorted(config.items()) if k not in RESULT_NEUTRAL}
-    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def changed_settings(old: dict, new: dict) -> list[str]:
-    """The settings that make `new` another run than `old` (for the message that refuses a resume)."""
-    return sorted(k for k in new if k in old and old[k] != new[k] and k not in RESULT_NEUTRAL)
 
 
 def run_folder(runs_dir: str | Path, name: str) -> Path:

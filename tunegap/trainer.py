@@ -26,7 +26,7 @@ from pathlib import Path
 from . import compiling
 from .callbacks import default_callbacks
 from .checkpoint import Checkpointer, clean_staging, recorded_choices
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, changed_settings, run_identity
 from .costs.catalog import EstimateError, gpu_peak_flops
 from .costs.counted import count_flops, count_on_fake_tensors
 from .costs.flops import ZERO, train_step_flops
@@ -44,7 +44,7 @@ from .outputs import load_start_model, save_outputs
 from .predict import WRITE_BYTES_PER_S, Forecast, minutes, probe_forward, training_seconds
 from .precision import (FP32_ATTENTION, FP32_MATH_ATTENTION, autocast_factory, can_store_frozen_low,
                         choose_precision, fp32_attention, frozen_linears_to)
-from .runs import RunIndexError, changed_settings, default_run_name, index_run, run_folder, run_identity
+from .runs import RunIndexError, default_run_name, index_run, run_folder
 from .schedule import DataOrder, lr_lambda, total_steps, warmup_steps
 from .strategies import start as start_strategy
 

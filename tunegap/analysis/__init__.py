@@ -5,12 +5,14 @@ PNG charts and a report section (`tunegap report` gathers them).
     tunegap sweep lora-rank           quality and cost against LoRA rank                (reason 2)
     tunegap sweep lr                  LoRA vs full, each at its best learning rate      (reason 2)
     tunegap sweep freeze              freeze the bottom k blocks: quality, forgetting, cost vs k  (reason 1)
+    tunegap sweep noise               what mismatched training replies cost, in compute (caveat 3)
     tunegap analyze convergence       pretrained vs random start, same architecture     (reason 3)
     tunegap analyze probe             what the frozen layers already encode             (reason 1)
     tunegap analyze forgetting        does LoRA forget less, at equal task quality?     (caveat 2)
-    tunegap analyze knowledge         new facts: fine-tuning vs retrieval               (caveat 1)
+    tunegap analyze knowledge         new facts: fine-tuning (1-10 paraphrases) vs retrieval (caveat 1)
 
-Defaults run on the default model within about ten minutes each on a free 2-core CPU; `--quick` runs the same
+Defaults run on the default model within about ten minutes each on a free 2-core CPU (the two that train every
+arm over 3 seeds take longer: knowledge about 30 min, sweep noise about 50); `--quick` runs the same
 code on a tiny random model in seconds (that is what the tests do; its numbers say nothing about LLMs).
 """
 
@@ -62,7 +64,21 @@ def cmd_sweep(args) -> int:
     ranks = parse_ints(args.ranks, "--ranks")
     return _done(sweep_lora_rank(out=args.out, ranks=ranks, model=args.model, steps=args.steps, lr=args.lr,
                                  full_lr=args.full_lr, runs_dir=args.runs_dir, quick=args.quick,
-                                 generate_examples=args.generate_examples, progress=args.progress), args.out)
+                                 generate_examples=args.generate_examples, progress=args.progress,
+                                 seeds=args.seeds, task=args.task), args.out)
+
+
+def cmd_sweep_noise(args) -> int:
+    from .common import AnalysisError
+    from .noise_sweep import sweep_noise
+
+    try:
+        noise = [int(x) for x in args.noise.split(",") if x.strip()]
+    except ValueError:
+        raise AnalysisError(f"--noise: expected comma-separated percentages, got {args.noise!r}") from None
+    return _done(sweep_noise(out=args.out, task=args.task, noise=noise, seeds=args.seeds, model=args.model,
+                             steps=args.steps, lr=args.lr, rank=args.rank, generate_examples=args.generate_examples,
+                             runs_dir=args.runs_dir, quick=args.quick, progress=args.progress), args.out)
 
 
 def cmd_sweep_lr(args) -> int:
@@ -107,18 +123,24 @@ def cmd_convergence(args) -> int:
 
 
 def cmd_knowledge(args) -> int:
+    from .common import AnalysisError
     from .knowledge import analyze_knowledge
 
+    try:
+        paraphrases = [int(x) for x in args.paraphrases.split(",") if x.strip()]
+    except ValueError:
+        raise AnalysisError(f"--paraphrases: expected comma-separated counts, got {args.paraphrases!r}") from None
     return _done(analyze_knowledge(out=args.out, model=args.model, method=args.method, rank=args.rank,
-                                   epochs=args.epochs, lr=args.lr, k=args.k, runs_dir=args.runs_dir,
-                                   quick=args.quick, progress=args.progress), args.out)
+                                   epochs=args.epochs, lr=args.lr, k=args.k, paraphrases=paraphrases,
+                                   seeds=args.seeds, runs_dir=args.runs_dir, quick=args.quick,
+                                   progress=args.progress), args.out)
 
 
 def cmd_probe(args) -> int:
     from .probe import analyze_probe
 
     return _done(analyze_probe(out=args.out, model=args.model, n=args.examples, control=args.control,
-                               quick=args.quick), args.out)
+                               quick=args.quick, seeds=args.seeds), args.out)
 
 
 def _positive(kind):
@@ -176,11 +198,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--freeze-lr", type=_positive(float), default=1e-4)
     p.set_defaults(func=cmd_forgetting)
 
-    p = sub.add_parser("knowledge", help="fictional facts: fine-tuning vs BM25 retrieval")
+    p = sub.add_parser("knowledge", help="fictional facts: fine-tuning on 1-10 paraphrases vs BM25 retrieval vs both "
+                                         "(defaults: about 30 min on the default model, 2 free cores)")
     _common(p, "knowledge")
     p.add_argument("--method", default="lora", choices=("lora", "full"))
     p.add_argument("--rank", type=_positive(int), default=16)
-    p.add_argument("--epochs", type=_positive(float), default=10.0)
+    p.add_argument("--epochs", type=_positive(float), default=10.0,
+                   help="training compute, in passes over one wording per fact (the same steps for every count)")
+    p.add_argument("--paraphrases", default="0,1,5,10",
+                   help="templated wordings of each fact to fine-tune on, comma-separated (0 = closed book, max 10)")
+    p.add_argument("--seeds", type=_positive(int), default=3, help="seeds per fine-tune")
     p.add_argument("--lr", type=_positive(float), default=1e-3)
     p.add_argument("--k", type=_positive(int), default=3, help="retrieved statements per question")
     p.set_defaults(func=cmd_knowledge)
@@ -190,6 +217,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--examples", type=_positive(int), default=100, help="test examples per class-balanced property")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                    help="also probe the same architecture with random weights")
+    p.add_argument("--seeds", type=_positive(int), default=3,
+                   help="draws of the probe data and of the random-weight control: 95%% intervals over them")
     p.set_defaults(func=cmd_probe)
 
     sweep = subparsers.add_parser("sweep", help="sweep a setting through the training loop")
@@ -202,6 +231,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lr", type=_positive(float), default=2e-4, help="LoRA learning rate")
     p.add_argument("--full-lr", type=_positive(float), default=5e-5, help="full fine-tuning learning rate")
     p.add_argument("--generate-examples", type=int, default=16, help="held-out tickets generated per run (0 = none)")
+    p.add_argument("--seeds", type=_positive(int), default=3, help="seeds per arm: means with 95%% intervals")
+    p.add_argument("--task", default="support", choices=("support", "docstrings", "both"),
+                   help="shipped task(s) to sweep on (both: each verdict per task, and where they disagree)")
     p.set_defaults(func=cmd_sweep)
 
     p = ssub.add_parser("lr", help="LoRA and full fine-tuning over a learning-rate grid, each at its best rate "
@@ -237,5 +269,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=_positive(int), default=16, help="optimizer steps per run")
     p.add_argument("--generate-examples", type=int, default=16, help="test examples generated per run (0 = none)")
     p.set_defaults(func=cmd_sweep_freeze)
+
+    p = ssub.add_parser("noise", help="test quality vs the share of mismatched training replies, beside clean data "
+                                      "at 2x and 4x the steps (defaults: about 50 min on the default model, 2 free "
+                                      "cores; --task support about 22 min)")
+    _common(p, "sweep-noise")
+    p.add_argument("--task", choices=("support", "docstrings", "both"), default="both")
+    p.add_argument("--noise", default="0,10,25,50",
+                   help="percent of the training replies replaced by another example's reply, comma-separated")
+    p.add_argument("--seeds", type=_positive(int), default=3, help="seeds per arm (the corruption follows the seed)")
+    p.add_argument("--steps", type=_positive(int), default=12, help="optimizer steps at 1x (batch 8: one epoch)")
+    p.add_argument("--lr", type=_positive(float), default=1e-3, help="LoRA learning rate")
+    p.add_argument("--rank", type=_positive(int), default=16, help="LoRA rank (alpha = 2r)")
+    p.add_argument("--generate-examples", type=_positive(int), default=16, help="test replies generated per run")
+    p.set_defaults(func=cmd_sweep_noise)
 
     report.add_parser(subparsers)

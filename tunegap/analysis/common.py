@@ -3,7 +3,7 @@
 An analysis writes `<out>/results.json` (every number with its unit and how it was obtained), PNG charts and
 `<out>/section.json` (a `tunegap.report.Section`), so `tunegap report` can gather it with the others.
 Analyses that train go through the one trainer and name each run after its settings' identity
-(`runs.run_identity`), so a second analysis asking for the same run (the rank sweep's full fine-tune and the
+(`config.run_identity`), so a second analysis asking for the same run (the rank sweep's full fine-tune and the
 forgetting analysis's, say) reuses it instead of training it again.
 """
 
@@ -17,11 +17,12 @@ from pathlib import Path
 
 from .. import outputs, trainer
 from ..config import ConfigError, TrainConfig
+from ..data.tasks import TASKS
 from ..stats import Interval, mean_interval
 
 # Report order: the gap experiment (a Section's default order, 50) first, then the essay's reasons in its order
 # (representations, low rank, optimisation), then its caveats (forgetting, knowledge).
-ORDER = {"probe": 60, "rank": 70, "sweep": 75, "convergence": 80, "forgetting": 90, "knowledge": 95}
+ORDER = {"probe": 60, "rank": 70, "sweep": 75, "noise": 77, "convergence": 80, "forgetting": 90, "knowledge": 95}
 QUICK_MODEL = "tiny"  # --quick: a 2-layer random Llama; numbers exercise the code, they say nothing about LLMs
 
 
@@ -75,10 +76,34 @@ def seed_interval(ledgers: list[dict], key: str) -> Interval:
     return mean_interval([ledger.get("metrics", {}).get(key) for ledger in ledgers])
 
 
+def interval_from(d: dict) -> Interval:
+    """An Interval back from its results.json form (`Interval.as_dict`), for verdicts written from results."""
+    low = d["low"] if d.get("low") is not None else -math.inf
+    high = d["high"] if d.get("high") is not None else math.inf
+    return Interval(d["value"], low, high, d["seeds"], tuple(d["per_seed"]))
+
+
 def check_seeds(seeds: int) -> int:
     if not isinstance(seeds, int) or seeds < 1:
         raise AnalysisError(f"--seeds: expected a positive integer, got {seeds!r}")
     return seeds
+
+
+def task_names(choice: str) -> tuple[str, ...]:
+    """`--task support|docstrings|both` as the shipped task names to run."""
+    if choice == "both":
+        return tuple(TASKS)
+    if choice not in TASKS:
+        raise AnalysisError(f"--task: expected one of {', '.join([*TASKS, 'both'])}, got {choice!r}")
+    return (choice,)
+
+
+def task_settings(task: str, quick: bool) -> dict:
+    """Run settings a shipped task needs beside an analysis's shared ones: a docstrings prompt (the function's
+    code) is about 250 SmolLM2 tokens where a support ticket is about 100."""
+    if task == "docstrings":
+        return {"data": task, "seq_len": 512 if quick else 320}
+    return {"data": task}
 
 
 def read_metrics(folder: Path) -> list[dict]:

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 from ..literature import anchor
-from .common import ORDER, QUICK_MODEL, figure, fmt, md_table, q, quick_aware, save_figure, write_outputs
+from ..stats import Interval, Judgement, judge, mean_interval
+from .common import (ORDER, QUICK_MODEL, check_seeds, figure, fmt, md_table, q, quick_aware, save_figure,
+                     write_outputs)
 
 HEADS = (("key", "keys"), ("author", "authors"), ("picture", "pictures"), ("road", "roads"),
          ("teacher", "teachers"), ("box", "boxes"), ("letter", "letters"), ("dog", "dogs"), ("bottle", "bottles"),
@@ -183,16 +185,16 @@ def probe_model(model, tokenizer, data: dict, autocast=contextlib.nullcontext) -
 
 @quick_aware
 def analyze_probe(*, out: str | Path, model: str = "smollm2-135m", n: int = 100, control: bool = True,
-                  quick: bool = False, seed: int = 0) -> dict:
+                  quick: bool = False, seed: int = 0, seeds: int = 3) -> dict:
+    """Probes per layer, repeated over `seeds` draws of the probe data (and of the random-weight control): the
+    pretrained weights are fixed, so the seeds measure how much the verdicts depend on which items were drawn."""
     from ..models import load_model
     from ..precision import autocast_factory
 
     started = time.perf_counter()
-    out = Path(out)
+    out, seeds = Path(out), check_seeds(seeds)
     if quick:
         model, n = QUICK_MODEL, 12
-    train_agree, test_agree = agreement_items(seed)
-    data = {**ticket_items(n, seed), "agreement": (train_agree[:4 * n], test_agree[:2 * n])}
     precision = "fp32"
     if not quick:
         from ..costs.hardware import measure_peaks
@@ -200,32 +202,88 @@ def analyze_probe(*, out: str | Path, model: str = "smollm2-135m", n: int = 100,
         precision = measure_peaks().best_precision
     autocast = autocast_factory(precision)
     pretrained, tokenizer = load_model(model)
-    results_models = {"pretrained": probe_model(pretrained, tokenizer, data, autocast)}
+    per_seed = []
+    for s in range(seed, seed + seeds):
+        train_agree, test_agree = agreement_items(s)
+        data = {**ticket_items(n, s), "agreement": (train_agree[:4 * n], test_agree[:2 * n])}
+        models = {"pretrained": probe_model(pretrained, tokenizer, data, autocast)}
+        if control:
+            scratch, _ = load_model(model, init="scratch", seed=s + 1)
+            models["random_init"] = probe_model(scratch, tokenizer, data, autocast)
+            del scratch
+        per_seed.append(models)
     del pretrained
-    if control:
-        scratch, _ = load_model(model, init="scratch", seed=seed + 1)
-        results_models["random_init"] = probe_model(scratch, tokenizer, data, autocast)
-        del scratch
+    summaries = [_summary(models, control) for models in per_seed]
+    results = {"analysis": "probe", "model": model, "quick": quick, "how": "measured (held-out probe accuracy)",
+               "precision": precision, "seeds": seeds,
+               "models": per_seed[0], "summary": summaries[0], "intervals": _intervals(summaries),
+               "per_seed_summary": summaries,
+               "wall_seconds": q(time.perf_counter() - started, "s", "measured")}
+    out.mkdir(parents=True, exist_ok=True)
+    images = [_plot(per_seed[0], out / "probe_layers.png")]
+    section = probe_section(results, images)
+    results["verdicts"] = [v.__dict__ for v in section.verdicts]
+    write_outputs(out, results, section)
+    return results
+
+
+def _summary(models: dict, control: bool) -> dict:
     summary = {}
-    for prop, r in results_models["pretrained"].items():
+    for prop, r in models["pretrained"].items():
         acc = r["test_accuracy"]
         best = max(range(len(acc)), key=lambda i: (acc[i], -i))
         first = next(i for i, a in enumerate(acc) if a >= acc[best] - 0.02)
         summary[prop] = {"best_layer": best, "best_accuracy": acc[best], "layer0_accuracy": acc[0],
                          "first_layer_within_2pt": first, "depth_fraction": first / (len(acc) - 1),
                          "majority": r["majority"], "layers": len(acc) - 1,
-                         "random_init_best": (max(results_models["random_init"][prop]["test_accuracy"])
+                         "random_init_best": (max(models["random_init"][prop]["test_accuracy"])
                                               if control else None)}
-    results = {"analysis": "probe", "model": model, "quick": quick, "how": "measured (held-out probe accuracy)",
-               "precision": precision,
-               "models": results_models, "summary": summary,
-               "wall_seconds": q(time.perf_counter() - started, "s", "measured")}
-    out.mkdir(parents=True, exist_ok=True)
-    images = [_plot(results_models, out / "probe_layers.png")]
-    section = probe_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
-    write_outputs(out, results, section)
-    return results
+    return summary
+
+
+def _intervals(summaries: list[dict]) -> dict:
+    """Per property, 95% intervals over seeds of what the verdicts read (accuracy fractions, measured)."""
+    def interval(prop, fn):
+        return mean_interval([fn(s[prop]) for s in summaries if s[prop] is not None]).as_dict("fraction")
+
+    out = {}
+    for prop, first in summaries[0].items():
+        out[prop] = {"best_accuracy": interval(prop, lambda v: v["best_accuracy"]),
+                     "over_majority": interval(prop, lambda v: v["best_accuracy"] - v["majority"]),
+                     "gain_over_layer0": interval(prop, lambda v: v["best_accuracy"] - v["layer0_accuracy"])}
+        if first["random_init_best"] is not None:
+            out[prop]["over_random_init"] = interval(prop, lambda v: v["best_accuracy"] - v["random_init_best"])
+    return out
+
+
+def features_verdict(intervals: dict, props: list[str]) -> Judgement:
+    """Present when every property's best accuracy is resolved >= 0.9 and >= 20 points over the majority
+    class; absent when one is resolved below either bar; otherwise not resolved."""
+    judged = [judge(_iv(intervals[p]["best_accuracy"]), 0.9, claim_below=False) for p in props]
+    judged += [judge(_iv(intervals[p]["over_majority"]), 0.2, claim_below=False) for p in props]
+    if all(j.supported for j in judged):
+        return Judgement(True, "")
+    if any(j.supported is False for j in judged):
+        return Judgement(False, "")
+    return next(j for j in judged if j.supported is None)
+
+
+def depth_verdict(interval: dict) -> Judgement:
+    """Context built with depth: the best layer beats layer 0 by >= 20 points (and the random-weight control by
+    >= 10); not supported when the gain is resolved below 5 points; otherwise not resolved."""
+    gain = _iv(interval["gain_over_layer0"])
+    control = _iv(interval["over_random_init"]) if "over_random_init" in interval else None
+    high = judge(gain, 0.2, claim_below=False)
+    beats = judge(control, 0.1, claim_below=False) if control else Judgement(True, "")
+    if high.supported and beats.supported:
+        return Judgement(True, "")
+    if judge(gain, 0.05, claim_below=True).supported or beats.supported is False:
+        return Judgement(False, "")
+    return high if high.supported is None else beats
+
+
+def _iv(d: dict) -> Interval:
+    return mean_interval(d["per_seed"])
 
 
 def _plot(models: dict, path: Path) -> Path:
@@ -251,10 +309,12 @@ def _plot(models: dict, path: Path) -> Path:
 def probe_section(results: dict, images: list[Path]):
     from ..report import Section, Verdict
 
-    s = results["summary"]
+    s, iv = results["summary"], results["intervals"]
     task = [p for p in ("refusal", "product") if p in s]
-    exists = all(s[p]["best_accuracy"] >= 0.9 and s[p]["best_accuracy"] - s[p]["majority"] >= 0.2 for p in task)
-    note = "held-out tickets; 0.9 accuracy and 20 points over the majority class count as present"
+    judged = features_verdict(iv, task)
+    exists = judged.supported
+    note = (f"held-out tickets, {results['seeds']} seed(s) of probe data; 0.9 accuracy and 20 points over the "
+            "majority class, over the whole 95% interval, count as present" + (f"; {judged.note}" if judged.note else ""))
     if "random_init" in results["models"]:
         top = {p: (results["models"]["pretrained"][p]["test_accuracy"][-1],
                    results["models"]["random_init"][p]["test_accuracy"][-1]) for p in task}
@@ -266,23 +326,25 @@ def probe_section(results: dict, images: list[Path]):
                      "so this probe cannot credit pretraining with creating them, only with keeping them through depth")
     verdicts = [Verdict(
         "The features the task needs already exist in the frozen model (linearly decodable).",
-        "; ".join(f"{p}: best {s[p]['best_accuracy']:.2f} at layer {s[p]['best_layer']}/{s[p]['layers']} "
-                  f"(majority {s[p]['majority']:.2f})" for p in task), exists, note, anchor("probe_features", exists))]
+        "; ".join(f"{p}: best {_iv(iv[p]['best_accuracy']).text(2)} (seed 0: layer {s[p]['best_layer']}/"
+                  f"{s[p]['layers']}, majority {s[p]['majority']:.2f})" for p in task), exists, note,
+        anchor("probe_features", exists), unresolved=exists is None)]
     if "agreement" in s:
         a = s["agreement"]
-        ctx = a["best_accuracy"] - a["layer0_accuracy"]
-        beats_random = a["random_init_best"] is None or a["best_accuracy"] - a["random_init_best"] >= 0.1
-        supported = True if ctx >= 0.2 and beats_random else False if ctx < 0.05 else None
+        depth = depth_verdict(iv["agreement"])
+        supported = depth.supported
         curve = results["models"]["pretrained"]["agreement"]["test_accuracy"]
         first90 = next((i for i, x in enumerate(curve) if x >= 0.9), None)
         verdicts.append(Verdict(
             "Pretraining builds contextual structure with depth (Tenney et al.'s picture).",
             f"head-noun number at the distractor token: layer 0 {a['layer0_accuracy']:.2f}, "
             f"best {a['best_accuracy']:.2f} at layer {a['best_layer']}/{a['layers']}, first >= 0.9 at layer "
-            f"{first90 if first90 is not None else 'none'}; random-weight control best {fmt(a['random_init_best'])}",
+            f"{first90 if first90 is not None else 'none'}; random-weight control best {fmt(a['random_init_best'])} "
+            f"(seed 0); gain of the best layer over layer 0: {_iv(iv['agreement']['gain_over_layer0']).text(2)}",
             supported,
-            "the embedding of the last token cannot know the head noun; only context can",
-            anchor("probe_depth", supported)))
+            "the embedding of the last token cannot know the head noun; only context can"
+            + (f"; {depth.note}" if depth.note else ""),
+            anchor("probe_depth", supported), unresolved=supported is None))
     rows = []
     for p, v in s.items():
         r = results["models"]["pretrained"][p]
@@ -306,5 +368,5 @@ def probe_section(results: dict, images: list[Path]):
                    order=ORDER["probe"])
 
 
-__all__ = ["analyze_probe", "fit_probe", "majority_rate", "agreement_items", "ticket_items", "layer_features",
+__all__ = ["analyze_probe", "features_verdict", "depth_verdict", "fit_probe", "majority_rate", "agreement_items", "ticket_items", "layer_features",
            "probe_model"]

@@ -21,7 +21,9 @@ __all__ = ["Callback", "Forgetting", "HeldoutLoss", "ProgressBar", "TaskMetrics"
 def default_callbacks(config) -> list[Callback]:
     callbacks: list[Callback] = [ProgressBar(), HeldoutLoss(config.eval_every)]
     task = shipped(config.data)
-    if task and config.generate_examples and config.task_metrics != "off":
+    # a user file as --eval-data may hold a shipped task's held-out records (a sweep that trains on a corrupted
+    # copy of the task): TaskMetrics then finds their scorer from the records' meta (None here)
+    if (task or config.eval_data) and config.generate_examples and config.task_metrics != "off":
         callbacks.append(TaskMetrics(task, config.generate_examples, config.task_metrics))
     if config.forgetting != "off":
         callbacks.append(Forgetting(config.forgetting))

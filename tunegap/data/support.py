@@ -27,7 +27,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from ..io import atomic_write_text
 
