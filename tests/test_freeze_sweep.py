@@ -30,7 +30,7 @@ def test_k_frozen_means_the_bottom_k_blocks_and_k0_is_full_fine_tuning(tmp_path)
     from tunegap.methods import make_method
     from tunegap.models import load_model
 
-    base = task_config("support", model="tiny", steps=2, runs_dir=str(tmp_path), quick=True)
+    base = task_config("support", model="tiny", steps=2, runs_dir=str(tmp_path), quick=True, validation=False)
     full, prefix = freeze_arm(base, 0, 30, 1e-4)
     assert (full.method, full.lr, prefix) == ("full", 1e-4, "support-full")
     frozen, prefix = freeze_arm(base, 22, 30, 1e-4)
@@ -55,6 +55,31 @@ def test_loss_rule_on_both_sides_of_five_percent(increases, expected):
     interval, supported, note = loss_verdict(increases)
     assert supported is expected
     assert interval.n == 3 and (note != "") is (expected is None)
+
+
+def test_k0_and_the_lora_line_are_sweep_lora_ranks_runs_at_its_default_rates(tmp_path):
+    """Same settings and run names as `sweep lora-rank` (its full run at 5e-5, its rank-16 run at 2e-4), so
+    whichever sweep runs second reuses the other's runs instead of training them again."""
+    from dataclasses import replace
+
+    from tunegap.analysis.common import task_settings
+    from tunegap.analysis.forgetting import base_train_config
+    from tunegap.analysis.freeze_sweep import DEFAULT_LORA_LR, DEFAULT_LR
+    from tunegap.analysis.lr_sweep import lora_arm
+    from tunegap.config import run_identity
+
+    for task in ("support", "docstrings"):
+        # as tunegap/analysis/sweep.py builds its arms
+        theirs = replace(base_train_config(model="smollm2-135m", steps=16, runs_dir="runs", quick=False), lr=2e-4,
+                         generate_examples=16, **task_settings(task, False))
+        their_full, their_lora = replace(theirs, method="full", lr=5e-5), replace(theirs, method="lora", rank=16,
+                                                                                alpha=32.0)
+        ours = task_config(task, model="smollm2-135m", steps=16, runs_dir="runs", quick=False, validation=False)
+        (full, full_prefix), (lora, lora_prefix) = freeze_arm(ours, 0, 30, DEFAULT_LR), lora_arm(ours, 16,
+                                                                                                   DEFAULT_LORA_LR)
+        assert run_identity(full.to_dict()) == run_identity(their_full.to_dict()) and full_prefix == f"{task}-full"
+        assert run_identity(lora.to_dict()) == run_identity(their_lora.to_dict())
+        assert lora_prefix == f"{task}-lora-r16" and full.forgetting == "on"
 
 
 def _ledger(run: str) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tunegap.analysis.common import AnalysisError, parse_floats
-from tunegap.analysis.lr_sweep import choose_lr, gap_verdict, ratio_bounds, ratio_verdict, relative_gaps, tasks_of
+from tunegap.analysis.lr_sweep import choose_lr, gap_verdict, ratio_bounds, ratio_verdict, relative_gaps
 
 GRID = [1e-4, 3e-4, 1e-3, 3e-3]
 
@@ -93,10 +93,7 @@ def test_gap_rule_on_both_sides_of_five_percent(gaps, expected):
     assert (note != "") is (expected is None)
 
 
-def test_task_and_grid_arguments_are_checked():
-    assert tasks_of("both") == ["support", "docstrings"] and tasks_of("docstrings") == ["docstrings"]
-    with pytest.raises(AnalysisError):
-        tasks_of("poetry")
+def test_grid_arguments_are_checked():
     assert parse_floats("1e-4, 3e-4", "--lora-lrs") == [1e-4, 3e-4]
     for bad in ("1e-4,x", "-1e-3", "0", ""):
         with pytest.raises(AnalysisError):
@@ -141,6 +138,7 @@ def test_quick_sweep_reports_the_test_metrics_of_the_arm_chosen_on_validation(tm
     from tunegap.analysis.lr_sweep import lora_arm, pending_runs, task_config
 
     base = task_config("support", model="tiny", steps=3, runs_dir=str(tmp_path / "runs"), quick=True)
+    assert base.val_examples == 4 and base.forgetting == "off"  # choosing reads validation, not forgetting
     chosen_lora = lora_arm(base, 16, results["per_task"]["support"]["chosen"]["lora"]["lr"]["value"])
     assert pending_runs(*chosen_lora, 2) == 0 and pending_runs(*chosen_lora, 3) == 1
     assert len(results["verdicts"]) == 2

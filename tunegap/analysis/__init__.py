@@ -262,9 +262,11 @@ def add_parser(subparsers) -> None:
     _tasks_and_seeds(p)
     p.add_argument("--ks", default="", help="frozen bottom blocks, comma-separated (default 0, L/4, L/2, 3L/4, L-1 "
                                             "of the model's L blocks; 0 = full fine-tuning)")
-    p.add_argument("--lr", type=_positive(float), default=1e-4, help="learning rate of every k (k = 0 is full "
-                                                                     "fine-tuning at this rate)")
-    p.add_argument("--lora-lr", type=_positive(float), default=1e-3, help="the LoRA reference line's learning rate")
+    p.add_argument("--lr", type=_positive(float), default=5e-5,
+                   help="learning rate of every k (k = 0 is full fine-tuning at this rate; the default is sweep "
+                        "lora-rank's, whose full runs are then reused)")
+    p.add_argument("--lora-lr", type=_positive(float), default=2e-4,
+                   help="the LoRA reference line's learning rate (default: sweep lora-rank's)")
     p.add_argument("--rank", type=_positive(int), default=16, help="the LoRA reference line's rank (alpha = 2r)")
     p.add_argument("--steps", type=_positive(int), default=16, help="optimizer steps per run")
     p.add_argument("--generate-examples", type=int, default=16, help="test examples generated per run (0 = none)")

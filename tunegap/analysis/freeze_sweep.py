@@ -6,7 +6,10 @@ rest: lower layers transferred well, upper layers were more task-specific, so ac
 that curve on an LLM fine-tune. k = 0 is full fine-tuning (every weight, embeddings included); k >= 1 is
 `--method freeze --freeze-layers L-k`: the top L-k blocks and the final norm train (and an untied head; a tied
 one is the embedding matrix and stays frozen with the bottom). LoRA (rank 16, alpha 2r) is the reference line.
-Every arm trains the same steps on the same batches (same seeds), at one learning rate for every k.
+Every arm trains the same steps on the same batches (same seeds), at one learning rate for every k. The settings
+are `sweep lora-rank`'s (`lr_sweep.task_config` without validation), so at the default rates (full 5e-5, LoRA
+2e-4, that sweep's) its full and rank-16 runs are this sweep's k = 0 and reference line, trained once for both;
+`sweep lr` finds each method's best rate on validation, to pass here as --lr and --lora-lr.
 
 Per k, on the test split: held-out loss and the task's quality; forgetting (KL from the base model on general
 prompts and general-question accuracy, `--forgetting on`; a random tiny model under --quick measures none);
@@ -18,7 +21,9 @@ interval below 5%, not supported when above, not resolved when it straddles 5%.
 Defaults (default model of 30 blocks: k = 0, 7, 15, 22, 29, plus LoRA; 16 steps; --seeds 3; both tasks) are 36
 runs with the forgetting evaluation, about 1.5 hours on a free 2-core CPU (an estimate: about 2 min a support
 run, 3 min a docstrings run, from the measured step times in benchmarks/RESULTS.md plus the forgetting
-evaluation's generation). The command prints its own prediction (`Trainer.predict()` probes) before training.
+evaluation's generation); 12 of the 36 are `sweep lora-rank --task both --seeds 3`'s full and rank-16 runs,
+reused when that sweep ran first. The command prints its own prediction (`Trainer.predict()` probes, finished
+runs counted as free) before training.
 """
 
 from __future__ import annotations
@@ -35,12 +40,12 @@ from ..methods import make_method
 from ..predict import minutes
 from ..stats import judge, mean_interval, paired_differences
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, md_table, q, quick_aware, run_seeds,
-                     save_figure, seed_interval, write_outputs)
-from .lr_sweep import (DEFAULT_RANK, interval_text, disagreements, full_arm, lora_arm, pending_runs, predicted_arm,
-                       relative_gaps, task_config, tasks_of)
+                     save_figure, seed_interval, task_names, write_outputs)
+from .lr_sweep import (DEFAULT_RANK, disagreements, full_arm, interval_text, lora_arm, pending_runs, predicted_arm,
+                       relative_gaps, task_config)
 
-DEFAULT_LR = 1e-4  # on sweep lr's full grid: the k = 0 runs are full fine-tunes at this rate
-DEFAULT_LORA_LR = 1e-3  # on sweep lr's LoRA grid, about 10x full's (Schulman et al. 2025)
+DEFAULT_LR = 5e-5  # `sweep lora-rank`'s full fine-tuning rate: its full runs are this sweep's k = 0
+DEFAULT_LORA_LR = 2e-4  # and its LoRA rate: its rank-16 runs are this sweep's reference line
 LOSS_THRESHOLD = 0.05  # "costs little": at most 5% more test loss than full fine-tuning (paired per seed)
 FORGETTING = ("forgetting_kl", "general_accuracy")
 
@@ -101,14 +106,14 @@ def sweep_freeze(*, out: str | Path, task: str = "both", seeds: int | None = Non
     out = Path(out)
     seeds = check_seeds(seeds if seeds is not None else (2 if quick else 3))
     if quick:
-        model, steps, lr, lora_lr = QUICK_MODEL, min(steps, 3), 1e-3, 1e-2
+        model, steps, lr, lora_lr = QUICK_MODEL, min(steps, 3), 1e-3, 1e-3  # `sweep lora-rank --quick`'s
     layers = num_layers_of(model)
     ks = check_ks(ks if ks is not None else default_ks(layers), layers)
     judged_k = verdict_k(ks, layers)
-    tasks = tasks_of(task)
+    tasks = list(task_names(task))
     plan = {}
     for t in tasks:
-        base = task_config(t, model=model, steps=steps, runs_dir=runs_dir, quick=quick, forgetting="on",
+        base = task_config(t, model=model, steps=steps, runs_dir=runs_dir, quick=quick, validation=False,
                            generate_examples=generate_examples, progress=progress)
         plan[t] = {"base": base, "ks": {k: freeze_arm(base, k, layers, lr) for k in ks},
                    "lora": lora_arm(base, rank, lora_lr)}

@@ -19,10 +19,10 @@ measured eager step times in benchmarks/RESULTS.md, 2.3 s LoRA and 3.1 s full pe
 twice that for docstrings' 256-token rows, plus the evaluations: about 1 min a support run, 1.5-2 min a
 docstrings run). The command prints its own prediction (`Trainer.predict()` probes) before training.
 
-Runs are named `<task>-full-<identity>` and `<task>-lora-r<rank>-<identity>` from `task_config`'s settings, so
-any analysis asking for the same run reuses it. These runs skip the forgetting evaluation (on the default model
-it takes about as long as a 16-step run's training); `sweep freeze` measures forgetting, so its k = 0 and LoRA
-runs are its own.
+Runs are named `<task>-full-<identity>` and `<task>-lora-r<rank>-<identity>` from `task_config`'s settings
+(`sweep lora-rank`'s, plus the validation split), so any analysis asking for the same run reuses it. Choosing a
+rate needs the validation loss and not the forgetting evaluation (on the default model that takes about as long
+as a 16-step run's training), so these runs are not `sweep lora-rank`'s or `sweep freeze`'s.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from ..literature import anchor
 from ..predict import minutes
 from ..stats import Interval, judge, mean_interval
 from ..trainer import Trainer, finished_ledger
-from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, md_table, q, quick_aware, run_seeds,
-                     save_figure, seed_interval, write_outputs)
+from .common import (ORDER, QUICK_MODEL, check_seeds, figure, fmt, md_table, q, quick_aware, run_seeds, save_figure,
+                     seed_interval, task_names, task_settings, write_outputs)
+from .forgetting import base_train_config
 
 DEFAULT_LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 DEFAULT_FULL_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
@@ -48,32 +49,21 @@ QUICK_FULL_LRS = (1e-4, 1e-3)
 DEFAULT_RANK = 16  # alpha = 2r = 32: Schulman et al.'s alpha at this rank
 RATIO_CLAIM, RATIO_BAND = 10.0, (3.0, 30.0)  # one half-decade grid step (about 3x) either side of 10x
 GAP_THRESHOLD = 0.05  # LoRA's test loss at most 5% above full fine-tuning's
-SEQ_LEN = {"support": 128, "docstrings": 256}  # a docstrings prompt is about 250 tokens (data/docstrings.py)
 _TOLERANCE = 1e-9  # 3e-3 / 1e-4 is 29.999999999999996 in floating point
 
 
-def tasks_of(task: str) -> list[str]:
-    """`--task support|docstrings|both` as the list of shipped tasks to run."""
-    if task == "both":
-        return list(TASKS)
-    if task not in TASKS:
-        raise AnalysisError(f"--task: expected one of {', '.join(TASKS)} or both, got {task!r}")
-    return [task]
-
-
-def task_config(task: str, *, model: str, steps: int, runs_dir: str, quick: bool, forgetting: str = "off",
+def task_config(task: str, *, model: str, steps: int, runs_dir: str, quick: bool, validation: bool = True,
                 generate_examples: int = 16, progress: bool = True) -> TrainConfig:
-    """The settings every run of `sweep lr` and `sweep freeze` shares on one task (and any analysis that builds
-    its runs from here), so a run of the same method, rate and seed is trained once and reused. val_examples
-    > 0: the validation split's loss is logged for choosing rates; test metrics are for reporting."""
-    if quick:
-        return TrainConfig(model=QUICK_MODEL, data=task, seq_len=512, batch_size=4, max_steps=steps,
-                           train_examples=32, eval_examples=4, val_examples=4, generate_examples=1,
-                           runs_dir=runs_dir, task_metrics="on", forgetting=forgetting, precision="fp32",
-                           progress=False, keep_checkpoints=1, threads=1)
-    return TrainConfig(model=model, data=task, seq_len=SEQ_LEN[task], batch_size=8, max_steps=steps,
-                       eval_examples=32, val_examples=32, generate_examples=generate_examples, runs_dir=runs_dir,
-                       progress=progress, keep_checkpoints=1, task_metrics="on", forgetting=forgetting)
+    """One task's shared run settings: `sweep lora-rank`'s (`base_train_config` and `task_settings`), so a run
+    of the same method, rate and seed is trained once and reused by every sweep. `validation`: choosing a rate
+    reads the validation split's loss (logged as val_loss) and skips the forgetting evaluation it does not read;
+    without it the settings are exactly `sweep lora-rank`'s (forgetting measured), as `sweep freeze` wants."""
+    base = base_train_config(model=model, steps=steps, runs_dir=runs_dir, quick=quick, progress=progress)
+    base = replace(base, generate_examples=base.generate_examples if quick else generate_examples,
+                   **task_settings(task, quick))
+    if validation:
+        base = replace(base, val_examples=4 if quick else 32, forgetting="off")
+    return base
 
 
 def lora_arm(base: TrainConfig, rank: int, lr: float) -> tuple[TrainConfig, str]:
@@ -183,7 +173,7 @@ def sweep_lr(*, out: str | Path, task: str = "both", seeds: int | None = None, l
         model, steps = QUICK_MODEL, min(steps, 3)
     lora_lrs = sorted(lora_lrs or (QUICK_LORA_LRS if quick else DEFAULT_LORA_LRS))
     full_lrs = sorted(full_lrs or (QUICK_FULL_LRS if quick else DEFAULT_FULL_LRS))
-    tasks = tasks_of(task)
+    tasks = list(task_names(task))
     plan = {}
     for t in tasks:
         base = task_config(t, model=model, steps=steps, runs_dir=runs_dir, quick=quick,
@@ -419,5 +409,5 @@ def lr_section(results: dict, images: list[Path]):
                    order=ORDER["sweep"] + 1)
 
 
-__all__ = ["sweep_lr", "choose_lr", "ratio_verdict", "gap_verdict", "relative_gaps", "task_config", "tasks_of",
+__all__ = ["sweep_lr", "choose_lr", "ratio_verdict", "gap_verdict", "relative_gaps", "task_config",
            "DEFAULT_LORA_LRS", "DEFAULT_FULL_LRS"]
