@@ -82,6 +82,10 @@ def test_k0_and_the_lora_line_are_sweep_lora_ranks_runs_at_its_default_rates(tmp
         assert lora_prefix == f"{task}-lora-r16" and full.forgetting == "on"
 
 
+def _refuse(constant: str):
+    raise ValueError(f"results.json holds {constant}, which is not JSON")
+
+
 def _ledger(run: str) -> dict:
     return json.loads((Path(run) / "ledger.json").read_text())
 
@@ -93,7 +97,7 @@ def test_quick_sweep_freezes_more_as_k_grows_and_judges_from_its_own_ledgers(tmp
     assert main(["sweep", "freeze", "--quick", "--task", "docstrings", "--runs-dir", str(tmp_path / "runs"),
                  "--out", str(out)]) == 0
     assert "runs to train, predicted" in capsys.readouterr().out
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(), parse_constant=_refuse)  # strict JSON: no NaN
     assert results["num_layers"] == 2 and results["ks"] == [0, 1] and results["verdict_k"] == 1
     res = results["per_task"]["docstrings"]
     arms = {a["k"]: a for a in res["arms"]}

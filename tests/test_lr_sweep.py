@@ -102,6 +102,10 @@ def test_grid_arguments_are_checked():
 
 # --------------------------------------------------------------------------- --quick, end to end
 
+def _refuse(constant: str):
+    raise ValueError(f"results.json holds {constant}, which is not JSON")
+
+
 def _ledger(run: str) -> dict:
     return json.loads((Path(run) / "ledger.json").read_text())
 
@@ -114,7 +118,7 @@ def test_quick_sweep_reports_the_test_metrics_of_the_arm_chosen_on_validation(tm
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "runs to train, predicted" in printed and "(measured) against a predicted" in printed
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(), parse_constant=_refuse)  # strict JSON: no NaN
     assert results["seeds"] == 2 and results["tasks"] == ["support"]
     for task, res in results["per_task"].items():
         for method, arms in res["arms"].items():

@@ -41,8 +41,8 @@ from ..predict import minutes
 from ..stats import judge, mean_interval, paired_differences
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, md_table, q, quick_aware, run_seeds,
                      save_figure, seed_interval, task_names, write_outputs)
-from .lr_sweep import (DEFAULT_RANK, disagreements, full_arm, interval_text, lora_arm, pending_runs, predicted_arm,
-                       relative_gaps, task_config)
+from .lr_sweep import (DEFAULT_RANK, disagreements, full_arm, interval_text, lora_arm, measured, pending_runs,
+                       predicted_arm, relative_gaps, task_config)
 
 DEFAULT_LR = 5e-5  # `sweep lora-rank`'s full fine-tuning rate: its full runs are this sweep's k = 0
 DEFAULT_LORA_LR = 2e-4  # and its LoRA rate: its rank-16 runs are this sweep's reference line
@@ -208,16 +208,13 @@ def _arm_row(runs: list, quality: str) -> dict:
                 for key in ("eval_loss", quality, *FORGETTING)}
     forgetting = {key: seed_interval(ledgers, key) for key in FORGETTING}
     return {"runs": [str(folder) for folder, _ in runs], "per_seed": per_seed,
-            "eval_loss": seed_interval(ledgers, "eval_loss").as_dict("nats/token"),
-            "val_loss": seed_interval(ledgers, "val_loss").as_dict("nats/token"),
-            "quality": seed_interval(ledgers, quality).as_dict("fraction"),
-            "forgetting_kl": forgetting["forgetting_kl"].as_dict("nats/token") if forgetting["forgetting_kl"].n
-            else None,
-            "general_accuracy": forgetting["general_accuracy"].as_dict("fraction")
-            if forgetting["general_accuracy"].n else None,
+            "eval_loss": measured(seed_interval(ledgers, "eval_loss"), "nats/token"),
+            "quality": measured(seed_interval(ledgers, quality), "fraction"),
+            "forgetting_kl": measured(forgetting["forgetting_kl"], "nats/token"),
+            "general_accuracy": measured(forgetting["general_accuracy"], "fraction"),
             **{key: costs[key] for key in ("params_trainable", "optimizer_state_bytes", "flops_total")},
-            "wall_time_s": _cost_interval(ledgers, "wall_time_s").as_dict("s"),
-            "train_time_s": _cost_interval(ledgers, "train_time_s").as_dict("s")}
+            "wall_time_s": measured(_cost_interval(ledgers, "wall_time_s"), "s"),
+            "train_time_s": measured(_cost_interval(ledgers, "train_time_s"), "s")}
 
 
 def _judge(rows: list[dict], k: int | None, quality: str) -> dict:
@@ -231,9 +228,9 @@ def _judge(rows: list[dict], k: int | None, quality: str) -> dict:
     interval, supported, note = loss_verdict(increases)
     quality_drop = paired_differences(zero[quality], frozen[quality])
     kl_change = paired_differences(frozen["forgetting_kl"], zero["forgetting_kl"])
-    return {"k": k, "supported": supported, "note": note, "loss_increase": interval.as_dict("fraction"),
-            "quality_drop": quality_drop.as_dict("fraction") if quality_drop.n else None,
-            "forgetting_kl_change": kl_change.as_dict("nats/token") if kl_change.n else None}
+    return {"k": k, "supported": supported, "note": note, "loss_increase": measured(interval, "fraction"),
+            "quality_drop": measured(quality_drop, "fraction"),
+            "forgetting_kl_change": measured(kl_change, "nats/token")}
 
 
 # --------------------------------------------------------------------------- charts and report section

@@ -133,8 +133,9 @@ def ratio_verdict(lora: dict, full: dict) -> tuple[bool | None, str]:
         return None, "not resolved at this budget: no val_loss was measured"
     unresolved = [name for name, c in (("LoRA", lora), ("full", full)) if c["overlap"]]
     if unresolved:
-        return None, (f"not resolved at this budget: {' and '.join(unresolved)}'s best rate has a val_loss interval "
-                      "overlapping a grid neighbour's; more seeds (or a finer grid) would resolve the argmin")
+        whose = " and ".join(f"{name}'s" for name in unresolved)
+        return None, (f"not resolved at this budget: {whose} best rate has a val_loss interval overlapping a grid "
+                      "neighbour's; more seeds would resolve the argmin if the neighbours' means stay apart")
     low, high = ratio_bounds(lora, full)
     band_low, band_high = RATIO_BAND[0] * (1 - _TOLERANCE), RATIO_BAND[1] * (1 + _TOLERANCE)
     if band_low <= low and high <= band_high:
@@ -144,6 +145,12 @@ def ratio_verdict(lora: dict, full: dict) -> tuple[bool | None, str]:
                                               "outside the band")
     return None, ("not resolved at this budget: a best rate sits at the edge of its grid, so the ratio is only "
                   f"known to lie in [{low:.3g}, {high:.3g}]; widen the grid (--lora-lrs/--full-lrs)")
+
+
+def measured(interval: Interval, unit: str) -> dict | None:
+    """An interval as results.json writes it (`Interval.as_dict`), or None when no seed measured it (a mean of
+    nothing is NaN, which is not JSON)."""
+    return interval.as_dict(unit) if interval.n else None
 
 
 def relative_gaps(lora_losses: list, full_losses: list) -> list[float]:
@@ -261,9 +268,9 @@ def _task_results(rows: dict, quality: str) -> dict:
             "seeds_agreeing": q(choice["agree"], "seeds", "measured"),
             "seeds": q(choice["seeds"], "seeds", "measured"),
             "runs": row["runs"] if row else [],
-            "val_loss": row["val_loss"].as_dict("nats/token") if row else None,
-            "eval_loss": row["eval_loss"].as_dict("nats/token") if row else None,
-            "quality": row["quality"].as_dict("fraction") if row else None}
+            "val_loss": measured(row["val_loss"], "nats/token") if row else None,
+            "eval_loss": measured(row["eval_loss"], "nats/token") if row else None,
+            "quality": measured(row["quality"], "fraction") if row else None}
     lora, full = choices["lora"], choices["full"]
     ratio_supported, ratio_note = ratio_verdict(lora, full)
     ratio = lora["lr"] / full["lr"] if lora["lr"] and full["lr"] else None
@@ -273,16 +280,16 @@ def _task_results(rows: dict, quality: str) -> dict:
     gap, gap_supported, gap_note = gap_verdict(gaps)
     return {
         "quality_key": quality,
-        "arms": {method: [{"lr": lr, "runs": row["runs"], "val_loss": row["val_loss"].as_dict("nats/token"),
-                           "eval_loss": row["eval_loss"].as_dict("nats/token"),
-                           "quality": row["quality"].as_dict("fraction")} for lr, row in sorted(arms.items())]
+        "arms": {method: [{"lr": lr, "runs": row["runs"], "val_loss": measured(row["val_loss"], "nats/token"),
+                           "eval_loss": measured(row["eval_loss"], "nats/token"),
+                           "quality": measured(row["quality"], "fraction")} for lr, row in sorted(arms.items())]
                  for method, arms in rows.items()},
         "chosen": chosen,
         "ratio": q(ratio, "x", "measured"),
         "ratio_bounds": {"low": q(low, "x", "measured"), "high": q(high if high != math.inf else None, "x",
                                                                       "measured")},
         "ratio_verdict": {"supported": ratio_supported, "note": ratio_note},
-        "test_loss_gap": gap.as_dict("fraction"),
+        "test_loss_gap": measured(gap, "fraction"),
         "gap_verdict": {"supported": gap_supported, "note": gap_note},
     }
 
@@ -297,7 +304,7 @@ def _plot_val_loss(results: dict, path: Path) -> Path:
         res = results["per_task"][t]
         for method, colour, label in (("lora", "#4c72b0", f"LoRA r={results['settings']['rank']}"),
                                       ("full", "#dd8452", "full fine-tuning")):
-            arms = res["arms"][method]
+            arms = [a for a in res["arms"][method] if a["val_loss"]]
             lrs = [a["lr"] for a in arms]
             means = [a["val_loss"]["value"] for a in arms]
             err = [[m - a["val_loss"]["low"] if a["val_loss"]["low"] is not None else 0 for m, a in zip(means, arms)],
@@ -305,7 +312,7 @@ def _plot_val_loss(results: dict, path: Path) -> Path:
                     for m, a in zip(means, arms)]]
             ax.errorbar(lrs, means, yerr=err, marker="o", capsize=3, color=colour, label=label)
             best = res["chosen"][method]
-            if best["lr"]["value"] is not None:
+            if best["lr"]["value"] is not None and best["val_loss"]:
                 ax.plot([best["lr"]["value"]], [best["val_loss"]["value"]], marker="*", markersize=16, color=colour,
                         markeredgecolor="black", linestyle="none", label=f"best {method}: {best['lr']['value']:g}")
         ax.set_xscale("log")
@@ -339,9 +346,9 @@ def _verdicts(results: dict) -> dict:
             rv["note"] or f"rates chosen by lowest seed-mean val_loss over {results['seeds']} seeds",
             anchor("lora_lr_ratio", rv["supported"]), unresolved=rv["supported"] is None))
         gap = res["test_loss_gap"]
-        gap_text = (f"{100 * gap['value']:+.2f}% [95% CI {100 * gap['low']:+.2f}%, {100 * gap['high']:+.2f}%]"
-                    if gap["low"] is not None else f"{100 * gap['value']:+.2f}% ({gap['seeds']} seed, no interval)"
-                    if gap["seeds"] else "not measured")
+        gap_text = ("not measured" if gap is None else f"{100 * gap['value']:+.2f}% ({gap['seeds']} seed, no "
+                    "interval)" if gap["low"] is None else
+                    f"{100 * gap['value']:+.2f}% [95% CI {100 * gap['low']:+.2f}%, {100 * gap['high']:+.2f}%]")
         verdicts[t].append(Verdict(
             f"[{t}] At its best learning rate, LoRA reaches full fine-tuning's test loss within 5%.",
             f"{t}: LoRA test loss relative to full's, paired per seed: {gap_text} (LoRA "
