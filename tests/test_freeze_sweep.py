@@ -82,6 +82,22 @@ def test_k0_and_the_lora_line_are_sweep_lora_ranks_runs_at_its_default_rates(tmp
         assert lora_prefix == f"{task}-lora-r16" and full.forgetting == "on"
 
 
+def test_the_verdict_pairs_seeds_and_reads_a_quality_drop_as_positive():
+    from tunegap.analysis.freeze_sweep import _judge
+
+    def row(k, losses, quality, kl=(None, None)):
+        return {"k": k, "per_seed": {"eval_loss": list(losses), "style_adherence": list(quality),
+                                     "forgetting_kl": list(kl), "general_accuracy": [None, None]}}
+
+    rows = [row(0, (2.0, 4.0), (0.9, 0.8), (0.10, 0.20)), row(22, (2.2, 4.4), (0.7, 0.8), (0.05, 0.05))]
+    v = _judge(rows, 22, "style_adherence")
+    assert v["loss_increase"]["per_seed"] == pytest.approx([0.1, 0.1])  # 10% each seed: the rule says no
+    assert v["supported"] is False
+    assert v["quality_drop"]["per_seed"] == pytest.approx([0.2, 0.0])
+    assert v["forgetting_kl_change"]["per_seed"] == pytest.approx([-0.05, -0.15])
+    assert _judge(rows[1:], 22, "style_adherence")["loss_increase"] is None  # no k = 0: nothing to judge
+
+
 def _refuse(constant: str):
     raise ValueError(f"results.json holds {constant}, which is not JSON")
 

@@ -164,8 +164,8 @@ def _predict(plan: dict, seeds: int, layers: int) -> dict:
     for t, arms in plan.items():
         todo = {k: pending_runs(config, prefix, seeds) for k, (config, prefix) in arms["ks"].items()}
         if any(todo.values()):
-            c = arms["ks"][min(arms["ks"])][0]
-            c = full_arm(arms["base"], c.lr)[0]  # the k = 0 run, swept or not: the one the others scale from
+            lr = next(iter(arms["ks"].values()))[0].lr  # every k trains at the one rate
+            c, _ = full_arm(arms["base"], lr)  # the k = 0 run, swept or not: the one the others scale from
             full_parts, trainer = predicted_arm(c)
 
             def step_flops(trainable):
@@ -336,13 +336,17 @@ def freeze_section(results: dict, images: list[Path]):
                    md_table(["k frozen", "trainable params", "optimizer state", "FLOPs (formula)", "wall time, s",
                              "test loss", TASKS[t].quality_name, "KL forgetting", "general accuracy"], rows), ""]
         v = res["verdict"]
-        measured = (f"{t}: test loss at k = {v['k']} of {L} frozen vs k = 0 (full), paired per seed: "
-                    f"{_pct(v['loss_increase'])}; {TASKS[t].quality_name} drop {_pct(v['quality_drop'], ' points')}; "
-                    "forgetting KL change " + (f"{interval_text(v['forgetting_kl_change'])} nats/token"
-                                               if v["forgetting_kl_change"] else "not measured"))
+        if v["loss_increase"] is None:  # --ks without 0 or without a frozen k: nothing to judge
+            by_task[t] = []
+            continue
+        measured_text = (f"{t}: test loss at k = {v['k']} of {L} frozen vs k = 0 (full), paired per seed: "
+                         f"{_pct(v['loss_increase'])}; {TASKS[t].quality_name} drop "
+                         f"{_pct(v['quality_drop'], ' points')}; forgetting KL change "
+                         + (f"{interval_text(v['forgetting_kl_change'])} nats/token" if v["forgetting_kl_change"]
+                            else "not measured"))
         by_task[t] = [Verdict(
             f"[{t}] Freezing most of the network (the bottom ~3/4 of the blocks) costs little quality: at most "
-            f"{100 * LOSS_THRESHOLD:.0f}% more test loss than full fine-tuning.", measured, v["supported"],
+            f"{100 * LOSS_THRESHOLD:.0f}% more test loss than full fine-tuning.", measured_text, v["supported"],
             v["note"] or f"paired over {results['seeds']} seeds; threshold +{100 * LOSS_THRESHOLD:.0f}% relative "
                           "test loss",
             anchor("freeze_transfer", v["supported"]), unresolved=v["supported"] is None)]
