@@ -239,7 +239,7 @@ def add_parser(subparsers) -> None:
     p = ssub.add_parser("lr", help="LoRA and full fine-tuning over a learning-rate grid, each at its best rate "
                                    "(chosen on validation, reported on test)",
                         description="Defaults (default model, 16 steps, 4 rates per method, --seeds 3, both "
-                                    "tasks: 48 runs) take about 70 min on a free 2-core CPU (estimate); the "
+                                    "tasks: 48 runs) take about 85 min on a free 2-core CPU (estimate); the "
                                     "command prints its own prediction before training.")
     _common(p, "sweep-lr")
     _tasks_and_seeds(p)

@@ -20,9 +20,9 @@ interval below 5%, not supported when above, not resolved when it straddles 5%.
 
 Defaults (default model of 30 blocks: k = 0, 7, 15, 22, 29, plus LoRA; 16 steps; --seeds 3; both tasks) are 36
 runs with the forgetting evaluation, about 1.5 hours on a free 2-core CPU (an estimate: about 2 min a support
-run, 3 min a docstrings run, from the measured step times in benchmarks/RESULTS.md plus the forgetting
-evaluation's generation); 12 of the 36 are `sweep lora-rank --task both --seeds 3`'s full and rank-16 runs,
-reused when that sweep ran first. The command prints its own prediction (`Trainer.predict()` probes, finished
+run, 3 min a docstrings run, from the measured step times in benchmarks/RESULTS.md, a frozen bottom's shorter
+backward, and about a minute of forgetting evaluation a run); 12 of the 36 are `sweep lora-rank --task both
+--seeds 3`'s full and rank-16 runs, reused when that sweep ran first (then about 1 hour). The command prints its own prediction (`Trainer.predict()` probes, finished
 runs counted as free) before training.
 """
 

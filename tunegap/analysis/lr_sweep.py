@@ -14,10 +14,11 @@ task's quality) are reported, as means with 95% intervals over seeds. Two verdic
     (paired: the same seed on both sides), judged against 0.05.
 
 Defaults (default model, 16 steps, batch 8, 4 rates per method, rank 16, no forgetting evaluation): 8 runs per
-seed and task; with --seeds 3 on both tasks 48 runs, about 70 min on a free 2-core CPU (an estimate from the
-measured eager step times in benchmarks/RESULTS.md, 2.3 s LoRA and 3.1 s full per step of 8 x 128 tokens, about
-twice that for docstrings' 256-token rows, plus the evaluations: about 1 min a support run, 1.5-2 min a
-docstrings run). The command prints its own prediction (`Trainer.predict()` probes) before training.
+seed and task; with --seeds 3 on both tasks 48 runs, about 85 min on a free 2-core CPU (an estimate from the
+measured eager step times in benchmarks/RESULTS.md, 2.3 s LoRA and 3.1 s full per step of 8 x 128 tokens, 2.5x
+that for docstrings' 320-token rows, plus the held-out losses and 16 generated replies: about 1-1.4 min a
+support run, 2-2.6 min a docstrings run). The command prints its own prediction (`Trainer.predict()` probes,
+finished runs counted as free) before training.
 
 Runs are named `<task>-full-<identity>` and `<task>-lora-r<rank>-<identity>` from `task_config`'s settings
 (`sweep lora-rank`'s, plus the validation split), so any analysis asking for the same run reuses it. Choosing a
