@@ -268,8 +268,12 @@ def _plot_quality(results: dict, path: Path) -> Path:
             shown = _errorbar(ax, ks, [a[key] for a in res["arms"]], color="#dd8452",
                               label="bottom k frozen (k = 0: full)")
             _reference(ax, res["lora"][key], f"LoRA r={res['lora']['rank']} (95% CI band)")
+            full = next((a[key] for a in res["arms"] if a["k"] == 0), None)
+            if shown and full:
+                ax.axhline(full["value"], color="black", linestyle=":", linewidth=1, label="full fine-tuning (k = 0)")
             if not shown:
-                ax.text(0.5, 0.5, "not measured\n(a random --quick model measures no forgetting)",
+                why = "\n(a random --quick model measures no forgetting)" if results["quick"] else ""
+                ax.text(0.5, 0.5, f"not measured{why}",
                         ha="center", va="center", transform=ax.transAxes, fontsize=8)
             if key == "eval_loss" and results["verdict_k"] is not None:
                 ax.axvline(results["verdict_k"], color="grey", linestyle=":", linewidth=1, label="verdict k ≈ 3L/4")
