@@ -19,8 +19,9 @@ from tunegap.analysis.forgetting import (analyze_forgetting, base_reference, has
                                          reply_kl)
 from tunegap.analysis.knowledge import Retriever, analyze_knowledge, correct, fact_records, tokenize_words
 from tunegap.analysis.probe import agreement_items, analyze_probe, fit_probe, majority_rate
-from tunegap.analysis.rank import (analyze_rank, effective_rank, energy_curve, low_rank_verdict, matrix_stats,
-                                   random_reference, rank_for, spectrum_ranks)
+from tunegap.analysis.rank import (analyze_rank, analyze_rank_grid, effective_rank, energy_curve, low_rank_verdict,
+                                   matrix_stats, pooled_low_rank_verdict, random_reference, rank_for,
+                                   rank_growth_verdict, spectrum_ranks)
 from tunegap.analysis.sweep import sweep_lora_rank
 from tunegap.data.support import fictional_facts, general_prompts
 from tunegap.models import load_model
@@ -503,3 +504,48 @@ def test_default_model_self_kl_is_zero_and_retention_counts_only_what_the_base_k
     result = measure_forgetting(base, base, tokenizer)
     assert result["forgetting_kl"] == 0.0
     assert 0.3 <= result["general_accuracy_base"] == result["general_accuracy"] and result["general_retained"] == 1.0
+
+
+# --------------------------------------------------------------------------- rank over steps, lrs and seeds
+
+@pytest.mark.parametrize("values, expected", [
+    ([3.0, 4.0, 3.5, 3.0], True),          # r90 ~3.4, interval below rank 8 and the null's 200
+    ([150.0, 160.0, 155.0, 158.0], False),  # interval above 10 x rank 8 = 80
+    ([20.0, 30.0, 25.0, 28.0], None),      # between rank 8 and 80: not resolved
+    ([5.0, 12.0, 3.0, 9.0], None),          # straddles rank 8
+])
+def test_pooled_low_rank_verdict_on_both_sides_of_its_thresholds(values, expected):
+    verdict = pooled_low_rank_verdict(values, 8, null_r90=200.0)
+    assert verdict["supported"] is expected and verdict["unresolved"] is (expected is None)
+    if expected is None:
+        assert "not resolved at this budget" in verdict["note"]
+
+
+def test_pooled_low_rank_verdict_refuses_a_threshold_at_the_noise_level():
+    # 10 x rank 8 = 80 is not below a null r90 of 60: 'not low-rank' would mean 'as spread as noise'
+    verdict = pooled_low_rank_verdict([150.0, 160.0, 155.0], 8, null_r90=60.0)
+    assert verdict["supported"] is None and "wider model" in verdict["note"]
+
+
+def test_rank_growth_verdict_on_both_sides_of_zero():
+    assert rank_growth_verdict([10, 11, 12], [20, 22, 21])["supported"] is True
+    assert rank_growth_verdict([20, 22, 21], [10, 11, 12])["supported"] is False
+    mixed = rank_growth_verdict([10, 11, 12], [12, 9, 13])
+    assert mixed["supported"] is None and mixed["unresolved"]
+
+
+def test_rank_grid_quick_trains_each_cell_per_seed(tmp_path):
+    results = analyze_rank_grid(out=tmp_path / "grid", quick=True, steps_list=(2, 6), lrs=(3e-3,), seeds=2,
+                                lora_ranks=(2, 4), runs_dir=str(tmp_path / "runs"))
+    assert [(c["steps"], c["lr"]) for c in results["cells"]] == [(2, 3e-3), (6, 3e-3)]
+    for cell in results["cells"]:
+        r90 = cell["r90"]
+        assert len(r90["per_seed"]) == 2 and len(set(cell["runs"])) == 2  # two seeds, two runs
+        assert 1 <= r90["value"] <= 64 and r90["low"] <= r90["value"] <= r90["high"]  # a 64-wide model
+        assert cell["r90_over_lora_rank"]["4"]["value"] == pytest.approx(r90["value"] / 4)
+    pooled = results["pooled_r90"]
+    assert pooled["per_seed"] == [v for c in results["cells"] for v in c["r90"]["per_seed"]]
+    first = results["verdicts"][0]
+    expected = pooled_low_rank_verdict(pooled["per_seed"], 4, results["seed_null_r90"]["value"])
+    assert first["supported"] is expected["supported"] and first["anchor"]["paper"].startswith("Biderman")
+    assert len(results["verdicts"]) == 2  # two step counts: the growth verdict too

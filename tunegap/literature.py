@@ -199,6 +199,15 @@ ANCHORS: dict[str, Anchor] = {
         "tunegap agrees: fine-tuning facts in moved unrelated behaviour, while retrieval leaves the weights alone.",
         "tunegap differs: the fine-tune moved unrelated behaviour too little to count, which a short run on "
         "few facts can cause."),
+    # ---------------------------------------------------------------- rank over steps and learning rates (analyze rank --steps-list/--lrs)
+    "rank_grows_with_training": Anchor(
+        BIDERMAN, "spectral analysis of the full fine-tuning perturbation at checkpoints through training",
+        "the rank needed to explain the full fine-tuning perturbation is 10-100x typical LoRA ranks and does "
+        "not shrink as training goes on (Llama-2-7B, billions of tokens of code and math)", True,
+        "tunegap agrees: the update needs more directions after more steps, the direction Biderman et al. "
+        "describe over far longer runs.",
+        "tunegap differs: more steps did not spread the update into more directions here; over a few dozen "
+        "steps the first directions may still be growing, and the spread Biderman et al. see takes far longer."),
 }
 
 
