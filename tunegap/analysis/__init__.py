@@ -151,7 +151,7 @@ def add_parser(subparsers) -> None:
                    help="include the embedding matrix (49152 x 576 on the default model)")
     p.add_argument("--steps-list", default="", help="grid mode: train full fine-tunes for these step counts "
                    "(comma-separated; default 12,24 when --lrs is given) and report r90 per (steps, lr) over seeds. "
-                   "Defaults on smollm2-135m, 2-core CPU, 3 seeds: about 30 min (estimate)")
+                   "Defaults on smollm2-135m, 2-core CPU, 3 seeds: about 22 min (estimate)")
     p.add_argument("--lrs", default="", help="grid mode: learning rates, comma-separated (default 5e-5,2e-4)")
     p.add_argument("--seeds", type=_positive(int), default=None, help="grid mode: seeds per cell (default 3, 2 with "
                    "--quick; at least 2)")
@@ -169,7 +169,7 @@ def add_parser(subparsers) -> None:
                    help="training loss to reach (0 = where the pretrained arm stands a tenth of the way in)")
     p.add_argument("--seeds", type=_positive(int), default=None,
                    help="seeds per arm (default 3, 2 with --quick): the step ratio gets a 95%% interval. Defaults on "
-                        "smollm2-135m, 2-core CPU: about 25 min (estimate)")
+                        "smollm2-135m, 2-core CPU: about 12 min (estimate)")
     p.set_defaults(func=cmd_convergence)
 
     p = sub.add_parser("forgetting", help="KL drift and general accuracy of full, LoRA and freeze at equal quality")

@@ -312,7 +312,8 @@ def analyze_rank_grid(*, out: str | Path, model: str = "smollm2-135m", steps_lis
     """r90 of full fine-tunes trained here at each (steps, lr), seeds 0..N-1, as multiples of the LoRA ranks.
 
     Predicted wall time of the defaults (smollm2-135m, 2 step counts x 2 learning rates x 3 seeds = 12 runs of
-    12-24 steps, 2-core CPU): about 30 minutes (estimate; printed before the first run)."""
+    12-24 steps, 2-core CPU): about 22 minutes (estimate: ~3 s per step, ~20 s of SVDs per run; the command
+    prints its own prediction before the first run)."""
     from dataclasses import replace
 
     from ..predict import minutes
