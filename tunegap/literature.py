@@ -199,7 +199,7 @@ ANCHORS: dict[str, Anchor] = {
         "tunegap agrees: fine-tuning facts in moved unrelated behaviour, while retrieval leaves the weights alone.",
         "tunegap differs: the fine-tune moved unrelated behaviour too little to count, which a short run on "
         "few facts can cause."),
-    # ---------------------------------------------------------------- rank over steps and learning rates (analyze rank --steps-list/--lrs)
+    # ---------------------------------------------------------------- rank grid (analyze rank --steps-list/--lrs)
     "rank_grows_with_training": Anchor(
         BIDERMAN, "spectral analysis of the full fine-tuning perturbation at checkpoints through training",
         "the rank needed to explain the full fine-tuning perturbation is 10-100x typical LoRA ranks and does "

@@ -87,8 +87,8 @@ def analyze_convergence(*, out: str | Path, model: str = "smollm2-135m", steps: 
         for folder, ledger in run_seeds(cfg, f"converge-{label}", seeds):
             rows = train_curve(folder)
             losses = [r["loss"] for r in rows]
-            curves[label].append({"run": str(folder), "seed": ledger["config"]["seed"], "steps": [r["step"] for r in rows],
-                                  "loss": losses, "smoothed": ema(losses), "flops": [r["flops"] for r in rows],
+            curves[label].append({"run": str(folder), "seed": ledger["config"]["seed"],
+                                  "steps": [r["step"] for r in rows], "loss": losses, "smoothed": ema(losses), "flops": [r["flops"] for r in rows],
                                   "eval_loss": ledger.get("metrics", {}).get("eval_loss"),
                                   "flops_total": ledger["costs"]["flops_total"]["value"],
                                   "train_time_s": ledger["costs"]["train_time_s"]["value"]})
@@ -268,4 +268,5 @@ def convergence_section(results: dict, images: list[Path]):
                    images=images, order=ORDER["convergence"])
 
 
-__all__ = ["analyze_convergence", "convergence_verdict", "convergence_seeds_verdict", "power_law_fit", "extrapolate", "steps_to"]
+__all__ = ["analyze_convergence", "convergence_verdict", "convergence_seeds_verdict", "power_law_fit", "extrapolate",
+           "steps_to"]

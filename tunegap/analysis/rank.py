@@ -329,7 +329,8 @@ def analyze_rank_grid(*, out: str | Path, model: str = "smollm2-135m", steps_lis
                                      progress=progress),
                    method="full", generate_examples=0, task_metrics="off", forgetting="off")  # weights only
     print(f"tunegap: rank grid: {len(steps_list) * len(lrs) * seeds} full fine-tunes ({len(steps_list)} step counts "
-          f"x {len(lrs)} learning rates x {seeds} seeds); predicted {minutes(_grid_prediction(base, steps_list, lrs, seeds))} "
+          f"x {len(lrs)} learning rates x {seeds} seeds); predicted "
+          f"{minutes(_grid_prediction(base, steps_list, lrs, seeds))} "
           "for training and evaluation (estimate), plus the SVDs", flush=True)
     cells, done = [], 0
     for steps in steps_list:
@@ -383,7 +384,8 @@ def _plot_grid(cells: list[dict], lora_ranks, path: Path) -> Path:
     for lr in sorted({c["lr"] for c in cells}):
         row = sorted((c for c in cells if c["lr"] == lr), key=lambda c: c["steps"])
         means = [c["r90"]["value"] for c in row]
-        lows = [c["r90"]["value"] - (c["r90"]["low"] if c["r90"]["low"] is not None else c["r90"]["value"]) for c in row]
+        lows = [c["r90"]["value"] - (c["r90"]["low"] if c["r90"]["low"] is not None else c["r90"]["value"])
+                for c in row]
         highs = [(c["r90"]["high"] if c["r90"]["high"] is not None else c["r90"]["value"]) - c["r90"]["value"]
                  for c in row]
         ax.errorbar([c["steps"] for c in row], means, yerr=[lows, highs], marker="o", capsize=3, label=f"lr {lr:g}")

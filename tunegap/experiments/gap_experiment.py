@@ -312,7 +312,8 @@ def _arm_summary(arms_dir: Path, name: str, ledgers: list[dict]) -> dict:
     for ledger in ledgers:
         folder = arms_dir / ledger["config"]["name"]
         runs.append({"seed": ledger["config"]["seed"], "ledger_path": str(folder / "ledger.json"),
-                     "costs": ledger["costs"], "metrics": {k: v for k, v in ledger["metrics"].items() if k != "samples"},
+                     "costs": ledger["costs"],
+                     "metrics": {k: v for k, v in ledger["metrics"].items() if k != "samples"},
                      "samples": ledger["metrics"].get("samples", []), "precision": ledger["precision"],
                      "loss_curve": _loss_curve(folder / "ledger.json")})
     return {"seeds": [r["seed"] for r in runs], "runs": runs,

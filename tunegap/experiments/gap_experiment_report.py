@@ -13,10 +13,11 @@ from pathlib import Path
 from ..io import write_figure
 from ..ledger import format_flops
 from ..literature import anchor
-from ..stats import Interval, judge, mean_interval, paired_differences
+from ..stats import judge, mean_interval, paired_differences
 
 # The task metrics each shipped task's quality number is the mean of, and how the report's columns name them.
-TASK_QUALITY = {"support": {"style_adherence": "style", "product_accuracy": "product names", "refusal_f1": "refusal F1"},
+TASK_QUALITY = {"support": {"style_adherence": "style", "product_accuracy": "product names",
+                             "refusal_f1": "refusal F1"},
                 "docstrings": {"summary_f1": "docstring token F1", "summary_exact": "exact match"}}
 QUALITY_OF = {"support": ("style_adherence", "product_accuracy", "refusal_f1"), "docstrings": ("summary_f1",)}
 QUALITY_KEYS = QUALITY_OF["support"]
