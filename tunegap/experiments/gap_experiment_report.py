@@ -140,7 +140,7 @@ def verdicts(results: dict) -> list[dict]:
                     f"{_iv(full['metrics'].get('eval_loss'))} (full) nats/token; relative gap per seed "
                     f"{close['loss_gap'].text(3)}; task quality ({_quality_label(task)}) "
                     f"{mean_interval(q_lora).text(2)} vs {mean_interval(q_full).text(2)}; shortfall per seed "
-                    f"{close['quality_gap'].text(2)} (measured, {n} seeds, 95% intervals)",
+                    f"{close['quality_gap'].text(2)} (measured, {n} seed{'s' if n != 1 else ''}, 95% intervals)",
         "supported": close["supported"], "unresolved": close["unresolved"],
         "note": (f"criterion, on the 95% interval over seeds: (LoRA - full) / full held-out loss below "
                  f"{LOSS_TOLERANCE:.0%} and full - LoRA task quality below {QUALITY_TOLERANCE}, same token budget"
