@@ -12,14 +12,16 @@ import torch
 from conftest import needs_smollm2
 
 from tunegap.analysis.common import AnalysisError
-from tunegap.analysis.convergence import (analyze_convergence, convergence_section, convergence_verdict, extrapolate,
+from tunegap.analysis.convergence import (analyze_convergence, convergence_section, convergence_seeds_verdict,
+                                          convergence_verdict, extrapolate,
                                           power_law_fit, steps_to)
 from tunegap.analysis.forgetting import (analyze_forgetting, base_reference, has_real_weights, measure_forgetting,
                                          reply_kl)
 from tunegap.analysis.knowledge import Retriever, analyze_knowledge, correct, fact_records, tokenize_words
 from tunegap.analysis.probe import agreement_items, analyze_probe, fit_probe, majority_rate
-from tunegap.analysis.rank import (analyze_rank, effective_rank, energy_curve, low_rank_verdict, matrix_stats,
-                                   random_reference, rank_for, spectrum_ranks)
+from tunegap.analysis.rank import (analyze_rank, analyze_rank_grid, effective_rank, energy_curve, low_rank_verdict,
+                                   matrix_stats, pooled_low_rank_verdict, random_reference, rank_for,
+                                   rank_growth_verdict, spectrum_ranks)
 from tunegap.analysis.sweep import sweep_lora_rank
 from tunegap.data.support import fictional_facts, general_prompts
 from tunegap.models import load_model
@@ -283,29 +285,57 @@ def test_convergence_verdict_on_both_sides_of_ten_x(pretrained, scratch, budget,
     assert convergence_verdict(pretrained, scratch, budget) is expected
 
 
+def _planted_run(seed, reached, extrapolated=None):
+    return {"seed": seed, "reached_at_step": reached, "extrapolated_step": extrapolated, "smoothed": [1.0],
+            "loss": [2.0], "eval_loss": 1.0, "steps": [1, 2, 3, 4],
+            "flops_to_target": {"value": 1, "how": "formula" if reached else "estimate"},
+            "fit": {"from_step": 2, "to_step": 4, "r2": 0.99}}
+
+
 def test_an_extrapolated_ratio_is_never_support():
     section = convergence_section({
-        "arms": {"pretrained": {"reached_at_step": 2, "extrapolated_step": None, "lr": 1e-3, "smoothed": [1.0],
-                                "eval_loss": 1.0, "steps": [1, 2, 3, 4], "flops_to_target": {"value": 1, "how": "formula"}},
-                 "scratch": {"reached_at_step": None, "extrapolated_step": 1e6, "lr": 1e-3, "smoothed": [3.0],
-                             "eval_loss": 3.0, "steps": [1, 2, 3, 4], "flops_to_target": {"value": 1, "how": "estimate"},
-                             "fit": {"from_step": 2, "to_step": 4, "r2": 0.99}}},
-        "target_loss": {"value": 1.0}, "step_ratio": {"value": 5e5, "how": "estimate"}, "budget_steps": 4,
-        "start_loss": {"pretrained": {"value": 2.0}, "scratch": {"value": 5.0}}, "quick": True, "model": "tiny",
+        "arms": {"pretrained": {"lr": 1e-3, "runs": [_planted_run(0, 2), _planted_run(1, 2), _planted_run(2, 2)]},
+                 "scratch": {"lr": 1e-3, "runs": [_planted_run(s, None, 1e6) for s in range(3)]}},
+        "target_loss": {"value": 1.0}, "budget_steps": 4, "quick": True, "model": "tiny",
         "flops_per_step": {"value": 1.0}, "target_rule": "given"}, [])
-    assert section.verdicts[0].supported is None  # 500,000x extrapolated, but budget 4 / 2 steps = 2x measured
+    verdict = section.verdicts[0]
+    assert verdict.supported is None and verdict.unresolved  # 500,000x extrapolated, but only 2x measured (4 / 2)
+    assert "at least 20 steps" in verdict.note  # what would resolve it: 10x the pretrained arm's 2 steps
+
+
+@pytest.mark.parametrize("pretrained, scratch, budget, expected", [
+    ([3, 3, 3], [40, 36, 38], 40, True),           # measured ~12.7x on every seed, tight interval above 10
+    ([3, 3, 3], [20, 21, 19], 40, False),          # measured ~6.7x, interval below 10
+    ([3, 3, 3], [None, None, None], 60, True),     # scratch unfinished in 60 steps: lower bounds of 20x
+    ([10, 10, 10], [None, None, None], 40, None),  # lower bounds of 4x: a longer budget could raise them
+    ([3, 3, 3], [20, 45, 33], 60, None),           # 6.7x, 15x, 11x: the interval straddles 10
+    ([3, None, 3], [20, 20, 20], 40, None),        # the pretrained arm missed the target in one seed
+])
+def test_convergence_seed_verdict_on_both_sides_of_ten_x(pretrained, scratch, budget, expected):
+    verdict = convergence_seeds_verdict(pretrained, scratch, budget)
+    assert verdict["supported"] is expected
+    assert verdict["unresolved"] is (expected is None)
+    if expected is None:
+        assert "not resolved at this budget" in verdict["note"]
 
 
 def test_convergence_quick_reports_measured_or_estimated_steps(tmp_path):
-    results = analyze_convergence(out=tmp_path / "conv", quick=True, runs_dir=str(tmp_path / "runs"))
-    pre = results["arms"]["pretrained"]
-    assert pre["steps_to_target"]["how"] == "measured"
-    scr = results["arms"]["scratch"]
-    assert results["verdicts"][0]["supported"] is convergence_verdict(
-        pre["reached_at_step"], scr["reached_at_step"], results["budget_steps"])
-    assert scr["steps_to_target"]["how"] == ("measured" if scr["reached_at_step"] else "estimate")
-    # FLOPs per step: the same formula for both arms (same architecture, same batches)
-    assert pre["flops"] == pytest.approx(scr["flops"])
+    results = analyze_convergence(out=tmp_path / "conv", quick=True, runs_dir=str(tmp_path / "runs"), seeds=2)
+    pre, scr = results["arms"]["pretrained"], results["arms"]["scratch"]
+    assert [r["seed"] for r in pre["runs"]] == [0, 1] and [r["seed"] for r in scr["runs"]] == [0, 1]
+    assert pre["runs"][0]["loss"] != pre["runs"][1]["loss"]  # another seed, another run
+    for run in pre["runs"]:
+        assert run["steps_to_target"]["how"] == "measured"
+    expected = convergence_seeds_verdict([r["reached_at_step"] for r in pre["runs"]],
+                                         [r["reached_at_step"] for r in scr["runs"]], results["budget_steps"])
+    assert results["verdicts"][0]["supported"] is expected["supported"]
+    assert results["verdicts"][0]["unresolved"] is expected["unresolved"]
+    ratio = results["step_ratio"]
+    assert ratio["seeds"] == 2 and ratio["low"] <= ratio["value"] <= ratio["high"]
+    for p_run, s_run in zip(pre["runs"], scr["runs"]):
+        assert s_run["steps_to_target"]["how"] == ("measured" if s_run["reached_at_step"] else "estimate")
+        # FLOPs per step: the same formula for both arms (same architecture, same batches)
+        assert p_run["flops"] == pytest.approx(s_run["flops"])
     assert (tmp_path / "conv" / "convergence.png").is_file()
 
 
@@ -530,3 +560,48 @@ def test_default_model_self_kl_is_zero_and_retention_counts_only_what_the_base_k
     result = measure_forgetting(base, base, tokenizer)
     assert result["forgetting_kl"] == 0.0
     assert 0.3 <= result["general_accuracy_base"] == result["general_accuracy"] and result["general_retained"] == 1.0
+
+
+# --------------------------------------------------------------------------- rank over steps, lrs and seeds
+
+@pytest.mark.parametrize("values, expected", [
+    ([3.0, 4.0, 3.5, 3.0], True),          # r90 ~3.4, interval below rank 8 and the null's 200
+    ([150.0, 160.0, 155.0, 158.0], False),  # interval above 10 x rank 8 = 80
+    ([20.0, 30.0, 25.0, 28.0], None),      # between rank 8 and 80: not resolved
+    ([5.0, 12.0, 3.0, 9.0], None),          # straddles rank 8
+])
+def test_pooled_low_rank_verdict_on_both_sides_of_its_thresholds(values, expected):
+    verdict = pooled_low_rank_verdict(values, 8, null_r90=200.0)
+    assert verdict["supported"] is expected and verdict["unresolved"] is (expected is None)
+    if expected is None:
+        assert "not resolved at this budget" in verdict["note"]
+
+
+def test_pooled_low_rank_verdict_refuses_a_threshold_at_the_noise_level():
+    # 10 x rank 8 = 80 is not below a null r90 of 60: 'not low-rank' would mean 'as spread as noise'
+    verdict = pooled_low_rank_verdict([150.0, 160.0, 155.0], 8, null_r90=60.0)
+    assert verdict["supported"] is None and "wider model" in verdict["note"]
+
+
+def test_rank_growth_verdict_on_both_sides_of_zero():
+    assert rank_growth_verdict([10, 11, 12], [20, 22, 21])["supported"] is True
+    assert rank_growth_verdict([20, 22, 21], [10, 11, 12])["supported"] is False
+    mixed = rank_growth_verdict([10, 11, 12], [12, 9, 13])
+    assert mixed["supported"] is None and mixed["unresolved"]
+
+
+def test_rank_grid_quick_trains_each_cell_per_seed(tmp_path):
+    results = analyze_rank_grid(out=tmp_path / "grid", quick=True, steps_list=(2, 6), lrs=(3e-3,), seeds=2,
+                                lora_ranks=(2, 4), runs_dir=str(tmp_path / "runs"))
+    assert [(c["steps"], c["lr"]) for c in results["cells"]] == [(2, 3e-3), (6, 3e-3)]
+    for cell in results["cells"]:
+        r90 = cell["r90"]
+        assert len(r90["per_seed"]) == 2 and len(set(cell["runs"])) == 2  # two seeds, two runs
+        assert 1 <= r90["value"] <= 64 and r90["low"] <= r90["value"] <= r90["high"]  # a 64-wide model
+        assert cell["r90_over_lora_rank"]["4"]["value"] == pytest.approx(r90["value"] / 4)
+    pooled = results["pooled_r90"]
+    assert pooled["per_seed"] == [v for c in results["cells"] for v in c["r90"]["per_seed"]]
+    first = results["verdicts"][0]
+    expected = pooled_low_rank_verdict(pooled["per_seed"], 4, results["seed_null_r90"]["value"])
+    assert first["supported"] is expected["supported"] and first["anchor"]["paper"].startswith("Biderman")
+    assert len(results["verdicts"]) == 2  # two step counts: the growth verdict too

@@ -230,6 +230,15 @@ ANCHORS: dict[str, Anchor] = {
         "a small model may memorise the surface text of one wording rather than the fact (Ovadia et al. "
         "fine-tune on more data as paraphrases are added, unsupervised on raw text; this fine-tune is "
         "supervised on question-statement pairs)."),
+    # ---------------------------------------------------------------- rank grid (analyze rank --steps-list/--lrs)
+    "rank_grows_with_training": Anchor(
+        BIDERMAN, "spectral analysis of the full fine-tuning perturbation at checkpoints through training",
+        "the rank needed to explain the full fine-tuning perturbation is 10-100x typical LoRA ranks and does "
+        "not shrink as training goes on (Llama-2-7B, billions of tokens of code and math)", True,
+        "tunegap agrees: the update needs more directions after more steps, the direction Biderman et al. "
+        "describe over far longer runs.",
+        "tunegap differs: more steps did not spread the update into more directions here; over a few dozen "
+        "steps the first directions may still be growing, and the spread Biderman et al. see takes far longer."),
     # ---------------------------------------------------------------- sweep lr and sweep freeze (lr_sweep, freeze_sweep)
     "lora_lr_ratio": Anchor(
         SCHULMAN, "learning-rate sweeps of LoRA and full fine-tuning (supervised learning)",

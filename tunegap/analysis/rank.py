@@ -1,4 +1,6 @@
 """`tunegap analyze rank RUN`: is the update of a full fine-tune low-rank, and where is it not?
+`tunegap analyze rank --steps-list 12,24 --lrs 5e-5,2e-4 --seeds 3`: the same question over training lengths and
+learning rates, the full fine-tunes trained here (`analyze_rank_grid`).
 
 LoRA (Hu et al. 2021) *constrains* the update to rank r and finds little lost; that does not show a full
 fine-tune, left free, would have moved only a few directions (the essay's own caveat). This measures it: for
@@ -24,8 +26,9 @@ import time
 from pathlib import Path
 
 from ..literature import anchor
-from .common import (AnalysisError, ORDER, QUICK_MODEL, fmt, load_base, load_run, md_table, q, run_or_reuse,
-                     save_figure, figure, tuned_model, write_outputs)
+from ..stats import judge, mean_interval, paired_differences
+from .common import (AnalysisError, ORDER, QUICK_MODEL, check_seeds, fmt, load_base, load_run, md_table, q,
+                     quick_aware, run_or_reuse, run_seeds, save_figure, figure, tuned_model, write_outputs)
 
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
                 "down_proj": "down"}
@@ -243,6 +246,205 @@ def analyze_rank(run: str | Path, *, out: str | Path, max_rank: int = 64, includ
     return results
 
 
+# --------------------------------------------------------------------------- over steps, learning rates and seeds
+
+GRID_ORDER = ORDER["rank"] + 1  # right after the single-run section
+
+
+def median_r90(deltas: dict) -> float:
+    """Median over the transformer's weight matrices (embeddings and head apart) of each update's r90."""
+    values = [rank_for(spectrum(d), 0.90) for name, d in deltas.items()
+              if classify(name)[0] not in ("embed", "head") and float(d.abs().max()) > 0]
+    if not values:
+        raise AnalysisError("no weight matrix changed; nothing to analyse")
+    return _median(values)
+
+
+def pooled_low_rank_verdict(r90_values: list[float], lora_rank: int, null_r90: float) -> dict:
+    """`low_rank_verdict` on the 95% interval of per-seed median r90s pooled over every (steps, lr) cell.
+
+    Supported: the whole interval at or below the largest LoRA rank and below the null's r90. Not supported: the
+    whole interval at or above 10x that rank, when 10x the rank is below the null's r90 (otherwise 'not low-rank'
+    would only mean 'as spread as noise'). Otherwise not resolved at this budget."""
+    interval = mean_interval(r90_values)
+    low = judge(interval, lora_rank, claim_below=True)
+    high = judge(interval, NOT_LOW_RANK_MULTIPLE * lora_rank, claim_below=False)
+    if interval.n >= 2 and interval.high <= lora_rank and interval.high < null_r90:
+        return {"supported": True, "unresolved": False, "interval": interval, "note": ""}
+    if NOT_LOW_RANK_MULTIPLE * lora_rank >= null_r90:
+        return {"supported": None, "unresolved": True, "interval": interval,
+                "note": f"not resolved at this budget: {NOT_LOW_RANK_MULTIPLE}x rank {lora_rank} is not below the "
+                        f"null's r90 ({null_r90:.0f}), so the rule could only call noise 'not low-rank'; a wider "
+                        "model would resolve it"}
+    if high.supported is True:
+        return {"supported": False, "unresolved": False, "interval": interval, "note": ""}
+    note = high.note if interval.mean > lora_rank else low.note
+    return {"supported": None, "unresolved": True, "interval": interval,
+            "note": note or f"not resolved at this budget: the interval lies between rank {lora_rank} and "
+                            f"{NOT_LOW_RANK_MULTIPLE}x it"}
+
+
+def rank_growth_verdict(shortest: list[float], longest: list[float]) -> dict:
+    """Does the update spread into more directions with more steps? Per seed (and learning rate), r90 after the
+    longest run minus r90 after the shortest; supported when the difference's 95% interval is above 0."""
+    diff = paired_differences(longest, shortest)
+    j = judge(diff, 0.0, claim_below=False)
+    return {"supported": j.supported, "unresolved": j.supported is None, "interval": diff, "note": j.note}
+
+
+def _grid_prediction(config, steps_list, lrs, seeds) -> float:
+    """Predicted seconds of the whole grid (estimate): one trainer's prediction at the longest step count, scaled
+    per run by its steps, plus a measured-order allowance for the SVDs (not predicted)."""
+    from dataclasses import replace
+
+    from ..trainer import Trainer
+
+    parts = Trainer(replace(config, max_steps=max(steps_list), name="forecast")).predict()
+    per_step = parts["training"] / max(steps_list)
+    fixed = sum(v for k, v in parts.items() if k != "training")
+    return sum((fixed + per_step * steps) * len(lrs) * seeds for steps in steps_list)
+
+
+@quick_aware
+def analyze_rank_grid(*, out: str | Path, model: str = "smollm2-135m", steps_list: tuple = (12, 24),
+                      lrs: tuple = (5e-5, 2e-4), seeds: int = 3, lora_ranks: tuple = (8, 16), runs_dir: str = "runs",
+                      quick: bool = False, progress: bool = True) -> dict:
+    """r90 of full fine-tunes trained here at each (steps, lr), seeds 0..N-1, as multiples of the LoRA ranks.
+
+    Predicted wall time of the defaults (smollm2-135m, 2 step counts x 2 learning rates x 3 seeds = 12 runs of
+    12-24 steps, 2-core CPU): about 22 minutes (estimate: ~3 s per step, ~20 s of SVDs per run; the command
+    prints its own prediction before the first run)."""
+    from dataclasses import replace
+
+    from ..predict import minutes
+    from .forgetting import base_train_config
+
+    started = time.perf_counter()
+    seeds = check_seeds(seeds)
+    if seeds < 2:
+        raise AnalysisError("--seeds: the grid needs at least 2 seeds (the seed-difference null and the intervals)")
+    steps_list, lrs = sorted(set(steps_list)), sorted(set(lrs))
+    model = QUICK_MODEL if quick else model
+    base = replace(base_train_config(model=model, steps=max(steps_list), runs_dir=runs_dir, quick=quick,
+                                     progress=progress),
+                   method="full", generate_examples=0, task_metrics="off", forgetting="off")  # weights only
+    print(f"tunegap: rank grid: {len(steps_list) * len(lrs) * seeds} full fine-tunes ({len(steps_list)} step counts "
+          f"x {len(lrs)} learning rates x {seeds} seeds); predicted "
+          f"{minutes(_grid_prediction(base, steps_list, lrs, seeds))} "
+          "for training and evaluation (estimate), plus the SVDs", flush=True)
+    cells, done = [], 0
+    for steps in steps_list:
+        for lr in lrs:
+            runs = run_seeds(replace(base, max_steps=steps, lr=lr), "rank-full", seeds)
+            updates = [_updates(folder, ledger["config"])[0] for folder, ledger in runs]
+            per_seed = [median_r90(u) for u in updates]
+            # the seed-difference null: what two seeds' optimiser noise spreads, same settings
+            null = median_r90({name: updates[0][name] - updates[1][name] for name in updates[0]})
+            done += seeds
+            print(f"tunegap: rank grid {done}/{len(steps_list) * len(lrs) * seeds}: steps {steps}, lr {lr:g}: "
+                  f"median r90 per seed {per_seed} (measured)", flush=True)
+            interval = mean_interval(per_seed)
+            cells.append({"steps": steps, "lr": lr, "runs": [str(folder) for folder, _ in runs],
+                          "r90": interval.as_dict("rank"), "seed_null_r90": q(null, "rank", "measured"),
+                          "r90_over_lora_rank": {str(r): mean_interval([v / r for v in per_seed]).as_dict(
+                              f"x LoRA rank {r}") for r in lora_ranks},
+                          "max_rank": q(min(next(iter(updates[0].values())).shape), "rank", "formula")})
+            del updates
+    lora_rank = max(lora_ranks)
+    pooled_values = [v for c in cells for v in c["r90"]["per_seed"]]
+    null_r90 = _median([c["seed_null_r90"]["value"] for c in cells])
+    pooled = pooled_low_rank_verdict(pooled_values, lora_rank, null_r90)
+    growth = None
+    if len(steps_list) > 1:
+        short = [c for c in cells if c["steps"] == steps_list[0]]
+        long = [c for c in cells if c["steps"] == steps_list[-1]]
+        growth = rank_growth_verdict([v for c in short for v in c["r90"]["per_seed"]],
+                                     [v for c in long for v in c["r90"]["per_seed"]])
+    results = {"analysis": "rank-grid", "model": model, "quick": quick, "steps_list": steps_list, "lrs": lrs,
+               "seeds": seeds, "lora_ranks": sorted(lora_ranks), "cells": cells,
+               "pooled_r90": pooled["interval"].as_dict("rank"),
+               "pooled_r90_over_lora_rank": {str(r): mean_interval([v / r for v in pooled_values]).as_dict(
+                   f"x LoRA rank {r}") for r in lora_ranks},
+               "seed_null_r90": q(null_r90, "rank", "measured"),
+               "how": "measured (median over weight matrices of r90 of W_tuned - W_base, float64; embeddings and "
+                      "head apart, not included)",
+               "wall_seconds": q(time.perf_counter() - started, "s", "measured")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = [_plot_grid(cells, lora_ranks, out / "rank_grid.png")]
+    section = rank_grid_section(results, pooled, growth, images)
+    results["verdicts"] = [v.__dict__ for v in section.verdicts]
+    write_outputs(out, results, section)
+    return results
+
+
+def _plot_grid(cells: list[dict], lora_ranks, path: Path) -> Path:
+    fig = figure(7.5, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for lr in sorted({c["lr"] for c in cells}):
+        row = sorted((c for c in cells if c["lr"] == lr), key=lambda c: c["steps"])
+        means = [c["r90"]["value"] for c in row]
+        lows = [c["r90"]["value"] - (c["r90"]["low"] if c["r90"]["low"] is not None else c["r90"]["value"])
+                for c in row]
+        highs = [(c["r90"]["high"] if c["r90"]["high"] is not None else c["r90"]["value"]) - c["r90"]["value"]
+                 for c in row]
+        ax.errorbar([c["steps"] for c in row], means, yerr=[lows, highs], marker="o", capsize=3, label=f"lr {lr:g}")
+    for r in lora_ranks:
+        ax.axhline(r, color="grey", linestyle=":", linewidth=0.8)
+        ax.axhline(NOT_LOW_RANK_MULTIPLE * r, color="black", linestyle="--", linewidth=0.6)
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("median r90 over matrices (measured; mean, 95% interval)")
+    ax.set_title(f"Rank of the full fine-tune's update; dotted: LoRA ranks {list(lora_ranks)}, dashed: 10x", fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def rank_grid_section(results: dict, pooled: dict, growth: dict | None, images: list[Path]):
+    from ..report import Section, Verdict
+
+    lora_rank = max(results["lora_ranks"])
+    iv = pooled["interval"]
+    multiples = ", ".join(f"{iv.mean / r:.2g}x rank {r}" for r in results["lora_ranks"])
+    verdicts = [Verdict(
+        "A full fine-tune's update is low-rank in LoRA's units, over training lengths and learning rates.",
+        f"median r90 pooled over {len(results['cells'])} (steps, lr) cells x {results['seeds']} seeds: {iv.text(3)} "
+        f"= {multiples} (measured); seed-difference null r90 {results['seed_null_r90']['value']:.0f}",
+        pooled["supported"],
+        f"judged on the pooled 95% interval: supported if at or below rank {lora_rank} and below the null; not "
+        f"supported if at or above {NOT_LOW_RANK_MULTIPLE}x it (the bottom of Biderman et al.'s 10-100x)"
+        + (f". {pooled['note']}" if pooled["note"] else ""),
+        anchor("rank_low", pooled["supported"]), unresolved=pooled["unresolved"])]
+    if growth is not None:
+        verdicts.append(Verdict(
+            "The update spreads into more directions as training goes on.",
+            f"r90 after {results['steps_list'][-1]} minus after {results['steps_list'][0]} steps, per seed and "
+            f"learning rate: {growth['interval'].text(3)} (measured)",
+            growth["supported"], "judged on the 95% interval of the paired differences against 0"
+            + (f". {growth['note']}" if growth["note"] else ""),
+            anchor("rank_grows_with_training", growth["supported"]), unresolved=growth["unresolved"]))
+    ranks = results["lora_ranks"]
+    rows = [[c["steps"], f"{c['lr']:g}", f"{c['r90']['value']:.3g} [{fmt(c['r90']['low'])}, {fmt(c['r90']['high'])}]",
+             *[f"{c['r90_over_lora_rank'][str(r)]['value']:.2g}x [{fmt(c['r90_over_lora_rank'][str(r)]['low'])}, "
+               f"{fmt(c['r90_over_lora_rank'][str(r)]['high'])}]" for r in ranks],
+             f"{c['seed_null_r90']['value']:.0f}", f"{c['max_rank']['value']}"] for c in results["cells"]]
+    quick = " (quick: a tiny random model; the code path only)" if results["quick"] else ""
+    body = "\n".join([
+        f"Full fine-tunes of `{results['model']}`{quick} on the support task, trained here at each step count and "
+        f"learning rate with seeds 0..{results['seeds'] - 1}. Per run, the median over weight matrices (token "
+        "embeddings and head apart: not included) of r90, the smallest rank keeping 90% of ‖dW‖_F^2; per cell the "
+        "mean over seeds with its 95% Student-t interval, as a multiple of each LoRA rank (Biderman et al. 2024's "
+        "unit); the seed-difference null is r90 of dW(seed 0) - dW(seed 1).",
+        "",
+        md_table(["steps", "lr", "r90 (mean [95% CI])", *[f"r90 / LoRA rank {r}" for r in ranks],
+                  "seed-difference null r90", "full rank"], rows),
+        "",
+        "Biderman et al. 2024 measured full fine-tuning on Llama-2-7B over billions of tokens and found ranks "
+        "10-100x typical LoRA ranks; these runs are a few dozen steps, so read the trend over steps, not the level.",
+    ])
+    return Section(title="Intrinsic rank over training length and learning rate", verdicts=verdicts,
+                   body_markdown=body, images=images, order=GRID_ORDER)
+
+
 def quick_seed_runs(runs_dir: str, steps: int = 6) -> tuple[Path, Path]:
     """--quick: two full fine-tunes of the tiny model, seeds 0 and 1, same settings otherwise (reused when present),
     so the seed-difference null runs on every test machine."""
@@ -425,4 +627,4 @@ def rank_section(results: dict, images: list[Path]):
                    order=ORDER["rank"])
 
 
-__all__ = ["analyze_rank", "low_rank_verdict", "quick_seed_runs", "spectrum_ranks", "effective_rank", "energy_curve", "rank_for", "matrix_stats", "random_reference", "classify"]
+__all__ = ["analyze_rank", "analyze_rank_grid", "pooled_low_rank_verdict", "rank_growth_verdict", "low_rank_verdict", "quick_seed_runs", "spectrum_ranks", "effective_rank", "energy_curve", "rank_for", "matrix_stats", "random_reference", "classify"]

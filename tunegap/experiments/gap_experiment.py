@@ -1,26 +1,37 @@
 """`tunegap experiment gap`: the pretraining/fine-tuning gap, measured on a real model.
 
-Arms, all on the shipped support task and judged by the same task metrics:
-  icl-k    the frozen base model with k solved tickets in the prompt (no training; every query pays)
+Arms, all on one shipped task (`--task support|docstrings`) and judged by that task's own scorer:
+  icl-k    the frozen base model with k solved examples from the task's train split in the prompt (no
+           training; every query pays); each seed draws its own k shots
   lora-rN  LoRA fine-tune for a fixed token budget
   full     full fine-tune for the same budget
   scratch  the same architecture from random weights, same data and budget (what the data alone builds)
   pretrain the base model's pretraining: not run, estimated from its published token count with the
            same formulas, on this machine's measured throughput and on a named GPU.
-Every arm that trains is an ordinary run of `tunegap.train`, kept under <out>/arms/, and reused when
-its config has not changed.
+Every arm that trains is an ordinary run of `tunegap.train`, kept under <out>/arms/<arm>-seed<k>, and reused
+when its config has not changed. Each training arm runs `--seeds N` seeds (seed, seed+1, ...): every number the
+report quotes is a mean over seeds with a 95% Student-t interval (`tunegap.stats`), and every verdict with a
+threshold is judged on that interval. Learning rates are fixed in advance (the GapConfig defaults), never tuned
+on the test split the report quotes; each arm also logs val_loss on the task's validation split, the split to
+tune them on.
+
+Predicted wall time of the defaults on the default model, 2-core CPU, --seeds 3: support about 13 minutes,
+docstrings about 15 (estimate: the measured one-seed run of 2026-12-02, 4.2 min, with the training arms and the
+shot draws x3); the command prints its own per-arm prediction before the first arm.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data.tasks import TASKS
 from ..io import atomic_write_json, atomic_write_text, read_jsonl
 from ..predict import generation_seconds, minutes
+from ..stats import mean_interval
 from ..trainer import run_or_reuse
 
 YEAR_S = 365.25 * 24 * 3600
@@ -33,7 +44,9 @@ class GapConfig:
     budget_tokens: int = 16_000
     ranks: tuple = (8,)
     k_shots: tuple = (0, 2, 8)
-    seq_len: int = 128
+    task: str = "support"  # a shipped task (tunegap.data.tasks): support or docstrings
+    seeds: int = 3  # every training arm runs seeds seed, seed+1, ...; numbers are means with 95% intervals
+    seq_len: int = 0  # 0: the task's own (TASK_SEQ_LEN)
     batch_size: int = 8
     # Each arm gets its own best learning rate, so no arm loses by a bad guess. Held-out loss (nats/token)
     # after the default 16k tokens on SmolLM2-135M, measured 2026-11-26 on this 2-core machine:
@@ -42,8 +55,10 @@ class GapConfig:
     #   scratch:   6e-4 -> 4.91,  2e-3 -> 4.42,  5e-3 -> 4.40
     lr_lora: float = 5e-3
     lr_full: float = 3e-4
+    # These are fixed in advance for both tasks (never tuned on a test split); val_loss is logged to tune them on.
     lr_scratch: float = 5e-3
     eval_examples: int = 64
+    val_examples: int = 32  # validation examples each arm's val_loss is measured on
     generate_examples: int = 24
     max_new_tokens: int = 80
     gpu: str = "H100-SXM"
@@ -57,13 +72,33 @@ class GapConfig:
     def quick_config(cls, **overrides) -> "GapConfig":
         """The smoke version the tests run: tiny model, tiny budget, same code path."""
         values = dict(model="tiny", budget_tokens=4_000, ranks=(8,), k_shots=(0, 1), seq_len=512, batch_size=4,
-                      lr_lora=1e-2, lr_full=3e-3, lr_scratch=3e-3, eval_examples=8, generate_examples=4,
-                      max_new_tokens=16, pretrain_tokens=2e12, quick=True, progress=False)
+                      lr_lora=1e-2, lr_full=3e-3, lr_scratch=3e-3, eval_examples=8, val_examples=8,
+                      generate_examples=4, max_new_tokens=16, pretrain_tokens=2e12, seeds=2, quick=True,
+                      progress=False)
         values.update(overrides)
         return cls(**values)
 
     def folder(self) -> Path:
-        return Path(self.out or f"runs/gap-{Path(self.model).name}")
+        task = "" if self.task == "support" else f"-{self.task}"
+        return Path(self.out or f"runs/gap-{Path(self.model).name}{task}")
+
+    def sequence_length(self) -> int:
+        return self.seq_len or TASK_SEQ_LEN[self.task]
+
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+    def check(self) -> "GapConfig":
+        from ..config import ConfigError
+
+        if self.task not in TASKS:
+            raise ConfigError(f"--task: one of {', '.join(TASKS)}, got {self.task!r}")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ConfigError(f"--seeds: a positive integer, got {self.seeds!r}")
+        return self
+
+
+TASK_SEQ_LEN = {"support": 128, "docstrings": 256}  # a support ticket and reply fit in 128; a signature in 256
 
 
 QUICK_CORPUS_MODULES = ("json", "collections", "textwrap", "argparse", "pathlib", "email", "csv", "string",
@@ -101,7 +136,8 @@ def quick_pretrained_base(config: GapConfig) -> str:
 def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
     from ..config import TrainConfig
 
-    values = dict(model=config.model, data="support", seq_len=config.seq_len, batch_size=config.batch_size,
+    values = dict(model=config.model, data=config.task, seq_len=config.sequence_length(),
+                  batch_size=config.batch_size, val_examples=config.val_examples,
                   budget_tokens=config.budget_tokens, epochs=1.0, eval_examples=config.eval_examples,
                   generate_examples=config.generate_examples, runs_dir=str(arms_dir), name=name, seed=config.seed,
                   progress=config.progress, gpu=config.gpu, warmup_steps=2, eval_every=0,
@@ -114,12 +150,17 @@ def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
 
 
 def _arm_configs(config: GapConfig, arms_dir: Path) -> dict:
-    """The training arms' run settings, by arm name."""
-    arms = {f"lora-r{r}": _train_config(config, arms_dir, f"lora-r{r}", method="lora", rank=r, alpha=2.0 * r,
-                                        lr=config.lr_lora) for r in config.ranks}
-    arms["full"] = _train_config(config, arms_dir, "full", method="full", lr=config.lr_full)
-    arms["scratch"] = _train_config(config, arms_dir, "scratch", method="full", init="scratch", lr=config.lr_scratch)
-    return arms
+    """The training arms' run settings, by arm name: one TrainConfig per seed, run `<arm>-seed<k>`."""
+    settings = {f"lora-r{r}": dict(method="lora", rank=r, alpha=2.0 * r, lr=config.lr_lora) for r in config.ranks}
+    settings["full"] = dict(method="full", lr=config.lr_full)
+    settings["scratch"] = dict(method="full", init="scratch", lr=config.lr_scratch)
+    return {arm: [_train_config(config, arms_dir, f"{arm}-seed{seed}", seed=seed, **values)
+                  for seed in config.seed_list()] for arm, values in settings.items()}
+
+
+def icl_shots(train_records: list[dict], k: int, seed: int) -> list[dict]:
+    """The k solved examples seed `seed` puts in the prompt: drawn from the task's train split, never its test."""
+    return random.Random(f"tunegap-icl-{seed}").sample(train_records, k) if k else []
 
 
 def predict_arms(config: GapConfig, arms_dir: Path) -> dict:
@@ -129,7 +170,6 @@ def predict_arms(config: GapConfig, arms_dir: Path) -> dict:
     import contextlib
 
     from ..data.render import tokenize_prompt
-    from ..data.support import generate_support
     from ..evaluate import few_shot
     from ..objectives import Context
     from ..predict import Forecast, heldout_seconds, probe_forward
@@ -137,25 +177,27 @@ def predict_arms(config: GapConfig, arms_dir: Path) -> dict:
     from ..trainer import Trainer
 
     predicted, full = {}, None
-    for name, train_config in _arm_configs(config, arms_dir).items():
-        trainer = Trainer(train_config)
-        parts = trainer.predict()
+    seeds = config.seeds
+    for name, train_configs in _arm_configs(config, arms_dir).items():
+        trainer = Trainer(train_configs[0])  # one seed is predicted; the others cost the same (same settings)
+        parts = {part: seconds * seeds for part, seconds in trainer.predict().items()}
         predicted[name] = {"seconds": sum(parts.values()), "parts": parts}
         full = trainer if name == "full" else full  # its plain model probes the ICL arm's fp32 decoding too
     fp32 = Context(full.ctx.model, full.ctx.base, full.method, full.ctx.pad_id, contextlib.nullcontext)
     forecast = Forecast(probe_forward(fp32, config.batch_size, round(full.mean_tokens), full.shape), 0.0, full.ctx.model,
                         full.ctx.pad_id)
-    train_records, eval_records = generate_support()
-    records = eval_records[:config.generate_examples]
+    splits = TASKS[config.task].splits()
+    records = splits["test"][:config.generate_examples]
     held = full.data.eval
     parts = {"held-out loss": heldout_seconds(forecast.probe, full.shape, examples=len(held),
                                               tokens_per_example=sum(map(len, held)) / max(len(held), 1))}
     for k in config.k_shots:
-        prompts = [tokenize_prompt(full.tokenizer, few_shot(r["messages"], train_records[:k])) for r in records]
-        parts[f"{k}-shot"] = generation_seconds(
+        shots = icl_shots(splits["train"], k, config.seed)
+        prompts = [tokenize_prompt(full.tokenizer, few_shot(r["messages"], shots)) for r in records]
+        parts[f"{k}-shot"] = (1 if k == 0 else seeds) * generation_seconds(  # zero-shot is the same for every seed
             forecast.probe, forecast.decoding(len(prompts)), full.shape, prompts=len(prompts),
             prompt_tokens=sum(map(len, prompts)) / len(prompts), shared_prefix_tokens=common_prefix_length(prompts),
-            max_new_tokens=config.max_new_tokens)
+            max_new_tokens=icl_new_tokens(config))
     predicted["icl"] = {"seconds": sum(parts.values()), "parts": parts}
     return predicted
 
@@ -168,8 +210,44 @@ def print_predictions(predicted: dict) -> None:
 
 
 def run_arm(train_config) -> dict:
-    """Train one arm, or reuse its finished ledger when the settings are unchanged (`trainer.run_or_reuse`)."""
+    """Train one arm's seed, or reuse its finished ledger when the settings are unchanged (`trainer.run_or_reuse`)."""
     return run_or_reuse(train_config, name=train_config.name, what="arm")[1]
+
+
+def icl_new_tokens(config: GapConfig) -> int:
+    """Reply length the ICL arm decodes: the experiment's cap, never beyond what the task's references need."""
+    return min(config.max_new_tokens, TASKS[config.task].max_new_tokens)
+
+
+def metric_unit(key: str) -> str:
+    if key.endswith("loss"):
+        return "nats/token"
+    if key.endswith("tokens"):
+        return "tokens"
+    if key.endswith("seconds") or key.endswith("_s"):
+        return "s"
+    if key in ("n", "generated") or key.startswith("n_"):
+        return "examples"
+    return "fraction"
+
+
+def over_seeds(per_seed: list[dict]) -> dict:
+    """{key: Interval.as_dict} over seeds for every numeric key the seeds share (means with 95% intervals)."""
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: mean_interval([m.get(k) for m in per_seed]).as_dict(metric_unit(k)) for k in keys}
+
+
+def costs_over_seeds(costs: list[dict]) -> dict:
+    """Each ledger cost as its mean over seeds with an interval (unit and how kept); a cost that is not a number
+    in every seed (a missing price) is seed 0's entry as it was."""
+    out = {}
+    for key, entry in costs[0].items():
+        values = [c.get(key, {}).get("value") if isinstance(c.get(key), dict) else None for c in costs]
+        if isinstance(entry, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = mean_interval(values).as_dict(entry.get("unit", ""), entry.get("how", "measured"))
+        else:
+            out[key] = entry
+    return out
 
 
 def icl_arms(config: GapConfig, shape) -> dict:
@@ -177,8 +255,7 @@ def icl_arms(config: GapConfig, shape) -> dict:
     from ..costs.flops import forward_flops, generation_flops
     from ..costs.hardware import measure_peaks
     from ..data.sources import prepare
-    from ..data.support import generate_support
-    from ..evaluate import support_metrics
+    from ..evaluate import task_metrics
     from ..models import load_model
     from ..methods import Full
     from ..models import base_model
@@ -188,27 +265,35 @@ def icl_arms(config: GapConfig, shape) -> dict:
     model, tokenizer = load_model(config.model, seed=config.seed)
     precision = measure_peaks().best_precision
     autocast = autocast_factory(precision)
-    train_records, eval_records = generate_support()
-    records = eval_records[:config.generate_examples]
+    task = TASKS[config.task]
+    splits = task.splits()
+    records = splits["test"][:config.generate_examples]
     held = prepare(_train_config(config, Path("."), "icl"), tokenizer).eval
     ctx = Context(model, base_model(model), Full(), tokenizer.pad_token_id, autocast)
-    zero_shot_loss = heldout_loss(ctx, held, config.batch_size, config.seq_len)
+    zero_shot_loss = heldout_loss(ctx, held, config.batch_size, config.sequence_length())
     arms = {}
     for k in config.k_shots:
-        metrics = support_metrics(model, tokenizer, records, shots=train_records[:k],
-                                  max_new_tokens=config.max_new_tokens)  # no autocast: see callbacks/task_metrics.py
-        per_query = generation_flops(shape, round(metrics["mean_prompt_tokens"]), max(1, round(metrics["mean_new_tokens"])))
+        # greedy decoding of a frozen model: zero-shot is one measurement; with shots, each seed draws its own
+        seeds = config.seed_list() if k else [config.seed]
+        per_seed = [task_metrics(model, tokenizer, records, task.score, shots=icl_shots(splits["train"], k, seed),
+                                 max_new_tokens=icl_new_tokens(config))  # no autocast: see callbacks/task_metrics.py
+                    for seed in seeds]
+        prompt_tokens = sum(m["mean_prompt_tokens"] for m in per_seed) / len(per_seed)
+        new_tokens = sum(m["mean_new_tokens"] for m in per_seed) / len(per_seed)
+        prefix = sum(m["shared_prefix_tokens"] for m in per_seed) / len(per_seed)
+        per_query = generation_flops(shape, round(prompt_tokens), max(1, round(new_tokens)))
         # with a prompt cache the shared prefix (system text + shots) is encoded once for all queries: per query,
         # its forward pass is saved; attending to it from each query's own tokens is not
-        cached = per_query - forward_flops(shape, sequences=1, seq_len=metrics["shared_prefix_tokens"], logit_tokens=0)
+        cached = per_query - forward_flops(shape, sequences=1, seq_len=round(prefix), logit_tokens=0)
         arms[f"icl-{k}"] = {
-            "k": k, "metrics": {key: v for key, v in metrics.items() if key != "samples"},
-            "samples": metrics["samples"],
+            "k": k, "seeds": seeds, "metrics": over_seeds(per_seed),
+            "per_seed": [{key: v for key, v in m.items() if key != "samples"} for m in per_seed],
+            "samples": per_seed[0]["samples"],
             "eval_loss": zero_shot_loss if k == 0 else None,
             "inference_flops_per_query": per_query,
             "inference_flops_per_query_cached": cached,
-            "shared_prefix_tokens": metrics["shared_prefix_tokens"],
-            "seconds_per_query": metrics["generation_seconds"] / max(len(records), 1),
+            "shared_prefix_tokens": prefix,
+            "seconds_per_query": sum(m["generation_seconds"] for m in per_seed) / len(per_seed) / max(len(records), 1),
             "precision": precision,
         }
     return arms
@@ -219,12 +304,26 @@ def _loss_curve(ledger_path: Path) -> list[dict]:
     return [{"step": r["step"], "loss": r["loss"], "flops": r["flops"], "tokens": r["tokens"]} for r in rows if "loss" in r]
 
 
-def _value(ledger: dict, key: str):
-    return ledger["costs"][key]["value"]
+def _arm_summary(arms_dir: Path, name: str, ledgers: list[dict]) -> dict:
+    """One training arm over its seeds: each seed's run as its ledger has it, then every cost and metric as a
+    mean over seeds with a 95% interval (token counts and FLOPs vary a little: data order sets where the token
+    budget is crossed)."""
+    runs = []
+    for ledger in ledgers:
+        folder = arms_dir / ledger["config"]["name"]
+        runs.append({"seed": ledger["config"]["seed"], "ledger_path": str(folder / "ledger.json"),
+                     "costs": ledger["costs"],
+                     "metrics": {k: v for k, v in ledger["metrics"].items() if k != "samples"},
+                     "samples": ledger["metrics"].get("samples", []), "precision": ledger["precision"],
+                     "loss_curve": _loss_curve(folder / "ledger.json")})
+    return {"seeds": [r["seed"] for r in runs], "runs": runs,
+            "costs": costs_over_seeds([r["costs"] for r in runs]),
+            "metrics": over_seeds([r["metrics"] for r in runs]),
+            "samples": runs[0]["samples"], "precision": runs[0]["precision"]}
 
 
 def measured_gap(pretrain: dict, ledger: dict) -> dict:
-    """Pretraining (estimate) over one measured fine-tune, axis by axis.
+    """Pretraining (estimate) over one measured fine-tune (its costs' means over seeds), axis by axis.
 
     FLOPs ratio = tokens ratio x FLOPs-per-token ratio exactly; steps, trainable parameters and
     optimizer-state bytes are separate axes (they shape memory and wall-clock, not the FLOP count).
@@ -289,6 +388,7 @@ def run_gap_experiment(config: GapConfig) -> dict:
     from ..costs.shape import ModelShape
     from ..models import load_model
 
+    config.check()
     if config.quick and config.model == "tiny":
         from dataclasses import replace
 
@@ -308,16 +408,19 @@ def run_gap_experiment(config: GapConfig) -> dict:
     measured["icl"] = time.perf_counter() - arm_started
     trained = {}
     titles = {"full": "arm 3/5 full fine-tune", "scratch": "arm 4/5 same architecture from random weights (scratch)"}
-    for name, train_config in _arm_configs(config, arms_dir).items():
-        print(f"tunegap: {titles.get(name, f'arm 2/5 LoRA rank {train_config.rank}')}", flush=True)
+    for name, train_configs in _arm_configs(config, arms_dir).items():
         arm_started = time.perf_counter()
-        trained[name] = run_arm(train_config)
+        trained[name] = []
+        for i, train_config in enumerate(train_configs, start=1):
+            print(f"tunegap: {titles.get(name, f'arm 2/5 LoRA rank {train_config.rank}')}, seed "
+                  f"{train_config.seed} ({i}/{len(train_configs)})", flush=True)
+            trained[name].append(run_arm(train_config))
         measured[name] = time.perf_counter() - arm_started
     print("tunegap: predicted vs measured per arm: " + ", ".join(
         f"{name} {minutes(predicted[name]['seconds'])} vs {minutes(measured[name])}" for name in measured), flush=True)
     print("tunegap: arm 5/5 pretraining of the base model (estimated, not run)", flush=True)
-    full = trained["full"]
-    achieved = _value(full, "achieved_flops_per_s")
+    summaries = {name: _arm_summary(arms_dir, name, ledgers) for name, ledgers in trained.items()}
+    achieved = summaries["full"]["costs"]["achieved_flops_per_s"]["value"]
     pretrain = pretraining_estimate(config, shape, achieved)
 
     lora_name = f"lora-r{config.ranks[0]}"
@@ -326,29 +429,32 @@ def run_gap_experiment(config: GapConfig) -> dict:
     extra_per_query = icl[f"icl-{best_k}"]["inference_flops_per_query"] - zero["inference_flops_per_query"]
     extra_cached = (icl[f"icl-{best_k}"].get("inference_flops_per_query_cached", 0.0)
                     - zero.get("inference_flops_per_query_cached", 0.0))
+    train_flops = summaries[lora_name]["costs"]["flops_total"]["value"]
     results = {
-        "schema": 1,
+        "schema": 2,
         "experiment": "gap",
+        "task": config.task,
+        "quality_key": TASKS[config.task].quality,
+        "seeds": config.seed_list(),
+        "learning_rates": {"lora": config.lr_lora, "full": config.lr_full, "scratch": config.lr_scratch,
+                           "how": "fixed in advance (GapConfig defaults), not tuned on the test split; each arm "
+                                  f"logs val_loss on {config.val_examples} validation examples to tune them on"},
         "config": {**asdict(config), "folder": str(out)},
         "model": {"name": config.model, "shape": shape.to_dict()},
         "icl": icl,
-        "trained": {name: {"ledger_path": str(arms_dir / name / "ledger.json"), "costs": ledger["costs"],
-                           "metrics": {k: v for k, v in ledger["metrics"].items() if k != "samples"},
-                           "samples": ledger["metrics"].get("samples", []), "precision": ledger["precision"],
-                           "loss_curve": _loss_curve(arms_dir / name / "ledger.json")}
-                    for name, ledger in trained.items()},
+        "trained": summaries,
         "pretrain": {k: v for k, v in pretrain.items() if k != "on_gpu"} | {"costs": pretrain["on_gpu"]["costs"],
                                                                             "assumptions": pretrain["on_gpu"]["assumptions"],
                                                                             "hardware": pretrain["on_gpu"]["hardware"]},
-        "gap": {name: measured_gap(pretrain["on_gpu"], ledger) for name, ledger in trained.items()
+        "gap": {name: measured_gap(pretrain["on_gpu"], summary) for name, summary in summaries.items()
                 if name != "scratch"},
         "break_even": {
             "k": best_k, "arm": lora_name,
-            "train_flops": _value(trained[lora_name], "flops_total"),
+            "train_flops": train_flops,
             "icl_extra_flops_per_query": extra_per_query,
-            "queries": break_even(_value(trained[lora_name], "flops_total"), extra_per_query),
+            "queries": break_even(train_flops, extra_per_query),
             "icl_extra_flops_per_query_cached": extra_cached,
-            "queries_cached": break_even(_value(trained[lora_name], "flops_total"), extra_cached),
+            "queries_cached": break_even(train_flops, extra_cached),
         },
         "wall_seconds": time.perf_counter() - started,
         "durations": {name: {"predicted_s": predicted[name]["seconds"], "predicted_parts_s": predicted[name]["parts"],
