@@ -43,7 +43,7 @@ def _done(results: dict, out) -> int:
 
 
 def cmd_rank(args) -> int:
-    from .common import AnalysisError, parse_ints, quick_threads
+    from .common import AnalysisError, parse_floats, parse_ints, quick_threads
     from .rank import analyze_rank, quick_seed_runs
 
     out, run, null_run = args.out, args.run, args.null_run or None
@@ -56,7 +56,7 @@ def cmd_rank(args) -> int:
         out = "results/rank-grid" if out == "results/rank" else out
         return _done(analyze_rank_grid(
             out=out, model=args.model, steps_list=tuple(parse_ints(args.steps_list or "12,24", "--steps-list")),
-            lrs=_floats(args.lrs or "5e-5,2e-4", "--lrs"), seeds=args.seeds or (2 if args.quick else 3),
+            lrs=tuple(parse_floats(args.lrs or "5e-5,2e-4", "--lrs")), seeds=args.seeds or (2 if args.quick else 3),
             lora_ranks=(2, 4) if args.quick else lora_ranks, runs_dir=args.runs_dir, quick=args.quick,
             progress=args.progress), out)
     with quick_threads(args.quick):
@@ -67,18 +67,6 @@ def cmd_rank(args) -> int:
             raise AnalysisError("analyze rank: give a finished full fine-tune's run folder (or --quick)")
         return _done(analyze_rank(run, out=out, max_rank=args.max_rank, include_embeddings=args.embeddings,
                                   lora_ranks=lora_ranks, null_run=null_run), out)
-
-
-def _floats(text: str, what: str) -> tuple[float, ...]:
-    from .common import AnalysisError
-
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise AnalysisError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise AnalysisError(f"{what}: expected positive numbers, got {text!r}")
-    return values
 
 
 def cmd_sweep(args) -> int:
