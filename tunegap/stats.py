@@ -50,6 +50,13 @@ class Interval:
                 "high": self.high if finite else None, "seeds": self.n, "per_seed": list(self.values),
                 "interval": "95% Student t over seeds"}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Interval":
+        """An Interval back from its results.json form (`as_dict`), for verdicts and tables written from results."""
+        low = d["low"] if d.get("low") is not None else -math.inf
+        high = d["high"] if d.get("high") is not None else math.inf
+        return cls(d["value"], low, high, d["seeds"], tuple(d["per_seed"]))
+
     def text(self, digits: int = 3, unit: str = "") -> str:
         unit = f" {unit}" if unit else ""
         if self.n < 2:

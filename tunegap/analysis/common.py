@@ -76,13 +76,6 @@ def seed_interval(ledgers: list[dict], key: str) -> Interval:
     return mean_interval([ledger.get("metrics", {}).get(key) for ledger in ledgers])
 
 
-def interval_from(d: dict) -> Interval:
-    """An Interval back from its results.json form (`Interval.as_dict`), for verdicts written from results."""
-    low = d["low"] if d.get("low") is not None else -math.inf
-    high = d["high"] if d.get("high") is not None else math.inf
-    return Interval(d["value"], low, high, d["seeds"], tuple(d["per_seed"]))
-
-
 def check_seeds(seeds: int) -> int:
     if not isinstance(seeds, int) or seeds < 1:
         raise AnalysisError(f"--seeds: expected a positive integer, got {seeds!r}")

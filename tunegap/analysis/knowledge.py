@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 from ..literature import anchor
-from ..stats import judge, mean_interval, paired_differences
+from ..stats import Interval, judge, mean_interval, paired_differences
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, load_base, md_table, q, quick_aware,
-                     interval_from, run_seeds, save_figure, seed_interval, tuned_model, write_outputs)
+                     run_seeds, save_figure, seed_interval, tuned_model, write_outputs)
 
 _WORD = re.compile(r"[a-z0-9$.,]+")
 TRAIN_PROMPT = "State the {attribute} of the {device}."
@@ -325,7 +325,7 @@ def knowledge_verdicts(results: dict) -> list:
 
     verdicts = []
     if "rag_minus_best_ft" in results:
-        diff = interval_from(results["rag_minus_best_ft"])
+        diff = Interval.from_dict(results["rag_minus_best_ft"])
         j = judge(diff, 0.0, claim_below=False)
         verdicts.append(Verdict(
             "Retrieval is the better tool for new facts than fine-tuning.",
@@ -335,7 +335,7 @@ def knowledge_verdicts(results: dict) -> list:
             anchor("retrieval_beats_ft", j.supported), unresolved=j.supported is None))
     if "paraphrase_gain" in results:
         gain = results["paraphrase_gain"]
-        diff = interval_from(gain)
+        diff = Interval.from_dict(gain)
         j = judge(diff, 0.0, claim_below=False)
         verdicts.append(Verdict(
             "More paraphrases of each fact help fine-tuning learn it.",
@@ -344,7 +344,7 @@ def knowledge_verdicts(results: dict) -> list:
             j.note or f"equal steps ({results['settings']['steps']}) for every paraphrase count",
             anchor("paraphrases_help_ft", j.supported), unresolved=j.supported is None))
     if "fine_tuned" in results["arms"]:
-        kl = interval_from(results["arms"]["fine_tuned"]["forgetting_kl"])
+        kl = Interval.from_dict(results["arms"]["fine_tuned"]["forgetting_kl"])
         j = judge(kl, 0.01, claim_below=False)
         verdicts.append(Verdict(
             "Fine-tuning facts in disturbs unrelated behaviour; retrieval does not.",
@@ -361,7 +361,7 @@ def knowledge_section(results: dict, images: list[Path]):
     verdicts = knowledge_verdicts(results)
 
     def ci(d: dict) -> str:
-        return interval_from(d).text() if d.get("seeds") else fmt(d["value"])
+        return Interval.from_dict(d).text() if d.get("seeds") else fmt(d["value"])
 
     rows = [["closed book", "0", fmt(a["closed_book"]["accuracy"]["value"]) + " (deterministic)", "n/a",
              fmt(a["closed_book"]["mean_prompt_tokens"]["value"]), "0"]]

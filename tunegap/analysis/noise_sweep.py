@@ -28,9 +28,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..literature import anchor
-from ..stats import mean_interval, paired_differences, judge
+from ..stats import Interval, judge, mean_interval, paired_differences
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, md_table, q, quick_aware,
-                     interval_from, run_seeds, save_figure, seed_interval, write_outputs)
+                     run_seeds, save_figure, seed_interval, write_outputs)
 
 DEFAULT_NOISE = (0, 10, 25, 50)  # percent of the training replies replaced
 COMPUTE = (2, 4)  # clean arms at these multiples of the noisy arms' steps
@@ -257,11 +257,11 @@ def noise_verdicts(name: str, result: dict, quality_name: str) -> list:
     level = result.get("key_noise_percent")
     if level is None:
         return []
-    excess = interval_from(result["noise_minus_doubling"])
+    excess = Interval.from_dict(result["noise_minus_doubling"])
     j = judge(excess, 0.0, claim_below=False)
-    lost, gained = interval_from(result["quality_lost_to_noise"]), interval_from(result["quality_gained_by_2x"])
+    lost, gained = Interval.from_dict(result["quality_lost_to_noise"]), Interval.from_dict(result["quality_gained_by_2x"])
     top = max(r["noise_percent"] for r in result["arms"].values())
-    rise = interval_from(result["max_noise_loss_rise"])
+    rise = Interval.from_dict(result["max_noise_loss_rise"])
     jl = judge(rise, 0.0, claim_below=False)
     return [
         Verdict(f"{name}: {level}% noisy replies cost more than 2x compute (the {quality_name} they remove "

@@ -283,7 +283,7 @@ def depth_verdict(interval: dict) -> Judgement:
 
 
 def _iv(d: dict) -> Interval:
-    return mean_interval(d["per_seed"])
+    return Interval.from_dict(d)
 
 
 def _plot(models: dict, path: Path) -> Path:

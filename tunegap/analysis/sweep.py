@@ -91,10 +91,7 @@ def _task_rows(arms: dict, task: str, seeds: int) -> dict:
 
 
 def _interval(d: dict | None) -> Interval | None:
-    """An Interval back from its results.json form."""
-    if not d or d.get("value") is None:
-        return None
-    return mean_interval(d.get("per_seed") or [d["value"]])
+    return Interval.from_dict(d) if d and d.get("value") is not None else None
 
 
 def _within(rows: dict) -> dict:
