@@ -59,14 +59,15 @@ def base_train_config(*, model: str, steps: int, runs_dir: str, quick: bool, see
                        task_metrics="on", forgetting="on")  # the analyses read both from every run
 
 
-def _eval_loss(model, tokenizer, examples, batch_size: int, seq_len: int, autocast=contextlib.nullcontext) -> float:
+def eval_loss_of(model, tokenizer, examples, batch_size: int, seq_len: int, autocast=contextlib.nullcontext) -> float:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ctx = Context(model, model, make_method("full"), pad, autocast)
     return heldout_loss(ctx, examples, batch_size, seq_len)
 
 
-def _crossing(points: list[tuple[float, float]], target: float) -> float | None:
-    """Smallest alpha where the (alpha, loss) polyline first reaches `target` (loss falling), linearly interpolated."""
+def crossing(points: list[tuple[float, float]], target: float) -> float | None:
+    """Along the (x, loss) polyline in its order, the x where the loss first falls to `target`, linearly
+    interpolated (x: the interpolation weight here, a forgetting measure in `analyze plane`); None if it never does."""
     for (a0, l0), (a1, l1) in zip(points, points[1:]):
         if l0 >= target >= l1 and l0 != l1:
             return a0 + (a1 - a0) * (l0 - target) / (l0 - l1)
@@ -109,7 +110,7 @@ def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: i
     kw.pop("reply_tokens")
 
     def loss_at(model_) -> float:
-        return _eval_loss(model_, tokenizer, examples, base_cfg.batch_size, base_cfg.seq_len, autocast)
+        return eval_loss_of(model_, tokenizer, examples, base_cfg.batch_size, base_cfg.seq_len, autocast)
 
     base_loss = loss_at(base)
     work = copy.deepcopy(base)
@@ -134,7 +135,7 @@ def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: i
     target = max(arm["alpha_path"][-1][1] for arm in per_arm.values())  # the worst method's final quality
     for label, arm in per_arm.items():
         points = sorted(arm["alpha_path"])
-        alpha = _crossing(points, target)
+        alpha = crossing(points, target)
         loss = None
         for attempt in range(3):  # measure there; refine by secant while more than 1% off the target loss
             if alpha is None:
@@ -144,7 +145,7 @@ def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: i
             if abs(loss - target) <= 0.01 * target or attempt == 2:
                 break
             points = sorted(points + [(alpha, loss)])
-            better = _crossing(points, target)
+            better = crossing(points, target)
             if better is None:
                 break
             alpha = better
