@@ -287,7 +287,7 @@ def _plot(task: str, d: dict, path: Path) -> Path:
     fig = figure(11, 4.5)
     panels = [("forgetting_kl", "KL(base ‖ tuned), nats/token (measured)")]
     panels.append(("general_retained", "base-right general answers kept (measured)") if d["base_accuracy"]
-                  else ("general_accuracy", "general-question accuracy (measured; the base gets none right)"))
+                  else ("general_accuracy", "general accuracy (measured; base: none right)"))
     level = d["reading"]["level"]
     for i, (key, ylabel) in enumerate(panels, start=1):
         ax = fig.add_subplot(1, 2, i)
