@@ -134,7 +134,8 @@ def test_forgets_less_on_kept_answers_claims_the_higher_side():
 
 
 def test_best_arm_is_chosen_on_validation_not_test():
-    arms = {"lora-a": _arm("lora", [_seed(1.0, [], val=1.5)] * 2), "lora-b": _arm("lora", [_seed(1.2, [], val=1.1)] * 2),
+    arms = {"lora-a": _arm("lora", [_seed(1.0, [], val=1.5)] * 2),
+            "lora-b": _arm("lora", [_seed(1.2, [], val=1.1)] * 2),
             "full-a": _arm("full", [_seed(1.0, [(1.0, 0.1)])] * 2)}
     assert best_arm(arms, "lora") == "lora-b"
     assert read_plane(arms, 2.0)["best_lora"] == "lora-b"
@@ -144,13 +145,15 @@ def test_best_arm_is_chosen_on_validation_not_test():
 
 def test_plane_quick_reads_its_verdicts_from_the_runs_curves(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNEGAP_CACHE", str(tmp_path / "cache"))
-    results = analyze_plane(out=tmp_path / "plane", quick=True, task="support", seeds=2, runs_dir=str(tmp_path / "runs"))
+    results = analyze_plane(out=tmp_path / "plane", quick=True, task="support", seeds=2,
+                            runs_dir=str(tmp_path / "runs"))
     task = results["tasks"]["support"]
     assert len(task["arms"]) == 6 and results["seeds"] == 2
     finals = {}
     for label, arm in task["arms"].items():
         assert [p["step"] for p in arm["curve"]] == [2, 4]  # every 2 steps of 4: checkpoints of the real runs
-        ledgers = [json.loads((tmp_path / "runs" / run.split("/")[-1] / "ledger.json").read_text()) for run in arm["runs"]]
+        ledgers = [json.loads((tmp_path / "runs" / run.split("/")[-1] / "ledger.json").read_text())
+                   for run in arm["runs"]]
         # the curve's last point is the run's final weights: the loop's own end-of-run test loss, seed by seed
         assert arm["curve"][-1]["eval_loss"]["per_seed"] == pytest.approx([g["metrics"]["eval_loss"] for g in ledgers])
         finals[label] = [g["metrics"]["eval_loss"] for g in ledgers]

@@ -171,7 +171,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--task", default="both", choices=("support", "docstrings", "both"))
     p.add_argument("--seeds", type=_positive(int), default=3, help="seeds per arm (--quick: use 2)")
     p.add_argument("--steps", type=_positive(int), default=16, help="optimizer steps per run")
-    p.add_argument("--every", type=_positive(int), default=4, help="a curve point (test loss, forgetting) every N steps")
+    p.add_argument("--every", type=_positive(int), default=4,
+                   help="a curve point (test loss, forgetting) every N steps and at the last")
     p.add_argument("--ranks", default="4,64", help="LoRA ranks, comma-separated (alpha = 2r)")
     p.add_argument("--lora-lrs", default="2e-4,1e-3", help="LoRA learning rates, comma-separated")
     p.add_argument("--full-lrs", default="2e-5,1e-4", help="full fine-tuning learning rates, comma-separated")

@@ -386,7 +386,8 @@ def _pct(interval: Interval) -> str:
         return "not measured"
     if interval.n < 2:
         return f"{100 * interval.mean:+.2f}% (1 seed, no interval)"
-    return f"{100 * interval.mean:+.2f}% [95% CI {100 * interval.low:+.2f}%, {100 * interval.high:+.2f}%; {interval.n} seeds]"
+    return (f"{100 * interval.mean:+.2f}% [95% CI {100 * interval.low:+.2f}%, {100 * interval.high:+.2f}%; "
+            f"{interval.n} seeds]")
 
 
 def _cell(value) -> str:
