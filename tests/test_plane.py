@@ -169,3 +169,22 @@ def test_plane_quick_reads_its_verdicts_from_the_runs_curves(tmp_path, monkeypat
     assert task["forgets_less"]["forgetting_kl"]["seed_pairs"] == 2  # each pair's own level: both runs reach it
     assert kept["supported"] is None and kept["unresolved"]  # the random base answers nothing right
     assert (tmp_path / "plane" / "plane_support.png").stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- analyze forgetting --seeds
+
+def test_forgetting_seeds_verdict_pairs_seeds_on_each_side_of_zero():
+    from tunegap.analysis.forgetting import combined, paired_forgets_less
+
+    def arms(lora_kls, full_kls):
+        return {"full": {"seeds": [{"matched_kl": k} for k in full_kls]},
+                "lora-r4": {"seeds": [{"matched_kl": k} for k in lora_kls]}}
+    less = paired_forgets_less(arms([0.10, 0.21, 0.12], [0.20, 0.30, 0.22]), "lora-r4")
+    assert less[1].supported is True and less[0].mean == pytest.approx(-0.0967, abs=1e-3)
+    assert paired_forgets_less(arms([0.30, 0.41, 0.32], [0.20, 0.30, 0.22]), "lora-r4")[1].supported is False
+    straddles = paired_forgets_less(arms([0.25, 0.20, 0.22], [0.20, 0.30, 0.22]), "lora-r4")[1]
+    assert straddles.supported is None and "seeds" in straddles.note
+    # a seed without an equal-quality point drops out of the pairing; one pair left gives no interval
+    assert paired_forgets_less(arms([0.1, None], [0.2, 0.3]), "lora-r4")[1].supported is None
+    assert combined([less[1], less[1]])[:2] == (True, False)
+    assert combined([less[1], straddles])[:2] == (None, True)

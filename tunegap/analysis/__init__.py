@@ -70,7 +70,8 @@ def cmd_forgetting(args) -> int:
 
     return _done(analyze_forgetting(out=args.out, model=args.model, steps=args.steps,
                                     ranks=parse_ints(args.ranks, "--ranks"), full_lr=args.full_lr,
-                                    freeze_lr=args.freeze_lr, runs_dir=args.runs_dir, quick=args.quick,
+                                    freeze_lr=args.freeze_lr, seeds=args.seeds, runs_dir=args.runs_dir,
+                                    quick=args.quick,
                                     progress=args.progress), args.out)
 
 
@@ -162,6 +163,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ranks", default="4,64", help="LoRA ranks, comma-separated (the sweep's runs are reused)")
     p.add_argument("--full-lr", type=_positive(float), default=5e-5)
     p.add_argument("--freeze-lr", type=_positive(float), default=1e-4)
+    p.add_argument("--seeds", type=_positive(int), default=3,
+                   help="seeds per arm: verdicts pair the arms seed by seed, with 95%% intervals (each seed's runs "
+                        "add about 10 min on the default model)")
     p.set_defaults(func=cmd_forgetting)
 
     p = sub.add_parser("plane", help="LoRA (ranks x learning rates) vs full fine-tuning: test loss against "
