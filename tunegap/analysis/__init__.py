@@ -168,9 +168,11 @@ def add_parser(subparsers) -> None:
                         "add about 10 min on the default model)")
     p.set_defaults(func=cmd_forgetting)
 
-    p = sub.add_parser("plane", help="LoRA (ranks x learning rates) vs full fine-tuning: test loss against "
-                                     "forgetting at checkpoints along each run, over seeds (defaults: about 2.5 h "
-                                     "on the default model, 2 CPU cores, predicted; printed before the first run)")
+    plane_help = ("LoRA (ranks x learning rates) vs full fine-tuning: test loss against forgetting at checkpoints "
+                  "along each run, over seeds. Defaults (36 runs of 16 steps, 4 curve points each): about 2 h on the "
+                  "default model on a quiet 2-core CPU, about 1 h with one --task (estimate; the command prints its "
+                  "own prediction before the first run, and reuses finished runs)")
+    p = sub.add_parser("plane", help=plane_help, description=plane_help)
     _common(p, "plane")
     p.add_argument("--task", default="both", choices=("support", "docstrings", "both"))
     p.add_argument("--seeds", type=_positive(int), default=3, help="seeds per arm (--quick: use 2)")

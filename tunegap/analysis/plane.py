@@ -19,9 +19,10 @@ on the general prompts and general-question accuracy. The verdicts are read from
       resolved, and says so. The level is paired because a mean level sits above about half of the worse
       method's seeds, which would never reach it.
 
-Predicted wall time of the defaults on the default model, 2 CPU cores: about 2.5 h for `--seeds 3 --task both`
-(6 arms x 3 seeds x 2 tasks = 36 runs of 16 steps with 4 curve points each); half that with one task. The
-command prints its own prediction (from timed probes on this machine) before the first run.
+Predicted wall time of the defaults on the default model, a quiet 2-core CPU: about 2 h for `--seeds 3 --task
+both` (6 arms x 3 seeds x 2 tasks = 36 runs of 16 steps with 4 curve points each), about 1 h with one task
+(estimate: each run ~35-55 s of steps plus ~25 s per curve point). The command prints its own prediction (from
+timed probes on this machine) before the first run; finished runs are reused, so a killed analysis resumes.
 """
 
 from __future__ import annotations
