@@ -131,7 +131,7 @@ def add_parser(subparsers) -> None:
     """Register `analyze ...`, `sweep lora-rank` and `report` (tunegap.cli calls this)."""
     from .. import report
 
-    analyze = subparsers.add_parser("analyze", help="measure one of the essay's mechanisms (rank, convergence, "
+    analyze = subparsers.add_parser("analyze", help="measure one of the essay's mechanisms (rank, convergence, plane, "
                                                     "forgetting, knowledge, probe)")
     sub = analyze.add_subparsers(dest="analysis", required=True)
 
