@@ -248,7 +248,7 @@ def test_sweep_gaps_are_recomputed_from_the_run_ledgers(shared_runs):
 def test_forgetting_reuses_runs_and_alpha_one_reproduces_the_runs_eval_loss(shared_runs):
     root, sweep = shared_runs
     before = {p.name for p in (root / "runs").iterdir() if p.is_dir()}
-    results = analyze_forgetting(out=root / "forgetting", quick=True, runs_dir=str(root / "runs"))
+    results = analyze_forgetting(out=root / "forgetting", quick=True, seeds=1, runs_dir=str(root / "runs"))
     after = {p.name for p in (root / "runs").iterdir() if p.is_dir()}
     assert len(after - before) == 1 and next(iter(after - before)).startswith("support-freeze-")  # only freeze trained
     assert results["arms"]["full"]["run"] == sweep["arms"]["full"]["run"]

@@ -116,6 +116,10 @@ class TrainConfig:
                                  "(KL on 40 general prompts) and general-question accuracy into the ledger; auto: "
                                  "only when training is predicted to take longer than this evaluation",
                          choices=("auto", "on", "off"))
+    forgetting_every: int = _f(0, "every N steps and at the last, measure held-out loss and forgetting (KL to the "
+                                  "base on the general prompts, general-question accuracy) on the current "
+                                  "weights into metrics.jsonl: the run's learning-forgetting curve (0 = never; "
+                                  "real pretrained weights, one CPU process)")
     checkpoint_every: int = _f(0, "write a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted)")
     count_flops_every: int = _f(0, "count FLOPs (PyTorch's per-op formulas over the ops a step dispatches) every N steps (0 = first and last step)")
@@ -140,7 +144,8 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "budget_tokens", "warmup_steps", "eval_every", "checkpoint_every",
-                     "train_examples", "generate_examples", "threads", "count_flops_every", "val_examples"):
+                     "train_examples", "generate_examples", "threads", "count_flops_every", "val_examples",
+                     "forgetting_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -269,6 +269,25 @@ ANCHORS: dict[str, Anchor] = {
         "tunegap differs: freezing three quarters of the blocks cost little here; a short task whose style "
         "lives near the output, and a budget of a few dozen steps in which no arm moves far, both favour a "
         "frozen bottom."),
+    # ---------------------------------------------------------------- the learning-forgetting plane (analyze plane)
+    "plane_lora_matches": Anchor(
+        SCHULMAN, "main results (supervised learning) and the learning-rate comparison",
+        "LoRA matches full fine-tuning's loss in a low-regret regime of small-to-medium datasets (and RL), when "
+        "its learning rate is about 10x full fine-tuning's; Biderman et al. 2024 find LoRA learns less on code "
+        "and math at scale", True,
+        "tunegap agrees: a few hundred short examples sit inside Schulman's low-regret regime, and the LoRA "
+        "learning rates tried here are 10x full's.",
+        "tunegap differs from Schulman and sides with Biderman et al.: at a few steps on a small model, the best "
+        "learning rate of either method may lie outside the two tried, so check the arms' curves before reading "
+        "this as LoRA's capacity."),
+    "plane_forgets_less": Anchor(
+        BIDERMAN, "learning-forgetting trade-off figure (target-domain score against source-domain forgetting)",
+        "LoRA and full fine-tuning lie on roughly the same learning-forgetting curve; LoRA sits at less learning "
+        "and less forgetting, so it forgets less mainly because it learns less", False,
+        "tunegap agrees: at the same test loss LoRA did not forget less than full fine-tuning, as one shared "
+        "trade-off curve predicts.",
+        "tunegap differs: at the same test loss LoRA forgot less, which a few-step run can cause when full "
+        "fine-tuning's larger update moves directions the task does not need (its curve bends up early)."),
 }
 
 

@@ -10,6 +10,7 @@ PNG charts and a report section (`tunegap report` gathers them).
     tunegap analyze convergence       pretrained vs random start, same architecture     (reason 3)
     tunegap analyze probe             what the frozen layers already encode             (reason 1)
     tunegap analyze forgetting        does LoRA forget less, at equal task quality?     (caveat 2)
+    tunegap analyze plane             LoRA vs full on the learning-forgetting plane     (caveat 2)
     tunegap analyze knowledge         new facts: fine-tuning (1-10 paraphrases) vs retrieval (caveat 1)
 
 Defaults run on the default model within about ten minutes each on a free 2-core CPU (the two that train every
@@ -122,8 +123,28 @@ def cmd_forgetting(args) -> int:
 
     return _done(analyze_forgetting(out=args.out, model=args.model, steps=args.steps,
                                     ranks=parse_ints(args.ranks, "--ranks"), full_lr=args.full_lr,
-                                    freeze_lr=args.freeze_lr, runs_dir=args.runs_dir, quick=args.quick,
+                                    freeze_lr=args.freeze_lr, seeds=args.seeds, runs_dir=args.runs_dir,
+                                    quick=args.quick,
                                     progress=args.progress), args.out)
+
+
+def cmd_plane(args) -> int:
+    from .common import AnalysisError, parse_ints
+    from .plane import analyze_plane
+
+    def floats(text: str, what: str) -> tuple:
+        try:
+            values = tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise AnalysisError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+        if not values or min(values) <= 0:
+            raise AnalysisError(f"{what}: expected positive numbers, got {text!r}")
+        return values
+
+    return _done(analyze_plane(out=args.out, model=args.model, task=args.task, steps=args.steps, every=args.every,
+                               ranks=parse_ints(args.ranks, "--ranks"), lora_lrs=floats(args.lora_lrs, "--lora-lrs"),
+                               full_lrs=floats(args.full_lrs, "--full-lrs"), seeds=args.seeds,
+                               runs_dir=args.runs_dir, quick=args.quick, progress=args.progress), args.out)
 
 
 def cmd_convergence(args) -> int:
@@ -177,7 +198,7 @@ def add_parser(subparsers) -> None:
     """Register `analyze ...`, `sweep lora-rank` and `report` (tunegap.cli calls this)."""
     from .. import report
 
-    analyze = subparsers.add_parser("analyze", help="measure one of the essay's mechanisms (rank, convergence, "
+    analyze = subparsers.add_parser("analyze", help="measure one of the essay's mechanisms (rank, convergence, plane, "
                                                     "forgetting, knowledge, probe)")
     sub = analyze.add_subparsers(dest="analysis", required=True)
 
@@ -220,7 +241,26 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ranks", default="4,64", help="LoRA ranks, comma-separated (the sweep's runs are reused)")
     p.add_argument("--full-lr", type=_positive(float), default=5e-5)
     p.add_argument("--freeze-lr", type=_positive(float), default=1e-4)
+    p.add_argument("--seeds", type=_positive(int), default=3,
+                   help="seeds per arm: verdicts pair the arms seed by seed, with 95%% intervals (each seed's runs "
+                        "add about 10 min on the default model)")
     p.set_defaults(func=cmd_forgetting)
+
+    plane_help = ("LoRA (ranks x learning rates) vs full fine-tuning: test loss against forgetting at checkpoints "
+                  "along each run, over seeds. Defaults (36 runs of 16 steps, 4 curve points each): about 2 h on the "
+                  "default model on a quiet 2-core CPU, about 1 h with one --task (estimate; the command prints its "
+                  "own prediction before the first run, and reuses finished runs)")
+    p = sub.add_parser("plane", help=plane_help, description=plane_help)
+    _common(p, "plane")
+    p.add_argument("--task", default="both", choices=("support", "docstrings", "both"))
+    p.add_argument("--seeds", type=_positive(int), default=3, help="seeds per arm (--quick: use 2)")
+    p.add_argument("--steps", type=_positive(int), default=16, help="optimizer steps per run")
+    p.add_argument("--every", type=_positive(int), default=4,
+                   help="a curve point (test loss, forgetting) every N steps and at the last")
+    p.add_argument("--ranks", default="4,64", help="LoRA ranks, comma-separated (alpha = 2r)")
+    p.add_argument("--lora-lrs", default="2e-4,1e-3", help="LoRA learning rates, comma-separated")
+    p.add_argument("--full-lrs", default="2e-5,1e-4", help="full fine-tuning learning rates, comma-separated")
+    p.set_defaults(func=cmd_plane)
 
     p = sub.add_parser("knowledge", help="fictional facts: fine-tuning on 1-10 paraphrases vs BM25 retrieval vs both "
                                          "(defaults: about 30 min on the default model, 2 free cores)")

@@ -22,7 +22,8 @@ from ..stats import Interval, mean_interval
 
 # Report order: the gap experiment (a Section's default order, 50) first, then the essay's reasons in its order
 # (representations, low rank, optimisation), then its caveats (forgetting, knowledge).
-ORDER = {"probe": 60, "rank": 70, "sweep": 75, "noise": 77, "convergence": 80, "forgetting": 90, "knowledge": 95}
+ORDER = {"probe": 60, "rank": 70, "sweep": 75, "noise": 77, "convergence": 80, "forgetting": 90, "plane": 92,
+         "knowledge": 95}
 QUICK_MODEL = "tiny"  # --quick: a 2-layer random Llama; numbers exercise the code, they say nothing about LLMs
 
 

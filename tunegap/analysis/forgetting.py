@@ -29,8 +29,9 @@ from ..objectives import Context, heldout_loss
 from ..forgetting import (autocast_for, base_reference, cached_base_reference, forgetting_after_training,
                           has_real_weights, measure_forgetting, reply_kl, resolve_precision)
 from ..literature import anchor
-from .common import (ORDER, QUICK_MODEL, AnalysisError, figure, fmt, interpolate_, load_base, md_table, q,
-                     quick_aware, run_or_reuse, save_figure, tuned_model, weight_delta, write_outputs)
+from ..stats import Interval, Judgement, judge, mean_interval, paired_differences
+from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, interpolate_, load_base, md_table,
+                     q, quick_aware, run_seeds, save_figure, tuned_model, weight_delta, write_outputs)
 
 ALPHAS = (0.5, 1.0)  # then secant steps to the equal-quality point: every held-out loss costs a pass over the set
 
@@ -59,14 +60,15 @@ def base_train_config(*, model: str, steps: int, runs_dir: str, quick: bool, see
                        task_metrics="on", forgetting="on")  # the analyses read both from every run
 
 
-def _eval_loss(model, tokenizer, examples, batch_size: int, seq_len: int, autocast=contextlib.nullcontext) -> float:
+def eval_loss_of(model, tokenizer, examples, batch_size: int, seq_len: int, autocast=contextlib.nullcontext) -> float:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ctx = Context(model, model, make_method("full"), pad, autocast)
     return heldout_loss(ctx, examples, batch_size, seq_len)
 
 
-def _crossing(points: list[tuple[float, float]], target: float) -> float | None:
-    """Smallest alpha where the (alpha, loss) polyline first reaches `target` (loss falling), linearly interpolated."""
+def crossing(points: list[tuple[float, float]], target: float) -> float | None:
+    """Along the (x, loss) polyline in its order, the x where the loss first falls to `target`, linearly
+    interpolated (x: the interpolation weight here, a forgetting measure in `analyze plane`); None if it never does."""
     for (a0, l0), (a1, l1) in zip(points, points[1:]):
         if l0 >= target >= l1 and l0 != l1:
             return a0 + (a1 - a0) * (l0 - target) / (l0 - l1)
@@ -77,29 +79,58 @@ def _crossing(points: list[tuple[float, float]], target: float) -> float | None:
 
 @quick_aware
 def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: int = 16, ranks=(4, 64),
-                       full_lr: float = 5e-5, freeze_lr: float = 1e-4, runs_dir: str = "runs", quick: bool = False,
-                       progress: bool = True) -> dict:
-    """Train (or reuse) full, LoRA and freeze runs; compare their forgetting at equal held-out task loss."""
-    import copy
-
-    import torch
-
-    from ..data.sources import prepare
-
+                       full_lr: float = 5e-5, freeze_lr: float = 1e-4, seeds: int = 3, runs_dir: str = "runs",
+                       quick: bool = False, progress: bool = True) -> dict:
+    """Train (or reuse) full, LoRA and freeze runs for each seed; compare their forgetting at equal held-out task
+    loss, seed by seed (each seed's runs matched at that seed's worst final loss), with 95% intervals."""
     out = Path(out)
     started = time.perf_counter()
+    seeds = check_seeds(seeds)
     if quick:
         model, steps, ranks = QUICK_MODEL, min(steps, 3), (1, 2)  # the quick sweep's runs, reused
         full_lr = freeze_lr = 1e-3
     base_cfg = base_train_config(model=model, steps=steps, runs_dir=runs_dir, quick=quick, progress=progress)
     arms = method_configs(base_cfg, list(ranks), full_lr, freeze_lr)
-    runs = {label: run_or_reuse(cfg, f"support-{label}") for label, cfg in arms.items()}
+    runs = {label: run_seeds(cfg, f"support-{label}", seeds) for label, cfg in arms.items()}
+    per_seed, shared = [], None
+    for i in range(seeds):
+        seed_cfg = replace(base_cfg, seed=base_cfg.seed + i)
+        if shared is None or not has_real_weights(base_cfg):  # a random preset's base follows the seed
+            shared = _base_and_reference(seed_cfg, quick)
+        per_seed.append(_one_seed({label: r[i] for label, r in runs.items()}, seed_cfg, *shared))
+    first = per_seed[0]
+    per_arm = {label: {**arm, "seeds": [s["arms"][label]["summary"] for s in per_seed],
+                       "intervals": _intervals([s["arms"][label]["summary"] for s in per_seed])}
+               for label, arm in first["arms"].items()}
+    for arm in per_arm.values():
+        arm.pop("summary")
+    results = {
+        "analysis": "forgetting", "model": model, "quick": quick, "steps": steps, "seeds": seeds,
+        "settings": {"full_lr": full_lr, "freeze_lr": freeze_lr, "lora_lr": base_cfg.lr, "ranks": list(ranks),
+                     "alphas": list(ALPHAS), "lora_alpha": "2r"},
+        "base": {"eval_loss": q(first["base_loss"], "nats/token", "measured"),
+                 "general_accuracy": q(first["base_accuracy"], "fraction", "measured")},
+        "target_eval_loss": q(first["target"], "nats/token", "measured"),  # the first seed's (its arms' paths)
+        "target_eval_loss_seeds": mean_interval(s["target"] for s in per_seed).as_dict("nats/token"),
+        "arms": per_arm,
+        "wall_seconds": q(time.perf_counter() - started, "s", "measured"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    images = [_plot_path(per_arm, first["base_loss"], first["target"], out / "forgetting_vs_quality.png"),
+              _plot_bars(per_arm, out / "forgetting_at_equal_quality.png")]
+    section = forgetting_section(results, images)
+    results["verdicts"] = [v.__dict__ for v in section.verdicts]
+    write_outputs(out, results, section)
+    return results
 
-    base, tokenizer = load_base(base_cfg.to_dict())
+
+def _base_and_reference(config, quick: bool) -> tuple:
+    """The base model a seed's runs started from, its held-out examples and what it says (`base_reference`)."""
+    from ..data.sources import prepare
+
+    base, tokenizer = load_base(config.to_dict())
     base.eval()
-    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
-    examples = prepare(base_cfg, tokenizer).eval
-    autocast = autocast_for(base_cfg.precision)
+    autocast = autocast_for(config.precision)
     kw = dict(reply_tokens=24, answer_tokens=24, autocast=autocast)
     if quick:  # a random 2-layer model: a handful of prompts and questions exercise the same code
         from ..data.support import general_prompts, general_questions
@@ -107,9 +138,19 @@ def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: i
         kw.update(prompts=general_prompts()[:6], questions=general_questions()[:6], reply_tokens=8, answer_tokens=8)
     reference = base_reference(base, tokenizer, **kw)
     kw.pop("reply_tokens")
+    return base, tokenizer, prepare(config, tokenizer).eval, reference, kw
+
+
+def _one_seed(runs: dict, config, base, tokenizer, examples, reference, kw) -> dict:
+    """One seed's arms: each run's update scaled along W_base + a * dW, matched at the seed's worst final loss."""
+    import copy
+
+    import torch
+
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
 
     def loss_at(model_) -> float:
-        return _eval_loss(model_, tokenizer, examples, base_cfg.batch_size, base_cfg.seq_len, autocast)
+        return eval_loss_of(model_, tokenizer, examples, config.batch_size, config.seq_len, kw["autocast"])
 
     base_loss = loss_at(base)
     work = copy.deepcopy(base)
@@ -134,7 +175,7 @@ def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: i
     target = max(arm["alpha_path"][-1][1] for arm in per_arm.values())  # the worst method's final quality
     for label, arm in per_arm.items():
         points = sorted(arm["alpha_path"])
-        alpha = _crossing(points, target)
+        alpha = crossing(points, target)
         loss = None
         for attempt in range(3):  # measure there; refine by secant while more than 1% off the target loss
             if alpha is None:
@@ -144,7 +185,7 @@ def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: i
             if abs(loss - target) <= 0.01 * target or attempt == 2:
                 break
             points = sorted(points + [(alpha, loss)])
-            better = _crossing(points, target)
+            better = crossing(points, target)
             if better is None:
                 break
             alpha = better
@@ -152,25 +193,41 @@ def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: i
         arm["matched_alpha"] = alpha
         arm["matched"] = None if alpha is None else {
             "eval_loss": loss, **measure_forgetting(base, work, tokenizer, reference=reference, **kw)}
+        matched = arm["matched"] or {}
+        arm["summary"] = {"seed": config.seed, "run": arm["run"], "final_eval_loss": arm["alpha_path"][-1][1],
+                          "final_kl": final["forgetting_kl"], "matched_kl": matched.get("forgetting_kl"),
+                          "matched_retained": matched.get("general_retained")}
     del deltas
+    return {"arms": per_arm, "base_loss": base_loss, "target": target,
+            "base_accuracy": _mean(reference["base_right"])}
 
-    results = {
-        "analysis": "forgetting", "model": model, "quick": quick, "steps": steps,
-        "settings": {"full_lr": full_lr, "freeze_lr": freeze_lr, "lora_lr": base_cfg.lr, "ranks": list(ranks),
-                     "alphas": list(ALPHAS), "lora_alpha": "2r"},
-        "base": {"eval_loss": q(base_loss, "nats/token", "measured"),
-                 "general_accuracy": q(_mean(reference["base_right"]), "fraction", "measured")},
-        "target_eval_loss": q(target, "nats/token", "measured"),
-        "arms": per_arm,
-        "wall_seconds": q(time.perf_counter() - started, "s", "measured"),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    images = [_plot_path(per_arm, base_loss, target, out / "forgetting_vs_quality.png"),
-              _plot_bars(per_arm, out / "forgetting_at_equal_quality.png")]
-    section = forgetting_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
-    write_outputs(out, results, section)
-    return results
+
+SEED_UNITS = {"final_eval_loss": "nats/token", "final_kl": "nats/token", "matched_kl": "nats/token",
+              "matched_retained": "fraction"}
+
+
+def _intervals(summaries: list[dict]) -> dict:
+    """Mean and 95% interval over seeds of each arm's numbers."""
+    return {k: mean_interval(s[k] for s in summaries).as_dict(unit) for k, unit in SEED_UNITS.items()}
+
+
+def paired_forgets_less(arms: dict, label: str, reference: str = "full") -> tuple[Interval, Judgement]:
+    """`label`'s KL at equal quality minus `reference`'s, seed by seed (same seed, same data order), against 0."""
+    interval = paired_differences([s["matched_kl"] for s in arms[label]["seeds"]],
+                                  [s["matched_kl"] for s in arms[reference]["seeds"]])
+    return interval, judge(interval, 0.0, claim_below=True)
+
+
+def combined(judgements: list[Judgement]) -> tuple[bool | None, bool, str]:
+    """One verdict over several arms (each LoRA rank): supported when every arm's is, not when none is;
+    otherwise None, unresolved when some arm's interval straddles 0 (with its notes)."""
+    outcomes = [j.supported for j in judgements]
+    if outcomes and all(o is True for o in outcomes):
+        return True, False, ""
+    if outcomes and all(o is False for o in outcomes):
+        return False, False, ""
+    notes = "; ".join(j.note for j in judgements if j.note)
+    return None, any(o is None for o in outcomes), notes or "the LoRA ranks disagree"
 
 
 def _mean(values) -> float | None:
@@ -215,6 +272,14 @@ def _plot_bars(arms: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _interval_cell(value: dict | None) -> str:
+    if not value or value.get("value") is None:
+        return "n/a"
+    if value.get("low") is None:
+        return f"{fmt(value['value'])} (1 seed)"
+    return f"{fmt(value['value'])} [{fmt(value['low'])}, {fmt(value['high'])}]"
+
+
 def forgetting_section(results: dict, images: list[Path]):
     from ..report import Section, Verdict
 
@@ -226,28 +291,31 @@ def forgetting_section(results: dict, images: list[Path]):
         rows.append([label, fmt(arm["params_trainable"]), fmt(arm["alpha_path"][-1][1]), fmt(f["forgetting_kl"]),
                      f"{fmt(f['general_retained'])} ({fmt(f['general_accuracy'])})", fmt(arm["matched_alpha"]),
                      fmt(m.get("eval_loss")), fmt(m.get("forgetting_kl")),
-                     f"{fmt(m.get('general_retained'))} ({fmt(m.get('general_accuracy'))})"])
+                     f"{fmt(m.get('general_retained'))} ({fmt(m.get('general_accuracy'))})",
+                     _interval_cell(arm.get("intervals", {}).get("matched_kl"))])
     table = md_table(["arm", "trainable params", "final task loss", "final KL", "final kept (accuracy)",
-                      "a at equal quality", "task loss there", "KL there", "kept (accuracy) there"], rows)
-    full = (arms.get("full") or {}).get("matched")
-    loras = {k: a["matched"] for k, a in arms.items() if k.startswith("lora") and a.get("matched")}
-    if full and loras:
-        less = [k for k, m in loras.items() if m["forgetting_kl"] < full["forgetting_kl"]]
-        supported = True if len(less) == len(loras) else False if not less else None
-        measured = (f"KL at task loss {target:.3g} nats/token: full {full['forgetting_kl']:.3g}; "
-                    + ", ".join(f"{k} {m['forgetting_kl']:.3g}" for k, m in loras.items()) + " nats/token")
+                      "a at equal quality", "task loss there", "KL there", "kept (accuracy) there",
+                      f"KL there, mean [95% CI] over {results.get('seeds', 1)} seeds"], rows)
+    loras = [k for k, a in arms.items() if a["method"] == "lora"]
+    if "full" in arms and loras:
+        pairs = {k: paired_forgets_less(arms, k) for k in loras}
+        supported, unresolved, note = combined([j for _, j in pairs.values()])
+        measured = "KL at equal task loss, LoRA minus full, seed by seed: " + "; ".join(
+            f"{k} {iv.text(unit='nats/token') if iv.n else 'no equal-quality point'}" for k, (iv, _) in pairs.items())
     else:
-        supported, measured = None, "no equal-quality point for full fine-tuning or LoRA (see table)"
-    freeze = (arms.get("freeze") or {}).get("matched")
+        supported, unresolved, note = None, False, ""
+        measured = "no full fine-tuning or LoRA arm"
     verdicts = [Verdict("LoRA forgets less than full fine-tuning (essay: 'LoRA helps here too').", measured,
-                        supported, "equal quality = same held-out task loss, reached by scaling each update",
-                        anchor=anchor("lora_forgets_less", supported))]
-    if full and freeze:
+                        supported, "equal quality = same held-out task loss, reached by scaling each update"
+                        + (f"; {note}" if note else ""), anchor=anchor("lora_forgets_less", supported),
+                        unresolved=unresolved)]
+    if "full" in arms and "freeze" in arms:
+        iv, j = paired_forgets_less(arms, "freeze")
         verdicts.append(Verdict("Freezing most of the network also limits forgetting.",
-                                f"KL at equal quality: freeze {freeze['forgetting_kl']:.3g} vs full "
-                                f"{full['forgetting_kl']:.3g} nats/token",
-                                freeze["forgetting_kl"] < full["forgetting_kl"],
-                                anchor=anchor("freeze_forgets_less", freeze["forgetting_kl"] < full["forgetting_kl"])))
+                                "KL at equal quality, freeze minus full, seed by seed: "
+                                + (iv.text(unit="nats/token") if iv.n else "no equal-quality point"),
+                                j.supported, j.note, anchor=anchor("freeze_forgets_less", j.supported),
+                                unresolved=j.supported is None))
     base_acc = results["base"]["general_accuracy"]["value"]
     quick = ", quick: a random tiny model, numbers exercise the code only" if results["quick"] else ""
     n_prompts = next(iter(arms.values()))["final"]["forgetting_prompts"] if arms else 0
@@ -261,9 +329,11 @@ def forgetting_section(results: dict, images: list[Path]):
         "",
         "Methods reach different task quality in the same steps, so forgetting is compared at **equal task quality**: "
         "each run's update dW is scaled, W_base + a*dW (WiSE-FT, Wortsman et al. 2022), to the a where its held-out "
-        f"task loss equals the worst method's final loss ({target:.4g} nats/token), and measured there. "
-        "The scaled model is not a point the optimizer visited; it is the cheapest way to equalise quality "
-        "without training every method several times.",
+        f"task loss equals the worst method's final loss ({target:.4g} nats/token for the first seed; each seed "
+        "is matched at its own), and measured there. The scaled model is not a point the optimizer visited; it is "
+        "the cheapest way to equalise quality without training every method several times "
+        "(`tunegap analyze plane` reads forgetting off real checkpoints instead). Verdicts pair the arms seed by "
+        f"seed (same seed, same data order) over {results.get('seeds', 1)} seed(s), with 95% Student-t intervals.",
         "",
         table,
     ])
@@ -272,4 +342,4 @@ def forgetting_section(results: dict, images: list[Path]):
 
 
 __all__ = ["measure_forgetting", "base_reference", "forgetting_after_training", "analyze_forgetting", "reply_kl",
-           "has_real_weights", "method_configs", "base_train_config", "AnalysisError"]
+           "paired_forgets_less", "has_real_weights", "method_configs", "base_train_config", "AnalysisError"]

@@ -9,13 +9,14 @@ from __future__ import annotations
 from ..data.tasks import shipped
 from .base import Callback
 from .forgetting import Forgetting
+from .forgetting_curve import ForgettingCurve
 from .heldout import HeldoutLoss
 from .progress import ProgressBar
 from .task_metrics import TaskMetrics
 from .tracking import MetricsMirror
 
-__all__ = ["Callback", "Forgetting", "HeldoutLoss", "ProgressBar", "TaskMetrics", "MetricsMirror",
-           "default_callbacks"]
+__all__ = ["Callback", "Forgetting", "ForgettingCurve", "HeldoutLoss", "ProgressBar", "TaskMetrics",
+           "MetricsMirror", "default_callbacks"]
 
 
 def default_callbacks(config) -> list[Callback]:
@@ -27,6 +28,8 @@ def default_callbacks(config) -> list[Callback]:
         callbacks.append(TaskMetrics(task, config.generate_examples, config.task_metrics))
     if config.forgetting != "off":
         callbacks.append(Forgetting(config.forgetting))
+    if config.forgetting_every:  # after the held-out loss: a step it measured is not measured twice
+        callbacks.append(ForgettingCurve(config.forgetting_every))
     if config.log != "none":  # last: it mirrors metrics.jsonl, which holds what every other callback added
         callbacks.append(MetricsMirror(config.log))
     return callbacks

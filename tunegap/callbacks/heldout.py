@@ -7,6 +7,15 @@ from ..predict import heldout_seconds
 from .base import Callback
 
 
+def heldout_now(trainer, examples=None):
+    """The objective's mean held-out loss on the current weights (the test split unless `examples`)."""
+    config = trainer.config
+    with compiling.eager():  # no compile for no_grad shapes
+        return trainer.strategy.heldout(trainer.objective, trainer.ctx,
+                                        trainer.data.eval if examples is None else examples,
+                                        config.batch_size, config.seq_len)
+
+
 class HeldoutLoss(Callback):
     """The objective's loss on the held-out set, per unit: every `every` steps (0 = only at the end); also on
     the validation split at the end when the data has one (`--val-examples`), logged as val_loss."""
@@ -24,11 +33,7 @@ class HeldoutLoss(Callback):
         return {"what": "held-out loss", "seconds": seconds, "runs": True, "why": ""}
 
     def _measure(self, trainer, examples=None):
-        config = trainer.config
-        with compiling.eager():  # no compile for no_grad shapes
-            return trainer.strategy.heldout(trainer.objective, trainer.ctx,
-                                            trainer.data.eval if examples is None else examples,
-                                            config.batch_size, config.seq_len)
+        return heldout_now(trainer, examples)
 
     def on_step_end(self, trainer, step, row):
         if self.every and step % self.every == 0 and step < trainer.steps:

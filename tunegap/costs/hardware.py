@@ -62,8 +62,11 @@ def measure_matmul_flops(dtype_name: str, *, size: int = 1536, seconds: float = 
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # its own generator: the first run of a process measures the peaks after seeding the global one, and
+    # drawing from that would give it other LoRA weights than a later run of the same seed
+    own = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=own).to(dtype)
+    b = torch.randn(size, size, device=device, generator=own).to(dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     start = time.perf_counter()
     a @ b  # warm-up, and a first timing
