@@ -347,7 +347,7 @@ def body_markdown(results: dict) -> str:
         "(measured). Each cell is the mean over seeds with its 95% Student-t interval in brackets.",
         "",
         f"Learning rates (LoRA {lr.get('lora')}, full {lr.get('full')}, scratch {lr.get('scratch')}): "
-        f"{lr.get('how', 'fixed in advance')}. None was chosen on the test split reported here.",
+        f"{lr.get('how', 'fixed in advance')}.",
         "",
         *rows,
         "",
