@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import outputs, trainer
@@ -186,12 +186,13 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def write_outputs(out: Path, results: dict, section) -> None:
-    """results.json and section.json, atomically (a reader never sees half a file)."""
+    """results.json (with the section's verdicts, added to `results` in place for the caller to print) and
+    section.json, atomically (a reader never sees half a file)."""
     from ..io import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
-    results = {**results, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_json(out / "results.json", results)
+    results["verdicts"] = [asdict(v) for v in section.verdicts]
+    atomic_write_json(out / "results.json", {**results, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     section.save(out)
 
 

@@ -120,7 +120,6 @@ def analyze_convergence(*, out: str | Path, model: str = "smollm2-135m", steps: 
     out.mkdir(parents=True, exist_ok=True)
     images = [_plot(result_arms, target, out / "convergence.png")]
     section = convergence_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 

@@ -119,7 +119,6 @@ def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: i
     images = [_plot_path(per_arm, first["base_loss"], first["target"], out / "forgetting_vs_quality.png"),
               _plot_bars(per_arm, out / "forgetting_at_equal_quality.png")]
     section = forgetting_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 

@@ -151,7 +151,6 @@ def sweep_freeze(*, out: str | Path, task: str = "both", seeds: int | None = Non
     images = [_plot_quality(results, out / "freeze_quality_forgetting.png"),
               _plot_cost(results, out / "freeze_cost.png")]
     section = freeze_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 

@@ -271,7 +271,6 @@ def analyze_knowledge(*, out: str | Path, model: str = "smollm2-135m", method: s
     results["wall_seconds"] = q(time.perf_counter() - started, "s", "measured")
     images = [_plot(results, out / "knowledge.png")]
     section = knowledge_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 

@@ -220,7 +220,6 @@ def sweep_lr(*, out: str | Path, task: str = "both", seeds: int | None = None, l
     out.mkdir(parents=True, exist_ok=True)
     images = [_plot_val_loss(results, out / "lr_val_loss.png")]
     section = lr_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 

@@ -207,7 +207,6 @@ def sweep_noise(*, out: str | Path, task: str = "both", noise=DEFAULT_NOISE, see
                "wall_seconds": q(time.perf_counter() - started, "s", "measured")}
     images = [_plot(results, out / "noise_quality.png")]
     section = noise_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 

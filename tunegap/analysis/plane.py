@@ -227,7 +227,6 @@ def analyze_plane(*, out: str | Path, model: str = "smollm2-135m", task: str = "
                "tasks": {t: _task_results(d) for t, d in per_task.items()},
                "wall_seconds": q(time.perf_counter() - started, "s", "measured")}
     section = plane_section(results, per_task, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 

@@ -222,7 +222,6 @@ def analyze_probe(*, out: str | Path, model: str = "smollm2-135m", n: int = 100,
     out.mkdir(parents=True, exist_ok=True)
     images = [_plot(per_seed[0], out / "probe_layers.png")]
     section = probe_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 

@@ -241,7 +241,6 @@ def analyze_rank(run: str | Path, *, out: str | Path, max_rank: int = 64, includ
               _plot_layers(changed, out / "rank_by_layer.png"),
               _plot_spectra(changed, out / "rank_spectra.png")]
     section = rank_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 
@@ -373,7 +372,6 @@ def analyze_rank_grid(*, out: str | Path, model: str = "smollm2-135m", steps_lis
     out.mkdir(parents=True, exist_ok=True)
     images = [_plot_grid(cells, lora_ranks, out / "rank_grid.png")]
     section = rank_grid_section(results, pooled, growth, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 

@@ -51,7 +51,6 @@ def sweep_lora_rank(*, out: str | Path, ranks=DEFAULT_RANKS, model: str = "smoll
     out.mkdir(parents=True, exist_ok=True)
     images = [_plot_quality(by_task, out / "lora_rank_quality.png"), _plot_cost(first["arms"], out / "lora_rank_cost.png")]
     section = sweep_section(results, images)
-    results["verdicts"] = [v.__dict__ for v in section.verdicts]
     write_outputs(out, results, section)
     return results
 
