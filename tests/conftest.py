@@ -40,3 +40,14 @@ def tiny_config(tmp_path, **overrides):
         values["task_metrics"] = "on"
     values.update(overrides)
     return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models and 64x64 SVDs gain nothing from threads; on a busy machine they lose a lot to them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,13 +28,7 @@ from tunegap.models import load_model
 from tunegap.report import gather_sections, markdown_to_html, write_gathered_report
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models and 64x64 SVDs gain nothing from threads; on a busy machine they lose a lot to them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- intrinsic rank

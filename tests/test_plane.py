@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import tiny_config
 
 from tunegap.analysis.plane import analyze_plane, at_level, best_arm, forgets_less, matches_full, read_plane
@@ -16,12 +15,7 @@ from tunegap.stats import judge, mean_interval
 from tunegap.trainer import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

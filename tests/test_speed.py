@@ -22,13 +22,7 @@ from tunegap.precision import autocast_factory
 from tunegap.trainer import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second OpenMP thread only spin-waits, and on a loaded machine that costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls: a 2nd thread only spin-waits
 
 
 def _problem(n=37, d=16, vocab=50, seed=0):
