@@ -24,23 +24,26 @@ class HeldoutLoss(Callback):
         self.every = every
 
     def plan(self, trainer, forecast):
-        held = trainer.data.eval + trainer.data.validation
-        if not held:
+        held, validation = trainer.data.eval, trainer.data.validation
+        if not held and not validation:
             return {}
-        times = 1 + (trainer.steps // self.every if self.every else 0)
-        seconds = times * heldout_seconds(forecast.probe, trainer.shape, examples=len(held),
-                                          tokens_per_example=sum(len(e) for e in held) / len(held))
-        return {"what": "held-out loss", "seconds": seconds, "runs": True, "why": ""}
+        times = 1 + (trainer.steps // self.every if self.every else 0)  # the test split, every `every` steps
 
-    def _measure(self, trainer, examples=None):
-        return heldout_now(trainer, examples)
+        def seconds(examples):
+            if not examples:
+                return 0.0
+            return heldout_seconds(forecast.probe, trainer.shape, examples=len(examples),
+                                   tokens_per_example=sum(len(e) for e in examples) / len(examples))
+
+        return {"what": "held-out loss", "seconds": times * seconds(held) + seconds(validation), "runs": True,
+                "why": ""}  # the validation split once, at the end
 
     def on_step_end(self, trainer, step, row):
         if self.every and step % self.every == 0 and step < trainer.steps:
-            return {"eval_loss": self._measure(trainer)}
+            return {"eval_loss": heldout_now(trainer)}
         return {}
 
     def on_train_end(self, trainer):
         validation = trainer.data.validation
-        return {"eval_loss": self._measure(trainer),
-                **({"val_loss": self._measure(trainer, validation)} if validation else {})}
+        return {"eval_loss": heldout_now(trainer),
+                **({"val_loss": heldout_now(trainer, validation)} if validation else {})}
