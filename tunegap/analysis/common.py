@@ -206,6 +206,16 @@ def fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:,.{digits}g}"
 
 
+def interval_cell(value: dict | None) -> str:
+    """A results.json number (`Interval.as_dict`, or a plain `q`) as a table cell: mean [low, high]; "(1 seed)"
+    where one seed gave no interval; n/a where nothing was measured."""
+    if not value or value.get("value") is None or (isinstance(value["value"], float) and math.isnan(value["value"])):
+        return "n/a"
+    if value.get("low") is None:
+        return fmt(value["value"]) + (" (1 seed)" if value.get("seeds") == 1 else "")
+    return f"{fmt(value['value'])} [{fmt(value['low'])}, {fmt(value['high'])}]"
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     """A pipe table; a '|' inside a cell would split it, so cells may not contain one."""
     def cell(c) -> str:

@@ -30,8 +30,8 @@ from ..forgetting import (autocast_for, base_reference, cached_base_reference, f
                           has_real_weights, measure_forgetting, reply_kl, resolve_precision)
 from ..literature import anchor
 from ..stats import Interval, Judgement, judge, mean_interval, paired_differences
-from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, interpolate_, load_base, md_table,
-                     q, quick_aware, run_seeds, save_figure, tuned_model, weight_delta, write_outputs)
+from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, interpolate_, interval_cell, load_base,
+                     md_table, q, quick_aware, run_seeds, save_figure, tuned_model, weight_delta, write_outputs)
 
 ALPHAS = (0.5, 1.0)  # then secant steps to the equal-quality point: every held-out loss costs a pass over the set
 
@@ -271,14 +271,6 @@ def _plot_bars(arms: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _interval_cell(value: dict | None) -> str:
-    if not value or value.get("value") is None:
-        return "n/a"
-    if value.get("low") is None:
-        return f"{fmt(value['value'])} (1 seed)"
-    return f"{fmt(value['value'])} [{fmt(value['low'])}, {fmt(value['high'])}]"
-
-
 def forgetting_section(results: dict, images: list[Path]):
     from ..report import Section, Verdict
 
@@ -291,7 +283,7 @@ def forgetting_section(results: dict, images: list[Path]):
                      f"{fmt(f['general_retained'])} ({fmt(f['general_accuracy'])})", fmt(arm["matched_alpha"]),
                      fmt(m.get("eval_loss")), fmt(m.get("forgetting_kl")),
                      f"{fmt(m.get('general_retained'))} ({fmt(m.get('general_accuracy'))})",
-                     _interval_cell(arm.get("intervals", {}).get("matched_kl"))])
+                     interval_cell(arm.get("intervals", {}).get("matched_kl"))])
     table = md_table(["arm", "trainable params", "final task loss", "final KL", "final kept (accuracy)",
                       "a at equal quality", "task loss there", "KL there", "kept (accuracy) there",
                       f"KL there, mean [95% CI] over {results.get('seeds', 1)} seeds"], rows)

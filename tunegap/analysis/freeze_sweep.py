@@ -40,8 +40,8 @@ from ..methods import make_method
 from ..predict import minutes
 from ..stats import judge, mean_interval, paired_differences
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, md_table, q, quick_aware, run_seeds,
-                     save_figure, seed_interval, task_names, write_outputs)
-from .lr_sweep import (DEFAULT_RANK, disagreements, full_arm, interval_text, lora_arm, measured, pending_runs,
+                     interval_cell, save_figure, seed_interval, task_names, write_outputs)
+from .lr_sweep import (DEFAULT_RANK, disagreements, full_arm, lora_arm, measured, pending_runs,
                        predicted_arm, relative_gaps, task_config)
 
 DEFAULT_LR = 5e-5  # `sweep lora-rank`'s full fine-tuning rate: its full runs are this sweep's k = 0
@@ -332,9 +332,9 @@ def freeze_section(results: dict, images: list[Path]):
         for arm in [*res["arms"], {**res["lora"], "k": f"LoRA r={res['lora']['rank']}"}]:
             rows.append(["0 (full)" if arm["k"] == 0 else arm["k"], fmt(arm["params_trainable"]["value"]),
                          f"{arm['optimizer_state_bytes']['value'] / 2**20:.3g} MiB",
-                         f"{arm['flops_total']['value']:.3g}", interval_text(arm["wall_time_s"]),
-                         interval_text(arm["eval_loss"]), interval_text(arm["quality"]),
-                         *(interval_text(arm[key]) if arm[key] else "not measured" for key in FORGETTING)])
+                         f"{arm['flops_total']['value']:.3g}", interval_cell(arm["wall_time_s"]),
+                         interval_cell(arm["eval_loss"]), interval_cell(arm["quality"]),
+                         *(interval_cell(arm[key]) if arm[key] else "not measured" for key in FORGETTING)])
         blocks += [f"**{t}** (quality: {TASKS[t].quality_name})", "",
                    md_table(["k frozen", "trainable params", "optimizer state", "FLOPs (formula)", "wall time, s",
                              "test loss", TASKS[t].quality_name, "KL forgetting", "general accuracy"], rows), ""]
@@ -345,7 +345,7 @@ def freeze_section(results: dict, images: list[Path]):
         measured_text = (f"{t}: test loss at k = {v['k']} of {L} frozen vs k = 0 (full), paired per seed: "
                          f"{_pct(v['loss_increase'])}; {TASKS[t].quality_name} drop "
                          f"{_pct(v['quality_drop'], ' points')}; forgetting KL change "
-                         + (f"{interval_text(v['forgetting_kl_change'])} nats/token" if v["forgetting_kl_change"]
+                         + (f"{interval_cell(v['forgetting_kl_change'])} nats/token" if v["forgetting_kl_change"]
                             else "not measured"))
         by_task[t] = [Verdict(
             f"[{t}] Freezing most of the network (the bottom ~3/4 of the blocks) costs little quality: at most "

@@ -39,8 +39,8 @@ from ..literature import anchor
 from ..predict import minutes
 from ..stats import Interval, judge, mean_interval
 from ..trainer import Trainer, finished_ledger
-from .common import (ORDER, QUICK_MODEL, check_seeds, figure, fmt, md_table, q, quick_aware, run_seeds, save_figure,
-                     seed_interval, task_names, task_settings, write_outputs)
+from .common import (ORDER, QUICK_MODEL, check_seeds, figure, fmt, interval_cell, md_table, q, quick_aware, run_seeds,
+                     save_figure, seed_interval, task_names, task_settings, write_outputs)
 from .forgetting import base_train_config
 
 DEFAULT_LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
@@ -352,19 +352,10 @@ def _verdicts(results: dict) -> dict:
         verdicts[t].append(Verdict(
             f"[{t}] At its best learning rate, LoRA reaches full fine-tuning's test loss within 5%.",
             f"{t}: LoRA test loss relative to full's, paired per seed: {gap_text} (LoRA "
-            f"{interval_text(lora['eval_loss'])}, full {interval_text(full['eval_loss'])} nats/token)",
+            f"{interval_cell(lora['eval_loss'])}, full {interval_cell(full['eval_loss'])} nats/token)",
             gv["supported"], gv["note"] or f"paired over {gap['seeds']} seeds; threshold +5%",
             anchor("lora_gap_at_best_lr", gv["supported"]), unresolved=gv["supported"] is None))
     return verdicts
-
-
-def interval_text(value: dict | None) -> str:
-    """A results.json number with its interval, for a table cell: mean [low, high]."""
-    if not value or value["value"] is None or value["seeds"] == 0:
-        return "n/a"
-    if value["low"] is None:
-        return f"{value['value']:.4g} (1 seed)"
-    return f"{value['value']:.4g} [{value['low']:.4g}, {value['high']:.4g}]"
 
 
 def disagreements(verdicts: dict) -> str:
@@ -396,8 +387,8 @@ def lr_section(results: dict, images: list[Path]):
             chosen = res["chosen"][method]["lr"]["value"]
             for arm in res["arms"][method]:
                 mark = " (chosen)" if arm["lr"] == chosen else ""
-                rows.append([f"{method}{mark}", f"{arm['lr']:g}", interval_text(arm["val_loss"]),
-                             interval_text(arm["eval_loss"]), interval_text(arm["quality"])])
+                rows.append([f"{method}{mark}", f"{arm['lr']:g}", interval_cell(arm["val_loss"]),
+                             interval_cell(arm["eval_loss"]), interval_cell(arm["quality"])])
         blocks += [f"**{t}** (quality: {TASKS[t].quality_name}, test split; chosen arms' test numbers are the "
                    "ones the verdicts read)", "",
                    md_table(["method", "lr", "val loss (choice)", "test loss", TASKS[t].quality_name], rows), ""]

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..literature import anchor
 from ..stats import Interval, judge, mean_interval, paired_differences
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, md_table, q, quick_aware,
-                     run_seeds, save_figure, seed_interval, write_outputs)
+                     interval_cell, run_seeds, save_figure, seed_interval, write_outputs)
 
 DEFAULT_NOISE = (0, 10, 25, 50)  # percent of the training replies replaced
 COMPUTE = (2, 4)  # clean arms at these multiples of the noisy arms' steps
@@ -313,8 +313,8 @@ def noise_section(results: dict, images: list[Path]):
         verdicts += noise_verdicts(name, t, t["quality_name"])
         content = CONTENT_METRIC.get(name)
         rows = [[label, r["noise_percent"], f"{r['compute_multiple']}x ({r['steps']} steps)",
-                 fmt(r["corrupted_share"]["value"]), _ci(r["quality"]), _ci(r["eval_loss"]),
-                 *([_ci(r["content"])] if content else []), f"{r['flops_total']['value']:.3g}"]
+                 fmt(r["corrupted_share"]["value"]), interval_cell(r["quality"]), interval_cell(r["eval_loss"]),
+                 *([interval_cell(r["content"])] if content else []), f"{r['flops_total']['value']:.3g}"]
                 for label, r in t["arms"].items()]
         doublings = t.get("noise_in_doublings", {}).get("value")
         parts += [f"**{name}** ({t['pool_examples']} training examples in the pool; quality = {t['quality_name']})",
@@ -346,14 +346,6 @@ def noise_section(results: dict, images: list[Path]):
         "rate is not tuned per arm: the question is what the same recipe loses to noise.", "", *parts])
     return Section(title="Noisy data vs more compute", verdicts=verdicts, body_markdown=body, images=images,
                    order=ORDER["noise"])
-
-
-def _ci(d: dict) -> str:
-    if d["value"] is None:
-        return "n/a"
-    if d.get("low") is None:
-        return f"{fmt(d['value'])} (1 seed)"
-    return f"{fmt(d['value'])} [{fmt(d['low'])}, {fmt(d['high'])}]"
 
 
 __all__ = ["sweep_noise", "corrupt_replies", "corrupted_share", "noise_cost", "noise_verdicts", "DEFAULT_NOISE"]

@@ -35,7 +35,7 @@ from pathlib import Path
 from ..literature import anchor
 from ..stats import NOT_RESOLVED, Interval, judge, mean_interval
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, load_base, md_table, q,
-                     quick_aware, read_metrics, run_seeds, save_figure, write_outputs)
+                     interval_cell, quick_aware, read_metrics, run_seeds, save_figure, write_outputs)
 from .forgetting import crossing, eval_loss_of
 
 TASKS = ("support", "docstrings")
@@ -320,7 +320,7 @@ def _half(interval: Interval) -> float:
 # --------------------------------------------------------------------------- the report section
 
 def plane_section(results: dict, per_task: dict, images: list[Path]):
-    from ..report import Section, Verdict
+    from ..report import Section, Verdict, verdict_label
 
     verdicts, tables, outcomes = [], [], {}
     for t, d in per_task.items():
@@ -350,10 +350,10 @@ def plane_section(results: dict, per_task: dict, images: list[Path]):
         rows = []
         for label, arm in tr["arms"].items():
             last = arm["curve"][-1] if arm["curve"] else {}
-            rows.append([label, fmt(arm["lr"]), _cell(arm["val_loss"]), _cell(last.get("eval_loss")),
-                         _cell(last.get("forgetting_kl")), _cell(last.get("general_retained")),
-                         _cell(arm["at_common_level"]["forgetting_kl"]),
-                         _cell(arm["at_common_level"]["general_retained"])])
+            rows.append([label, fmt(arm["lr"]), interval_cell(arm["val_loss"]), interval_cell(last.get("eval_loss")),
+                         interval_cell(last.get("forgetting_kl")), interval_cell(last.get("general_retained")),
+                         interval_cell(arm["at_common_level"]["forgetting_kl"]),
+                         interval_cell(arm["at_common_level"]["general_retained"])])
         tables.append(f"**{t}** (base model: test loss {fmt(d['base_loss'])} nats/token, general accuracy "
                       f"{fmt(d['base_accuracy'])}; every arm read at {fmt(r['level'])} nats/token, the highest "
                       "pair level)\n\n" + md_table(
@@ -363,7 +363,7 @@ def plane_section(results: dict, per_task: dict, images: list[Path]):
     names = {"matches": "LoRA matches full", "forgetting_kl": "forgets less (KL)",
              "general_retained": "forgets less (kept answers)"}
     where = ("" if len(per_task) < 2 else "The tasks disagree on: " + "; ".join(
-        f"{names[k]} ({', '.join(f'{t} {_label(v)}' for t, v in outcomes[k].items())})" for k in disagree) + "."
+        f"{names[k]} ({', '.join(f'{t} {verdict_label(v, v is None)}' for t, v in outcomes[k].items())})" for k in disagree) + "."
         if disagree else "The two tasks agree on every verdict.")
     quick = " (quick: a random tiny model; the numbers exercise the code only)" if results["quick"] else ""
     s = results["settings"]
@@ -388,18 +388,6 @@ def _pct(interval: Interval) -> str:
         return f"{100 * interval.mean:+.2f}% (1 seed, no interval)"
     return (f"{100 * interval.mean:+.2f}% [95% CI {100 * interval.low:+.2f}%, {100 * interval.high:+.2f}%; "
             f"{interval.n} seeds]")
-
-
-def _cell(value) -> str:
-    if not value or value.get("value") is None or (isinstance(value["value"], float) and math.isnan(value["value"])):
-        return "n/a"
-    if value.get("low") is None:
-        return fmt(value["value"])
-    return f"{fmt(value['value'])} [{fmt(value['low'])}, {fmt(value['high'])}]"
-
-
-def _label(supported) -> str:
-    return {True: "supported", False: "not supported", None: "not resolved"}[supported]
 
 
 __all__ = ["analyze_plane", "at_level", "best_arm", "forgets_less", "matches_full", "pair_levels", "read_plane"]

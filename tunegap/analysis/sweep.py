@@ -169,7 +169,7 @@ def _plot_cost(rows: dict, path: Path) -> Path:
 
 
 def sweep_section(results: dict, images: list[Path]):
-    from ..report import Section, Verdict
+    from ..report import Section, Verdict, verdict_label
 
     verdicts, tables, outcomes = [], [], {}
     for task, data in results["tasks"].items():
@@ -210,7 +210,7 @@ def sweep_section(results: dict, images: list[Path]):
     if len(outcomes) > 1:
         agree = len(set(outcomes.values())) == 1
         tables.append("The tasks " + ("agree" if agree else "disagree") + " on the rank verdict: " + ", ".join(
-            f"{t}: {verdict_word(o)}" for t, o in outcomes.items()) + ".")
+            f"{t}: {verdict_label(o, o is None)}" for t, o in outcomes.items()) + ".")
     quick = " (quick: random tiny model; the numbers only exercise the code)" if results["quick"] else ""
     body = "\n".join([
         f"Model `{results['model']}`{quick}; {results['seeds']} seed(s) per arm (weights, data order, LoRA "
@@ -221,10 +221,6 @@ def sweep_section(results: dict, images: list[Path]):
         "`vs full` is the per-seed relative gap to full fine-tuning.", "", *tables])
     return Section(title="LoRA rank sweep: how low can the rank go?", verdicts=verdicts, body_markdown=body,
                    images=images, order=ORDER["sweep"])
-
-
-def verdict_word(outcome: bool | None) -> str:
-    return {True: "supported", False: "not supported", None: "not resolved"}[outcome]
 
 
 def _note(results: dict, outcome: bool | None, within: dict, kind: str) -> str:
