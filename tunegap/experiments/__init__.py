@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..report import verdict_label
 
 
@@ -82,7 +84,7 @@ def add_parser(subparsers) -> None:
                           "Defaults on smollm2-135m, 3 seeds: 10.5 min (support), 11.0 min (docstrings) measured "
                           "on a 2-core host at fp32 362 / bf16 2455 GFLOP/s; slower CPUs take longer")
     gap.add_argument("--quick", action="store_true", help="smoke version on a tiny model (2 seeds, about 2 minutes)")
-    gap.add_argument("--progress", action=__import__("argparse").BooleanOptionalAction, default=None)
+    gap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     gap.set_defaults(func=cmd_gap)
 
     stages = sub.add_parser("stages", help="SFT, then DPO, then RL, each stage's cost beside pretraining's")
@@ -93,5 +95,5 @@ def add_parser(subparsers) -> None:
     stages.add_argument("--gpu-price", type=float, default=None, help="$/hour override for that GPU")
     stages.add_argument("--pretrain-tokens", type=float, default=None, help="override the published token count")
     stages.add_argument("--quick", action="store_true", help="smoke version on a tiny model")
-    stages.add_argument("--progress", action=__import__("argparse").BooleanOptionalAction, default=None)
+    stages.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     stages.set_defaults(func=cmd_stages)
