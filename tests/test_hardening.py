@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunegap import checkpoint as ckpt
-from tunegap.cli import main
+from tunegap.cli import Interrupted, _quiet_when_swallowed, main
 from tunegap.costs.hardware import measure_peaks
 from tunegap.io import read_jsonl
 
@@ -494,6 +494,28 @@ def _wait_until_torch_loads(proc: subprocess.Popen) -> None:
             pass
         time.sleep(0.01)
     raise AssertionError("torch never loaded")
+
+
+def test_a_stop_swallowed_by_a_finalizer_prints_nothing_but_other_errors_still_show():
+    """Ctrl-C landing in a `__del__` is swallowed by CPython (the signal is sent again a second later): it must not
+    print "Exception ignored in ..." over the one line, while a real error in a finalizer is still reported."""
+    class RaisesOnDelete:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    reported, previous = [], sys.unraisablehook
+    sys.unraisablehook = _quiet_when_swallowed(lambda unraisable: reported.append(type(unraisable.exc_value)))
+    try:
+        obj = RaisesOnDelete(Interrupted())
+        del obj
+        obj = RaisesOnDelete(ValueError("a bug"))
+        del obj
+    finally:
+        sys.unraisablehook = previous
+    assert reported == [ValueError]
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see torch load")

@@ -229,6 +229,15 @@ def _raise_for(signum, frame):
     raise Stopped() if signum == signal.SIGTERM else Interrupted()
 
 
+def _quiet_when_swallowed(report):
+    """A stop raised while a finalizer (`__del__`) runs is swallowed and printed as "Exception ignored in ...";
+    _raise_for sends the signal again a second later, so that traceback would only break the one line."""
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, (Interrupted, Stopped)):
+            report(unraisable)
+    return hook
+
+
 def _install_handlers() -> dict:
     """Our handlers for SIGINT and SIGTERM where Python's defaults are in place; the previous ones, to restore."""
     previous = {}
@@ -246,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     """Every outcome is an exit code and at most one line on stderr: user errors 2, Ctrl-C 130, SIGTERM 143,
     a closed pipe (`tunegap runs | head`) quietly; only a bug in tunegap shows a traceback."""
     previous = _install_handlers()
+    previous_unraisable_hook, sys.unraisablehook = sys.unraisablehook, _quiet_when_swallowed(sys.unraisablehook)
     _HANDLED.clear()
     try:
         return _main(argv)
@@ -260,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     finally:
         _HANDLED.set()
+        sys.unraisablehook = previous_unraisable_hook
         for signum, handler in previous.items():  # main() called in-process (tests, notebooks): give them back
             signal.signal(signum, handler)
 
