@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import needs_smollm2
 
-from tunegap.analysis.common import AnalysisError
+from tunegap.analysis.common import AnalysisError, disagreements
 from tunegap.analysis.convergence import (analyze_convergence, convergence_section, convergence_seeds_verdict,
                                           convergence_verdict, extrapolate,
                                           power_law_fit, steps_to)
@@ -193,7 +193,7 @@ def test_train_loop_writes_forgetting_into_the_ledger_for_a_pretrained_folder(tm
     short = train(tiny_config(tmp_path, model=str(tmp_path / "pretrained"), max_steps=2, threads=1, name="short"))
     assert ("forgetting_kl" in short["metrics"]) == ("forgetting" in short["timings"]["predicted_seconds"])
     assert len(list((tmp_path / "cache" / "forgetting").glob("*.json"))) == 1  # the base's replies were reused
-    from tunegap.analysis.forgetting import cached_base_reference
+    from tunegap.forgetting import cached_base_reference
 
     base, tokenizer = load_model(str(tmp_path / "pretrained"))
     fresh = base_reference(base, tokenizer)
@@ -599,3 +599,20 @@ def test_rank_grid_quick_trains_each_cell_per_seed(tmp_path):
     expected = pooled_low_rank_verdict(pooled["per_seed"], 4, results["seed_null_r90"]["value"])
     assert first["supported"] is expected["supported"] and first["anchor"]["paper"].startswith("Biderman")
     assert len(results["verdicts"]) == 2  # two step counts: the growth verdict too
+
+
+def test_with_two_tasks_the_report_names_the_claims_they_disagree_on():
+    from tunegap.report import Verdict
+
+    def two(ratio, gap):
+        return [Verdict("[t] The best LoRA rate is about 10x.", "", ratio), Verdict("[t] Within 5%.", "", gap,
+                                                                                 unresolved=gap is None)]
+
+    text = disagreements({"support": two(True, None), "docstrings": two(True, False)})
+    assert text == ("The tasks disagree on 'Within 5%.' (support: not resolved at this budget, "
+                    "docstrings: not supported).")
+    assert disagreements({"support": two(True, True), "docstrings": two(True, True)}).endswith("same verdicts.")
+    assert disagreements({"support": two(True, True)}) == ""
+    # given names, and a task that judged fewer claims: only the claims every task judged are compared
+    named = disagreements({"support": two(False, True), "docstrings": two(True, True)[:1]}, ["ratio", "gap"])
+    assert named == "The tasks disagree on 'ratio' (support: not supported, docstrings: supported)."

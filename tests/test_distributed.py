@@ -14,7 +14,6 @@ import textwrap
 from dataclasses import asdict, fields
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config

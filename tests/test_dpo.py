@@ -16,7 +16,7 @@ from tunegap.data.sources import Prepared
 from tunegap.errors import ConfigError
 from tunegap.methods import make_method
 from tunegap.models import base_model, load_model
-from tunegap.objectives import DPO, Context, make_objective
+from tunegap.objectives import DPO, Context
 from tunegap.objectives.dpo import reference_logps, reply_logps
 from tunegap.objectives.pairs import PairExample
 from tunegap.trainer import Trainer

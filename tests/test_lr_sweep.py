@@ -150,18 +150,3 @@ def test_quick_sweep_reports_the_test_metrics_of_the_arm_chosen_on_validation(tm
     assert all(v["unresolved"] == (v["supported"] is None) for v in results["verdicts"])
     section = json.loads((out / "section.json").read_text())
     assert section["images"] == ["lr_val_loss.png"] and (out / "lr_val_loss.png").stat().st_size > 10_000
-
-
-def test_with_both_tasks_the_report_names_the_claims_they_disagree_on():
-    from tunegap.analysis.lr_sweep import disagreements
-    from tunegap.report import Verdict
-
-    def two(ratio, gap):
-        return [Verdict("[t] The best LoRA rate is about 10x.", "", ratio), Verdict("[t] Within 5%.", "", gap,
-                                                                                 unresolved=gap is None)]
-
-    text = disagreements({"support": two(True, None), "docstrings": two(True, False)})
-    assert text == ("The tasks disagree on 'Within 5%.' (support: not resolved at this budget, "
-                    "docstrings: not supported).")
-    assert disagreements({"support": two(True, True), "docstrings": two(True, True)}).endswith("same verdicts.")
-    assert disagreements({"support": two(True, True)}) == ""

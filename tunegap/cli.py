@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
+from .config import ConfigError, add_config_arguments, config_from_args
 
 
 class UserError(Exception):

@@ -196,6 +196,30 @@ def write_outputs(out: Path, results: dict, section) -> None:
     section.save(out)
 
 
+def disagreements(by_task: dict[str, list], claims: list[str] | None = None) -> str:
+    """With two or more tasks: one sentence naming each claim their verdicts differ on ("" with one task).
+    Each task's list judges the same claims in the same order; `claims` names them (default: the first task's
+    claims without their "[task] " prefix)."""
+    if len(by_task) < 2:
+        return ""
+    first, *_ = by_task.values()
+    names = claims or [v.claim.split("] ", 1)[-1] for v in first]
+    differ = []
+    for i, claim in enumerate(names[:min(len(vs) for vs in by_task.values())]):
+        labels = {task: verdicts[i].label for task, verdicts in by_task.items()}
+        if len(set(labels.values())) > 1:
+            differ.append(f"'{claim}' ({', '.join(f'{task}: {label}' for task, label in labels.items())})")
+    return ("The tasks disagree on " + "; ".join(differ) + ".") if differ else \
+        "The tasks reach the same verdicts."
+
+
+def half_width(value) -> float:
+    """An error bar's half width: an `Interval` or a results.json interval; 0 where no interval was measured."""
+    if isinstance(value, Interval):
+        return value.half_width if math.isfinite(value.half_width) else 0.0
+    return (value["high"] - value["low"]) / 2 if value and value.get("low") is not None else 0.0
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"

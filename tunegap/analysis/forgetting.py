@@ -26,8 +26,8 @@ from pathlib import Path
 
 from ..methods import make_method
 from ..objectives import Context, heldout_loss
-from ..forgetting import (autocast_for, base_reference, cached_base_reference, forgetting_after_training,
-                          has_real_weights, measure_forgetting, reply_kl, resolve_precision)
+from ..forgetting import (autocast_for, base_reference, forgetting_after_training, has_real_weights, measure_forgetting,
+                          reply_kl)
 from ..literature import anchor
 from ..stats import Interval, Judgement, judge, mean_interval, paired_differences
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, interpolate_, interval_cell, load_base,

@@ -39,9 +39,9 @@ from ..literature import anchor
 from ..methods import make_method
 from ..predict import minutes
 from ..stats import judge, mean_interval, paired_differences
-from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, md_table, q, quick_aware, run_seeds,
-                     interval_cell, save_figure, seed_interval, task_names, write_outputs)
-from .lr_sweep import (DEFAULT_RANK, disagreements, full_arm, lora_arm, measured, pending_runs,
+from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, disagreements, figure, fmt, interval_cell, md_table,
+                     q, quick_aware, run_seeds, save_figure, seed_interval, task_names, write_outputs)
+from .lr_sweep import (DEFAULT_RANK, full_arm, lora_arm, measured, pending_runs,
                        predicted_arm, relative_gaps, task_config)
 
 DEFAULT_LR = 5e-5  # `sweep lora-rank`'s full fine-tuning rate: its full runs are this sweep's k = 0

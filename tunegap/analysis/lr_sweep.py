@@ -39,8 +39,8 @@ from ..literature import anchor
 from ..predict import minutes
 from ..stats import Interval, judge, mean_interval
 from ..trainer import Trainer, finished_ledger
-from .common import (ORDER, QUICK_MODEL, check_seeds, figure, fmt, interval_cell, md_table, q, quick_aware, run_seeds,
-                     save_figure, seed_interval, task_names, task_settings, write_outputs)
+from .common import (ORDER, QUICK_MODEL, check_seeds, disagreements, figure, fmt, interval_cell, md_table, q,
+                     quick_aware, run_seeds, save_figure, seed_interval, task_names, task_settings, write_outputs)
 from .forgetting import base_train_config
 
 DEFAULT_LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
@@ -356,23 +356,6 @@ def _verdicts(results: dict) -> dict:
             gv["supported"], gv["note"] or f"paired over {gap['seeds']} seeds; threshold +5%",
             anchor("lora_gap_at_best_lr", gv["supported"]), unresolved=gv["supported"] is None))
     return verdicts
-
-
-def disagreements(verdicts: dict) -> str:
-    """With both tasks: the claims on which the tasks' verdicts differ, one sentence."""
-    from ..report import verdict_label
-
-    if len(verdicts) < 2:
-        return ""
-    tasks = list(verdicts)
-    differ = []
-    for i, first in enumerate(verdicts[tasks[0]]):
-        labels = {t: verdict_label(verdicts[t][i].supported, verdicts[t][i].unresolved) for t in tasks}
-        if len(set(labels.values())) > 1:
-            claim = first.claim.split("] ", 1)[-1]
-            differ.append(f"'{claim}' ({', '.join(f'{t}: {label}' for t, label in labels.items())})")
-    return ("The tasks disagree on " + "; ".join(differ) + ".") if differ else \
-        "The two tasks reach the same verdicts."
 
 
 def lr_section(results: dict, images: list[Path]):

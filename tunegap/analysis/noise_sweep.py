@@ -29,8 +29,8 @@ from pathlib import Path
 
 from ..literature import anchor
 from ..stats import Interval, judge, mean_interval, paired_differences
-from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, md_table, q, quick_aware,
-                     interval_cell, run_seeds, save_figure, seed_interval, write_outputs)
+from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, disagreements, figure, fmt, interval_cell,
+                     md_table, q, quick_aware, run_seeds, save_figure, seed_interval, write_outputs)
 
 DEFAULT_NOISE = (0, 10, 25, 50)  # percent of the training replies replaced
 COMPUTE = (2, 4)  # clean arms at these multiples of the noisy arms' steps
@@ -308,9 +308,9 @@ def _plot(results: dict, path: Path) -> Path:
 def noise_section(results: dict, images: list[Path]):
     from ..report import Section
 
-    verdicts, parts = [], []
+    by_task, parts = {}, []
     for name, t in results["tasks"].items():
-        verdicts += noise_verdicts(name, t, t["quality_name"])
+        by_task[name] = noise_verdicts(name, t, t["quality_name"])
         content = CONTENT_METRIC.get(name)
         rows = [[label, r["noise_percent"], f"{r['compute_multiple']}x ({r['steps']} steps)",
                  fmt(r["corrupted_share"]["value"]), interval_cell(r["quality"]), interval_cell(r["eval_loss"]),
@@ -328,15 +328,8 @@ def noise_section(results: dict, images: list[Path]):
                    "quality lost / quality one doubling adds)." if doublings is not None else
                    "Doubling the compute did not add quality on average, so the noise cannot be priced in "
                    "doublings here."), ""]
-    if len(results["tasks"]) == 2:
-        labels = {}  # the claim without its task name -> [(task, verdict label)]
-        for v in verdicts:
-            task, claim = v.claim.split(": ", 1)
-            labels.setdefault(claim, []).append((task, v.label))
-        disagree = [f"{claim} ({'; '.join(f'{t}: {lab}' for t, lab in labs)})"
-                    for claim, labs in labels.items() if len({lab for _, lab in labs}) > 1]
-        parts += ["Where the tasks disagree: " + ("; ".join(disagree) if disagree else
-                                                  "nowhere: both tasks give the same verdicts."), ""]
+    parts += [disagreements(by_task, ["the key noise level costs more than 2x compute",
+                                      "the largest noise level raises the test loss"]), ""]
     quick = " (quick: random tiny model; the numbers only exercise the code)" if results["quick"] else ""
     body = "\n".join([
         f"Model `{results['model']}`{quick}; LoRA r{results['settings']['rank']}, lr {results['settings']['lr']}, "
@@ -344,8 +337,8 @@ def noise_section(results: dict, images: list[Path]):
         f"Corruption: {results['corruption']}. Quality is scored on "
         f"{results['settings']['generate_examples']} generated test replies, loss on the test split. The learning "
         "rate is not tuned per arm: the question is what the same recipe loses to noise.", "", *parts])
-    return Section(title="Noisy data vs more compute", verdicts=verdicts, body_markdown=body, images=images,
-                   order=ORDER["noise"])
+    return Section(title="Noisy data vs more compute", verdicts=[v for vs in by_task.values() for v in vs],
+                   body_markdown=body, images=images, order=ORDER["noise"])
 
 
 __all__ = ["sweep_noise", "corrupt_replies", "corrupted_share", "noise_cost", "noise_verdicts", "DEFAULT_NOISE"]

@@ -34,8 +34,9 @@ from pathlib import Path
 
 from ..literature import anchor
 from ..stats import NOT_RESOLVED, Interval, judge, mean_interval
-from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, load_base, md_table, q,
-                     interval_cell, quick_aware, read_metrics, run_seeds, save_figure, write_outputs)
+from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, disagreements, figure, fmt, half_width,
+                     interval_cell, load_base, md_table, q, quick_aware, read_metrics, run_seeds, save_figure,
+                     write_outputs)
 from .forgetting import crossing, eval_loss_of
 
 TASKS = ("support", "docstrings")
@@ -300,8 +301,8 @@ def _plot(task: str, d: dict, path: Path) -> Path:
                             linestyle="--" if arm["method"] == "full" else "-")
             if curve:
                 last = curve[-1]
-                ax.errorbar([last["eval_loss"].mean], [last[key].mean], xerr=[[_half(last["eval_loss"])]],
-                            yerr=[[_half(last[key])]], color=line.get_color(), capsize=3, linewidth=1)
+                ax.errorbar([last["eval_loss"].mean], [last[key].mean], xerr=[[half_width(last["eval_loss"])]],
+                            yerr=[[half_width(last[key])]], color=line.get_color(), capsize=3, linewidth=1)
         ax.axvline(level, color="grey", linestyle=":", linewidth=0.8, label="common test-loss level")
         ax.invert_xaxis()
         ax.set_xlabel("held-out test loss, nats/token (measured; more learning to the right)")
@@ -313,22 +314,18 @@ def _plot(task: str, d: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _half(interval: Interval) -> float:
-    return interval.half_width if math.isfinite(interval.half_width) else 0.0
-
-
 # --------------------------------------------------------------------------- the report section
 
 def plane_section(results: dict, per_task: dict, images: list[Path]):
-    from ..report import Section, Verdict, verdict_label
+    from ..report import Section, Verdict
 
-    verdicts, tables, outcomes = [], [], {}
+    by_task, tables = {}, []
     for t, d in per_task.items():
+        by_task[t] = verdicts = []
         r, tr = d["reading"], results["tasks"][t]
         prefix = f"{t}: " if len(per_task) > 1 else ""
         m = r["matches"]
         supported = m["judgement"].supported
-        outcomes.setdefault("matches", {})[t] = supported
         verdicts.append(Verdict(
             f"{prefix}LoRA matches full fine-tuning: its best arm's final test loss is within "
             f"{100 * MATCH_TOLERANCE:.0f}% of full's best.",
@@ -338,7 +335,6 @@ def plane_section(results: dict, per_task: dict, images: list[Path]):
         for key, words in (("forgetting_kl", "drifts less from the base (KL)"),
                            ("general_retained", "keeps more of the base's right general answers")):
             f = r["forgets"][key]
-            outcomes.setdefault(key, {})[t] = f["judgement"]
             unit = FORGETTING[key][0]
             verdicts.append(Verdict(
                 f"{prefix}At equal learning, LoRA forgets less: it {words} at the test loss both methods reach.",
@@ -359,12 +355,7 @@ def plane_section(results: dict, per_task: dict, images: list[Path]):
                       "pair level)\n\n" + md_table(
                           ["arm", "lr", "val loss", "final test loss", "final KL", "final kept",
                            f"KL at {fmt(r['level'])}", f"kept at {fmt(r['level'])}"], rows))
-    disagree = [k for k, by_task in outcomes.items() if len(set(by_task.values())) > 1]
-    names = {"matches": "LoRA matches full", "forgetting_kl": "forgets less (KL)",
-             "general_retained": "forgets less (kept answers)"}
-    where = ("" if len(per_task) < 2 else "The tasks disagree on: " + "; ".join(
-        f"{names[k]} ({', '.join(f'{t} {verdict_label(v, v is None)}' for t, v in outcomes[k].items())})" for k in disagree) + "."
-        if disagree else "The two tasks agree on every verdict.")
+    where = disagreements(by_task, ["LoRA matches full", "forgets less (KL)", "forgets less (kept answers)"])
     quick = " (quick: a random tiny model; the numbers exercise the code only)" if results["quick"] else ""
     s = results["settings"]
     body = "\n".join([
@@ -377,7 +368,8 @@ def plane_section(results: dict, per_task: dict, images: list[Path]):
         "each seed's curve by linear interpolation between checkpoints, at the worse of the two best arms' final "
         "test losses, and compared seed by seed (same seed: same data order).",
         "", where, "", *[x for table in tables for x in (table, "")]])
-    return Section(title="LoRA vs full fine-tuning on the learning-forgetting plane", verdicts=verdicts,
+    return Section(title="LoRA vs full fine-tuning on the learning-forgetting plane",
+                   verdicts=[v for vs in by_task.values() for v in vs],
                    body_markdown=body, images=images, order=ORDER["plane"])
 
 

@@ -258,8 +258,8 @@ def _intervals(summaries: list[dict]) -> dict:
 def features_verdict(intervals: dict, props: list[str]) -> Judgement:
     """Present when every property's best accuracy is resolved >= 0.9 and >= 20 points over the majority
     class; absent when one is resolved below either bar; otherwise not resolved."""
-    judged = [judge(_iv(intervals[p]["best_accuracy"]), 0.9, claim_below=False) for p in props]
-    judged += [judge(_iv(intervals[p]["over_majority"]), 0.2, claim_below=False) for p in props]
+    judged = [judge(Interval.from_dict(intervals[p]["best_accuracy"]), 0.9, claim_below=False) for p in props]
+    judged += [judge(Interval.from_dict(intervals[p]["over_majority"]), 0.2, claim_below=False) for p in props]
     if all(j.supported for j in judged):
         return Judgement(True, "")
     if any(j.supported is False for j in judged):
@@ -270,8 +270,8 @@ def features_verdict(intervals: dict, props: list[str]) -> Judgement:
 def depth_verdict(interval: dict) -> Judgement:
     """Context built with depth: the best layer beats layer 0 by >= 20 points (and the random-weight control by
     >= 10); not supported when the gain is resolved below 5 points; otherwise not resolved."""
-    gain = _iv(interval["gain_over_layer0"])
-    control = _iv(interval["over_random_init"]) if "over_random_init" in interval else None
+    gain = Interval.from_dict(interval["gain_over_layer0"])
+    control = Interval.from_dict(interval["over_random_init"]) if "over_random_init" in interval else None
     high = judge(gain, 0.2, claim_below=False)
     beats = judge(control, 0.1, claim_below=False) if control else Judgement(True, "")
     if high.supported and beats.supported:
@@ -279,10 +279,6 @@ def depth_verdict(interval: dict) -> Judgement:
     if judge(gain, 0.05, claim_below=True).supported or beats.supported is False:
         return Judgement(False, "")
     return high if high.supported is None else beats
-
-
-def _iv(d: dict) -> Interval:
-    return Interval.from_dict(d)
 
 
 def _plot(models: dict, path: Path) -> Path:
@@ -325,7 +321,7 @@ def probe_section(results: dict, images: list[Path]):
                      "so this probe cannot credit pretraining with creating them, only with keeping them through depth")
     verdicts = [Verdict(
         "The features the task needs already exist in the frozen model (linearly decodable).",
-        "; ".join(f"{p}: best {_iv(iv[p]['best_accuracy']).text(2)} (seed 0: layer {s[p]['best_layer']}/"
+        "; ".join(f"{p}: best {Interval.from_dict(iv[p]['best_accuracy']).text(2)} (seed 0: layer {s[p]['best_layer']}/"
                   f"{s[p]['layers']}, majority {s[p]['majority']:.2f})" for p in task), exists, note,
         anchor("probe_features", exists), unresolved=exists is None)]
     if "agreement" in s:
@@ -339,7 +335,7 @@ def probe_section(results: dict, images: list[Path]):
             f"head-noun number at the distractor token: layer 0 {a['layer0_accuracy']:.2f}, "
             f"best {a['best_accuracy']:.2f} at layer {a['best_layer']}/{a['layers']}, first >= 0.9 at layer "
             f"{first90 if first90 is not None else 'none'}; random-weight control best {fmt(a['random_init_best'])} "
-            f"(seed 0); gain of the best layer over layer 0: {_iv(iv['agreement']['gain_over_layer0']).text(2)}",
+            f"(seed 0); gain of the best layer over layer 0: {Interval.from_dict(iv['agreement']['gain_over_layer0']).text(2)}",
             supported,
             "the embedding of the last token cannot know the head noun; only context can"
             + (f"; {depth.note}" if depth.note else ""),

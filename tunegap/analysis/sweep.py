@@ -16,8 +16,8 @@ from pathlib import Path
 from ..data.tasks import TASKS
 from ..literature import anchor
 from ..stats import NOT_RESOLVED, Interval, judge, mean_interval, paired_differences
-from .common import (ORDER, QUICK_MODEL, check_seeds, figure, fmt, md_table, q, quick_aware, run_seeds, save_figure,
-                     task_names, task_settings, write_outputs)
+from .common import (ORDER, QUICK_MODEL, check_seeds, disagreements, figure, fmt, half_width, md_table, q, quick_aware,
+                     run_seeds, save_figure, task_names, task_settings, write_outputs)
 from .forgetting import base_train_config
 
 DEFAULT_RANKS = (1, 4, 16, 64)
@@ -130,11 +130,11 @@ def _plot_quality(by_task: dict, path: Path) -> Path:
         for col, (key, ylabel) in enumerate(panels):
             ax = fig.add_subplot(len(by_task), 2, 2 * row + col + 1)
             means = [r[key]["value"] for _, r in loras]
-            errs = [_half(r[key]) for _, r in loras]
+            errs = [half_width(r[key]) for _, r in loras]
             ax.errorbar(ranks, means, yerr=errs, marker="o", capsize=3, label="LoRA (alpha = 2r)")
             ax.axhline(full[key]["value"], color="black", label="full fine-tuning")
-            if _half(full[key]):
-                ax.axhspan(full[key]["value"] - _half(full[key]), full[key]["value"] + _half(full[key]),
+            if half_width(full[key]):
+                ax.axhspan(full[key]["value"] - half_width(full[key]), full[key]["value"] + half_width(full[key]),
                            color="grey", alpha=0.2, label="full: 95% interval")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("LoRA rank r")
@@ -143,10 +143,6 @@ def _plot_quality(by_task: dict, path: Path) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle("Task quality vs LoRA rank, same steps and data (mean over seeds, 95% interval)", fontsize=10)
     return save_figure(fig, path)
-
-
-def _half(d: dict | None) -> float:
-    return (d["high"] - d["low"]) / 2 if d and d.get("low") is not None else 0.0
 
 
 def _plot_cost(rows: dict, path: Path) -> Path:
@@ -169,28 +165,27 @@ def _plot_cost(rows: dict, path: Path) -> Path:
 
 
 def sweep_section(results: dict, images: list[Path]):
-    from ..report import Section, Verdict, verdict_label
+    from ..report import Section, Verdict
 
-    verdicts, tables, outcomes = [], [], {}
+    verdicts, tables, by_task = [], [], {}
     for task, data in results["tasks"].items():
         rows, within = data["arms"], data["within"]
         tables += [f"**Task `{task}`** ({TASKS[task].quality_name} on generated test replies):", "",
                    _table(rows, task), ""]
         close = close_to_full(within)
-        outcomes[task] = close
         best = min((r for r in rows.values() if r["rank"] is not None), key=lambda r: r["eval_loss"]["value"])
         measured = (f"{task}: smallest rank whose held-out loss is within 2% of full's over the whole 95% interval: "
                     f"{within['loss_2pct'] or 'none'}; best LoRA r={best['rank']} at "
                     f"{_interval(best['loss_gap']).text(3)} relative to full")
-        verdicts.append(Verdict(
+        by_task[task] = [Verdict(
             f"A low-rank update (r <= 16) gets within 2% of full fine-tuning's held-out loss ({task}).", measured,
             close, _note(results, close, within, "loss"), anchor("sweep_rank_close", close),
-            unresolved=close is None))
+            unresolved=close is None)]
         full_quality = rows["full"]["quality"]
         if full_quality:
             tell = full_quality["value"] >= 0.1
             quality_close = close_to_full(within, "quality") if tell else None
-            verdicts.append(Verdict(
+            by_task[task].append(Verdict(
                 f"On generated replies, LoRA (r <= 16) matches full fine-tuning's {TASKS[task].quality_name} "
                 f"within 2 points ({task}).",
                 f"smallest rank within 2 points of full's {fmt(full_quality['value'])} over the whole interval: "
@@ -198,6 +193,7 @@ def sweep_section(results: dict, images: list[Path]):
                 _note(results, quality_close, within, "quality") if tell else
                 "full fine-tuning itself reached < 10% in this budget, so this cannot tell",
                 anchor("sweep_style", quality_close), unresolved=tell and quality_close is None))
+        verdicts += by_task[task]
     first = next(iter(results["tasks"].values()))["arms"]
     lora_params = [r["params_trainable"]["value"] for r in first.values() if r["rank"] is not None]
     flops = [r["flops_total"]["value"] / first["full"]["flops_total"]["value"] for r in first.values()
@@ -207,10 +203,8 @@ def sweep_section(results: dict, images: list[Path]):
                             f"{first['full']['params_trainable']['value']:,} (counted); FLOPs {min(flops):.2f}-"
                             f"{max(flops):.2f}x full's (formula against formula: the cost model's statement, "
                             "not a measurement)", max(flops) > 0.5, anchor=anchor("sweep_compute", max(flops) > 0.5)))
-    if len(outcomes) > 1:
-        agree = len(set(outcomes.values())) == 1
-        tables.append("The tasks " + ("agree" if agree else "disagree") + " on the rank verdict: " + ", ".join(
-            f"{t}: {verdict_label(o, o is None)}" for t, o in outcomes.items()) + ".")
+    tables.append(disagreements(by_task, ["a rank <= 16 within 2% of full's held-out loss",
+                                          "a rank <= 16 within 2 points of full's quality"]))
     quick = " (quick: random tiny model; the numbers only exercise the code)" if results["quick"] else ""
     body = "\n".join([
         f"Model `{results['model']}`{quick}; {results['seeds']} seed(s) per arm (weights, data order, LoRA "

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..losses import IGNORE_INDEX as IGNORE
+
+if TYPE_CHECKING:  # for annotations only: torch is imported where a tensor is made
+    import torch
 
 
 @dataclass

@@ -35,6 +35,7 @@ import contextlib
 import copy
 import time
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 from ..costs.flops import forward_flops, generation_flops
 from ..costs.shape import ModelShape
@@ -50,6 +51,9 @@ from ..ledger import q
 from ..losses import IGNORE_INDEX, linear_token_logprobs
 from .base import LossOutput, Objective, register
 from .next_token import step_flops as next_token_step_flops
+
+if TYPE_CHECKING:  # for annotations only: torch is imported where a tensor is made
+    import torch
 
 REWARDS: dict = {}
 

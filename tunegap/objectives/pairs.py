@@ -9,6 +9,7 @@ sequence. The normaliser is the number of pairs: each pair's loss is one term of
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from ..data.loaders import DataError
 from ..data.packing import make_batch, to_device
@@ -17,6 +18,9 @@ from ..data.preference import (PreferencePair, generate_support_preferences, loa
 from ..data.render import Example
 from ..data.sources import SUPPORT, Prepared
 from .base import Objective
+
+if TYPE_CHECKING:  # for annotations only: torch is imported where a tensor is made
+    import torch
 
 
 @dataclass
