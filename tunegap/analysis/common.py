@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import outputs, trainer
 from ..config import ConfigError, TrainConfig
 from ..data.tasks import TASKS
+from ..io import atomic_write_json, read_jsonl, write_figure
 from ..stats import Interval, mean_interval
 
 # Report order: the gap experiment (a Section's default order, 50) first, then the essay's reasons in its order
@@ -101,8 +102,6 @@ def task_settings(task: str, quick: bool) -> dict:
 
 
 def read_metrics(folder: Path) -> list[dict]:
-    from ..io import read_jsonl
-
     return read_jsonl(Path(folder) / "metrics.jsonl")
 
 
@@ -179,8 +178,6 @@ def figure(width: float = 7.5, height: float = 4.5):
 
 
 def save_figure(fig, path: Path) -> Path:
-    from ..io import write_figure
-
     fig.tight_layout()
     return write_figure(fig, path)  # atomic, and never through a planted symbolic link
 
@@ -188,8 +185,6 @@ def save_figure(fig, path: Path) -> Path:
 def write_outputs(out: Path, results: dict, section) -> None:
     """results.json (with the section's verdicts, added to `results` in place for the caller to print) and
     section.json, atomically (a reader never sees half a file)."""
-    from ..io import atomic_write_json
-
     out.mkdir(parents=True, exist_ok=True)
     results["verdicts"] = [asdict(v) for v in section.verdicts]
     atomic_write_json(out / "results.json", {**results, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..literature import anchor
+from ..report import Section, Verdict
 from ..stats import judge, mean_interval
 from .common import (ORDER, QUICK_MODEL, check_seeds, ema, figure, fmt, md_table, q, quick_aware, run_seeds,
                      save_figure, train_curve, write_outputs)
@@ -222,8 +223,6 @@ def _steps_text(a: dict) -> str:
 
 
 def convergence_section(results: dict, images: list[Path]):
-    from ..report import Section, Verdict
-
     arms = results["arms"]
     pre, scr = arms["pretrained"], arms["scratch"]
     target = results["target_loss"]["value"]

@@ -24,11 +24,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..config import TrainConfig
+from ..data.sources import prepare
 from ..methods import make_method
 from ..objectives import Context, heldout_loss
 from ..forgetting import (autocast_for, base_reference, forgetting_after_training, has_real_weights, measure_forgetting,
                           reply_kl)
 from ..literature import anchor
+from ..report import Section, Verdict
 from ..stats import Interval, Judgement, judge, mean_interval, paired_differences
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, interpolate_, interval_cell, load_base,
                      md_table, q, quick_aware, run_seeds, save_figure, tuned_model, weight_delta, write_outputs)
@@ -48,8 +51,6 @@ def method_configs(base, ranks: list[int], full_lr: float, freeze_lr: float) -> 
 def base_train_config(*, model: str, steps: int, runs_dir: str, quick: bool, seed: int = 0, progress: bool = True):
     """The settings every support-task run of the sweep and the forgetting analysis shares, so that runs of the
     same arm (same method, rank, lr and steps) are trained once and reused by both."""
-    from ..config import TrainConfig
-
     if quick:
         return TrainConfig(model=model, data="support", seq_len=512, batch_size=4, max_steps=steps,
                            train_examples=32, eval_examples=4, generate_examples=1, runs_dir=runs_dir, lr=1e-3,
@@ -125,8 +126,6 @@ def analyze_forgetting(*, out: str | Path, model: str = "smollm2-135m", steps: i
 
 def _base_and_reference(config, quick: bool) -> tuple:
     """The base model a seed's runs started from, its held-out examples and what it says (`base_reference`)."""
-    from ..data.sources import prepare
-
     base, tokenizer = load_base(config.to_dict())
     base.eval()
     autocast = autocast_for(config.precision)
@@ -272,8 +271,6 @@ def _plot_bars(arms: dict, path: Path) -> Path:
 
 
 def forgetting_section(results: dict, images: list[Path]):
-    from ..report import Section, Verdict
-
     arms = results["arms"]
     target = results["target_eval_loss"]["value"]
     rows = []

@@ -34,10 +34,13 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..costs.flops import train_step_flops
+from ..costs.shape import ModelShape
 from ..data.tasks import TASKS
 from ..literature import anchor
 from ..methods import make_method
+from ..models import load_model
 from ..predict import minutes
+from ..report import Section, Verdict
 from ..stats import judge, mean_interval, paired_differences
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, disagreements, figure, fmt, interval_cell, md_table,
                      q, quick_aware, run_seeds, save_figure, seed_interval, task_names, write_outputs)
@@ -81,9 +84,6 @@ def freeze_arm(base: TrainConfig, k: int, num_layers: int, lr: float) -> tuple[T
 
 
 def num_layers_of(model: str) -> int:
-    from ..costs.shape import ModelShape
-    from ..models import load_model
-
     loaded, _ = load_model(model)
     return ModelShape.from_hf_config(loaded.config).num_layers
 
@@ -322,8 +322,6 @@ def _pct(value: dict | None, unit: str = "%") -> str:
 
 
 def freeze_section(results: dict, images: list[Path]):
-    from ..report import Section, Verdict
-
     by_task, blocks = {}, []
     L, k = results["num_layers"], results["verdict_k"]
     for t in results["tasks"]:

@@ -33,8 +33,17 @@ import re
 import time
 from pathlib import Path
 
+from ..config import TrainConfig
+from ..costs.flops import generation_flops
+from ..costs.shape import ModelShape
+from ..data.support import fictional_facts, general_prompts, general_questions
+from ..evaluate import generate
+from ..forgetting import autocast_for, measure_forgetting
+from ..io import atomic_write_text
 from ..literature import anchor
+from ..report import Section, Verdict
 from ..stats import Interval, judge, mean_interval, paired_differences
+from ..trainer import Trainer
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, figure, fmt, load_base, md_table, q, quick_aware,
                      run_seeds, save_figure, seed_interval, tuned_model, write_outputs)
 
@@ -121,8 +130,6 @@ def fact_records(facts: list[dict], paraphrases: int = 1) -> tuple[list[dict], l
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    from ..io import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -136,14 +143,6 @@ def analyze_knowledge(*, out: str | Path, model: str = "smollm2-135m", method: s
                       epochs: float = 10.0, lr: float = 1e-3, k: int = 3, paraphrases=DEFAULT_PARAPHRASES,
                       seeds: int = 3, runs_dir: str = "runs", quick: bool = False, max_new_tokens: int = 24,
                       progress: bool = True) -> dict:
-    from ..config import TrainConfig
-    from ..costs.flops import generation_flops
-    from ..costs.shape import ModelShape
-    from ..data.support import fictional_facts, general_prompts, general_questions
-    from ..evaluate import generate
-    from ..forgetting import autocast_for, measure_forgetting
-    from ..trainer import Trainer
-
     started = time.perf_counter()
     seeds = check_seeds(seeds)
     out = Path(out)
@@ -320,8 +319,6 @@ def _plot(results: dict, path: Path) -> Path:
 
 def knowledge_verdicts(results: dict) -> list:
     """Retrieval vs the best fine-tune, 10 vs 1 paraphrases (paired per seed), and forgetting: each judged."""
-    from ..report import Verdict
-
     verdicts = []
     if "rag_minus_best_ft" in results:
         diff = Interval.from_dict(results["rag_minus_best_ft"])
@@ -354,8 +351,6 @@ def knowledge_verdicts(results: dict) -> list:
 
 
 def knowledge_section(results: dict, images: list[Path]):
-    from ..report import Section
-
     a, by = results["arms"], results["by_paraphrases"]
     verdicts = knowledge_verdicts(results)
 

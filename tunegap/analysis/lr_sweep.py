@@ -37,6 +37,7 @@ from ..config import TrainConfig
 from ..data.tasks import TASKS
 from ..literature import anchor
 from ..predict import minutes
+from ..report import Section, Verdict
 from ..stats import Interval, judge, mean_interval
 from ..trainer import Trainer, finished_ledger
 from .common import (ORDER, QUICK_MODEL, check_seeds, disagreements, figure, fmt, interval_cell, md_table, q,
@@ -326,8 +327,6 @@ def _plot_val_loss(results: dict, path: Path) -> Path:
 
 
 def _verdicts(results: dict) -> dict:
-    from ..report import Verdict
-
     verdicts = {}
     for t in results["tasks"]:
         res = results["per_task"][t]
@@ -359,8 +358,6 @@ def _verdicts(results: dict) -> dict:
 
 
 def lr_section(results: dict, images: list[Path]):
-    from ..report import Section
-
     by_task = _verdicts(results)
     blocks = []
     for t in results["tasks"]:

@@ -27,8 +27,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..config import TrainConfig
+from ..data.tasks import TASKS
+from ..io import atomic_write_text
 from ..literature import anchor
+from ..report import Section, Verdict
 from ..stats import Interval, judge, mean_interval, paired_differences
+from ..trainer import Trainer
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, disagreements, figure, fmt, interval_cell,
                      md_table, q, quick_aware, run_seeds, save_figure, seed_interval, write_outputs)
 
@@ -82,8 +87,6 @@ def corrupted_share(clean: list[dict], noisy: list[dict]) -> float:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    from ..io import atomic_write_text
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return path.resolve()
@@ -93,8 +96,6 @@ def task_config(task: str, *, model: str, steps: int, lr: float, rank: int, runs
                 progress: bool, train_path: Path, test_path: Path, generate_examples: int):
     """One arm's settings: LoRA on a written training file, scored on the shipped task's test split (written to a
     file: TaskMetrics finds the task's scorer from the records' meta)."""
-    from ..config import TrainConfig
-
     if quick:
         return TrainConfig(model=model, data=str(train_path), eval_data=str(test_path), method="lora", rank=4,
                            alpha=8.0, lr=1e-3, seq_len=256, batch_size=4, max_steps=steps, eval_examples=4,
@@ -108,8 +109,6 @@ def task_config(task: str, *, model: str, steps: int, lr: float, rank: int, runs
 
 def _predict_seconds(configs: list, seeds: int) -> float:
     """Predicted seconds of every run (estimate): one `Trainer.predict` per task at 1x, training scaled by steps."""
-    from ..trainer import Trainer
-
     total, by_task = 0.0, {}
     for cfg in configs:
         key = (cfg.seq_len, cfg.eval_data)
@@ -126,8 +125,6 @@ def sweep_noise(*, out: str | Path, task: str = "both", noise=DEFAULT_NOISE, see
                 model: str = "smollm2-135m", steps: int = 12, lr: float = 1e-3, rank: int = 16,
                 generate_examples: int = 16, runs_dir: str = "runs", quick: bool = False,
                 progress: bool = True) -> dict:
-    from ..data.tasks import TASKS
-
     started = time.perf_counter()
     out = Path(out)
     seeds = check_seeds(seeds)
@@ -251,8 +248,6 @@ def noise_cost(rows: dict) -> dict:
 
 def noise_verdicts(name: str, result: dict, quality_name: str) -> list:
     """Per task: does the key noise level cost more than doubling the compute buys; does the largest raise test loss."""
-    from ..report import Verdict
-
     level = result.get("key_noise_percent")
     if level is None:
         return []
@@ -306,8 +301,6 @@ def _plot(results: dict, path: Path) -> Path:
 
 
 def noise_section(results: dict, images: list[Path]):
-    from ..report import Section
-
     by_task, parts = {}, []
     for name, t in results["tasks"].items():
         by_task[name] = noise_verdicts(name, t, t["quality_name"])

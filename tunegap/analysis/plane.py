@@ -32,8 +32,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..config import TrainConfig
+from ..data.sources import prepare
+from ..forgetting import autocast_for
 from ..literature import anchor
+from ..models import load_model
+from ..report import Section, Verdict
 from ..stats import NOT_RESOLVED, Interval, judge, mean_interval
+from ..trainer import Trainer
 from .common import (ORDER, QUICK_MODEL, AnalysisError, check_seeds, disagreements, figure, fmt, half_width,
                      interval_cell, load_base, md_table, q, quick_aware, read_metrics, run_seeds, save_figure,
                      write_outputs)
@@ -53,8 +59,6 @@ FORGETTING = {  # measure -> (unit, value at the base model, higher means more f
 def plane_config(task: str, *, model: str, steps: int, every: int, runs_dir: str, quick: bool, progress: bool):
     """The settings every arm of one task shares: a curve point every `every` steps, the test split's loss,
     a validation split to choose each method's best arm on, and no end-of-run generation."""
-    from ..config import TrainConfig
-
     if task not in TASKS:
         raise AnalysisError(f"--task: expected support, docstrings or both, got {task!r}")
     shared = dict(model=model, data=task, max_steps=steps, forgetting_every=every, eval_every=0,
@@ -77,8 +81,6 @@ def arm_configs(base, ranks, lora_lrs, full_lrs) -> dict:
 def quick_base(runs_dir: str) -> str:
     """--quick: the tiny random model saved as a model folder, so the curve callback's real-weights path runs
     (its numbers measure drift from random weights and say nothing about LLMs)."""
-    from ..models import load_model
-
     folder = Path(runs_dir) / "plane-quick-base"
     if not (folder / "config.json").is_file():
         model, tokenizer = load_model(QUICK_MODEL, seed=0)
@@ -90,8 +92,6 @@ def quick_base(runs_dir: str) -> str:
 def predict_seconds(arms: dict, seeds: int) -> float:
     """Predicted seconds of every run (estimates, `Trainer.predict`): one LoRA arm (the largest rank) and one full
     arm probed per task, each multiplied by its arms and seeds. Runs already finished are reused, so less."""
-    from ..trainer import Trainer
-
     probes: dict[tuple, float] = {}
     total = 0.0
     for cfg in arms.values():
@@ -235,9 +235,6 @@ def analyze_plane(*, out: str | Path, model: str = "smollm2-135m", task: str = "
 def _base_point(config, arms: dict) -> tuple[float, float | None]:
     """The curves' common first point: the base model's test loss (measured here, as the loop measures it) and
     its general accuracy (the curve rows carry it)."""
-    from ..data.sources import prepare
-    from ..forgetting import autocast_for
-
     base, tokenizer = load_base(config.to_dict())
     base.eval()
     loss = eval_loss_of(base, tokenizer, prepare(config, tokenizer).eval, config.batch_size, config.seq_len,
@@ -317,8 +314,6 @@ def _plot(task: str, d: dict, path: Path) -> Path:
 # --------------------------------------------------------------------------- the report section
 
 def plane_section(results: dict, per_task: dict, images: list[Path]):
-    from ..report import Section, Verdict
-
     by_task, tables = {}, []
     for t, d in per_task.items():
         by_task[t] = verdicts = []

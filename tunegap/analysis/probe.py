@@ -20,7 +20,11 @@ import random
 import time
 from pathlib import Path
 
+from ..data.support import PRODUCTS, generate_support
 from ..literature import anchor
+from ..models import load_model
+from ..precision import autocast_factory
+from ..report import Section, Verdict
 from ..stats import Interval, Judgement, judge, mean_interval
 from .common import (ORDER, QUICK_MODEL, check_seeds, figure, fmt, md_table, q, quick_aware, save_figure,
                      write_outputs)
@@ -106,8 +110,6 @@ def agreement_items(seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[st
 
 def ticket_items(n_per_class: int, seed: int = 0) -> dict:
     """Refusal (balanced) and product datasets from the support task: train split to fit, eval split to test."""
-    from ..data.support import PRODUCTS, generate_support
-
     train, evals = generate_support()
     rng = random.Random(f"tunegap-probe-tickets:{seed}")
 
@@ -188,9 +190,6 @@ def analyze_probe(*, out: str | Path, model: str = "smollm2-135m", n: int = 100,
                   quick: bool = False, seed: int = 0, seeds: int = 3) -> dict:
     """Probes per layer, repeated over `seeds` draws of the probe data (and of the random-weight control): the
     pretrained weights are fixed, so the seeds measure how much the verdicts depend on which items were drawn."""
-    from ..models import load_model
-    from ..precision import autocast_factory
-
     started = time.perf_counter()
     out, seeds = Path(out), check_seeds(seeds)
     if quick:
@@ -302,8 +301,6 @@ def _plot(models: dict, path: Path) -> Path:
 
 
 def probe_section(results: dict, images: list[Path]):
-    from ..report import Section, Verdict
-
     s, iv = results["summary"], results["intervals"]
     task = [p for p in ("refusal", "product") if p in s]
     judged = features_verdict(iv, task)

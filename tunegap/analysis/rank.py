@@ -25,10 +25,17 @@ import re
 import time
 from pathlib import Path
 
+from ..config import ConfigError, TrainConfig
+from ..data.loaders import DataError
+from ..data.sources import prepare
 from ..literature import anchor
+from ..predict import minutes
+from ..report import Section, Verdict
 from ..stats import judge, mean_interval, paired_differences
+from ..trainer import Trainer
 from .common import (AnalysisError, ORDER, QUICK_MODEL, check_seeds, fmt, load_base, load_run, md_table, q,
                      quick_aware, run_or_reuse, run_seeds, save_figure, figure, tuned_model, write_outputs)
+from .forgetting import base_train_config
 
 MATRIX_TYPES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
                 "down_proj": "down"}
@@ -119,10 +126,6 @@ def low_rank_verdict(r90: float, lora_rank: int, null_r90: float) -> bool | None
 def seen_token_ids(config: dict) -> set[int] | None:
     """Token ids in the run's training examples (their embedding rows get an input gradient); None when the run's
     data cannot be prepared again here (then the rows that changed stand in)."""
-    from ..config import ConfigError, TrainConfig
-    from ..data.loaders import DataError
-    from ..data.sources import prepare
-
     try:
         train_config = TrainConfig.from_dict(config)
         _, tokenizer = load_base(config)
@@ -296,7 +299,6 @@ def _grid_prediction(config, steps_list, lrs, seeds) -> float:
     per run by its steps, plus a measured-order allowance for the SVDs (not predicted)."""
     from dataclasses import replace
 
-    from ..trainer import Trainer
 
     parts = Trainer(replace(config, max_steps=max(steps_list), name="forecast")).predict()
     per_step = parts["training"] / max(steps_list)
@@ -315,8 +317,6 @@ def analyze_rank_grid(*, out: str | Path, model: str = "smollm2-135m", steps_lis
     prints its own prediction before the first run)."""
     from dataclasses import replace
 
-    from ..predict import minutes
-    from .forgetting import base_train_config
 
     started = time.perf_counter()
     seeds = check_seeds(seeds)
@@ -398,8 +398,6 @@ def _plot_grid(cells: list[dict], lora_ranks, path: Path) -> Path:
 
 
 def rank_grid_section(results: dict, pooled: dict, growth: dict | None, images: list[Path]):
-    from ..report import Section, Verdict
-
     lora_rank = max(results["lora_ranks"])
     iv = pooled["interval"]
     multiples = ", ".join(f"{iv.mean / r:.2g}x rank {r}" for r in results["lora_ranks"])
@@ -448,7 +446,6 @@ def quick_seed_runs(runs_dir: str, steps: int = 6) -> tuple[Path, Path]:
     so the seed-difference null runs on every test machine."""
     from dataclasses import replace
 
-    from .forgetting import base_train_config
 
     config = base_train_config(model=QUICK_MODEL, steps=steps, runs_dir=runs_dir, quick=True)
     folders = [run_or_reuse(replace(config, method="full", lr=3e-3, seed=seed), "rank-full")[0] for seed in (0, 1)]
@@ -539,8 +536,6 @@ def _plot_spectra(matrices: list[dict], path: Path) -> Path:
 
 
 def rank_section(results: dict, images: list[Path]):
-    from ..report import Section, Verdict
-
     overall, by_type = results["overall"], results["by_type"]
     e, er = overall["mean_energy"], overall["mean_energy_random"]
     r_hi, r8 = min(64, len(e)), min(8, len(e)) - 1

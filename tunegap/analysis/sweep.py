@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..data.tasks import TASKS
 from ..literature import anchor
+from ..report import Section, Verdict
 from ..stats import NOT_RESOLVED, Interval, judge, mean_interval, paired_differences
 from .common import (ORDER, QUICK_MODEL, check_seeds, disagreements, figure, fmt, half_width, md_table, q, quick_aware,
                      run_seeds, save_figure, task_names, task_settings, write_outputs)
@@ -165,8 +166,6 @@ def _plot_cost(rows: dict, path: Path) -> Path:
 
 
 def sweep_section(results: dict, images: list[Path]):
-    from ..report import Section, Verdict
-
     verdicts, tables, by_task = [], [], {}
     for task, data in results["tasks"].items():
         rows, within = data["arms"], data["within"]
