@@ -13,7 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
+from .analysis.common import figure, save_figure
 from .ledger import format_quantity, q
+from .objectives import OBJECTIVES
 from .outputs import RunLoadError, finished_run
 
 # (ledger cost key, label), in print order
@@ -72,8 +74,6 @@ def metric_entry(key: str, value, ledger: dict) -> dict:
 
 
 def _objective_unit(ledger: dict) -> str:
-    from .objectives import OBJECTIVES
-
     cls = OBJECTIVES.get(ledger.get("config", {}).get("objective", "next-token"))
     return getattr(cls, "unit", "token")
 
@@ -126,8 +126,6 @@ def _stacked(ax, names: list[str], parts: list[tuple[str, list[float]]], scale: 
 def chart(loaded: list[tuple[str, dict]], path: Path) -> Path:
     """Four panels: FLOPs and train time split by phase (an RL run's generation dominates), peak memory and
     optimizer state, and the task metrics every run has."""
-    from .analysis.common import figure, save_figure
-
     names = [name for name, _ in loaded]
     costs = [ledger["costs"] for _, ledger in loaded]
     rl = [rl_rows(ledger) for _, ledger in loaded]

@@ -26,11 +26,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .analysis.knowledge import Retriever
+from .config import TrainConfig
+from .costs.catalog import gpu_peak_flops, resolve_model
 from .costs.flops import generation_flops, train_step_flops
 from .costs.hardware import DEFAULT_MFU
+from .costs.shape import ModelShape
 from .data.docstrings import token_f1
+from .data.loaders import load_sft
+from .data.support import generate_support
+from .evaluate import few_shot, generate
 from .io import atomic_write_json, atomic_write_text
 from .ledger import format_flops, q
+from .methods import make_method
+from .models import load_model
+from .outputs import finished_run, load_run
 from .report import Section, Verdict
 from .trainer import run_or_reuse
 
@@ -86,8 +96,6 @@ def interval(values: list[float], seed: int = 0, draws: int = 1000) -> tuple[flo
 
 def measure(name, model, tokenizer, shape, records, conversations, max_new_tokens, one_time_flops=0.0) -> dict:
     """Greedy replies to `conversations`: quality against `records`' replies, per-query FLOPs and seconds."""
-    from .evaluate import generate
-
     started = time.perf_counter()
     texts, prompt_lens, new_lens = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - started
@@ -101,9 +109,6 @@ def measure(name, model, tokenizer, shape, records, conversations, max_new_token
 
 def fine_tune(args, train_path: Path, eval_path: Path) -> tuple[Path, dict]:
     """The LoRA option's run: a finished `--run`, or one trained (and reused when unchanged) here."""
-    from .config import TrainConfig
-    from .outputs import finished_run
-
     if args.run:
         return finished_run(args.run, args.runs_dir)
     config = TrainConfig(model=args.model, method="lora", rank=args.rank, alpha=2.0 * args.rank,
@@ -116,9 +121,6 @@ def fine_tune(args, train_path: Path, eval_path: Path) -> tuple[Path, dict]:
 
 def scaled(options: list[Option], measured: dict, ledger: dict, model_name: str) -> list[Option]:
     """The same options priced for another model's shape, at the token counts measured here (formula)."""
-    from .costs.catalog import resolve_model
-    from .methods import make_method
-
     shape, _ = resolve_model(model_name)
     costs = ledger["costs"]
     examples, tokens = max(1, costs["examples"]["value"]), costs["tokens"]["value"]
@@ -138,15 +140,10 @@ def _query_text(record: dict) -> str:
 
 
 def _dollars(flops: float, gpu: str, price: float, mfu: float) -> float:
-    from .costs.catalog import gpu_peak_flops
-
     return flops / (gpu_peak_flops(gpu, "bf16") * mfu) / 3600 * price
 
 
 def _load_task(args) -> tuple[list[dict], list[dict]]:
-    from .data.loaders import load_sft
-    from .data.support import generate_support
-
     if args.task == "support":
         train, held = generate_support()
         train = train[:args.train_examples or 200]
@@ -162,12 +159,6 @@ def _load_task(args) -> tuple[list[dict], list[dict]]:
 
 def run_decide(args) -> dict:
     """Measure the three options, recommend one, write results.json, a chart and a report section."""
-    from .analysis.knowledge import Retriever
-    from .costs.shape import ModelShape
-    from .evaluate import few_shot
-    from .models import load_model
-    from .outputs import load_run
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, held = _load_task(args)

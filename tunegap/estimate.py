@@ -19,13 +19,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .costs.catalog import Device, EstimateError, model_presets, resolve_device, resolve_model
+from .costs.catalog import Device, EstimateError, cpu_device, model_presets, resolve_device, resolve_model
 from .costs.flops import CONVENTIONS, convention_flops, recompute_flops, train_step_flops
 from .costs.hardware import DEFAULT_MFU
 from .costs.megatron import RECOMPUTE, Layout, StageMemory, smallest_fitting_layout, stage_memory
 from .costs.memory import (NAMED_PRESETS, OPTIMIZERS, PRECISIONS, TrainSetup, bytes_per_param, devices_needed,
                            memory_per_device, nf4_bytes_per_param, precision)
 from .costs.shape import ModelShape
+from .ledger import format_quantity
 from .methods import ALL_LINEAR, METHODS, Method, make_method
 
 __all__ = ["EstimateError", "estimate_run", "estimate", "add_parser", "main", "format_estimate"]
@@ -559,8 +560,6 @@ def estimate(args) -> dict:
 # --- a table for people -------------------------------------------------------------------------------------
 
 def _fmt(entry: dict) -> str:
-    from .ledger import format_quantity
-
     return format_quantity(entry)
 
 
@@ -665,7 +664,6 @@ def against_run(run: str, runs_dir: str = "runs", *, mfu: float | None = None) -
         prec = LEDGER_PRECISION.get(ledger.get("precision", "fp32"), "fp32")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise EstimateError(f"{path}: not a tunegap ledger the estimator can read ({err})") from None
-    from .costs.catalog import cpu_device
 
     device = cpu_device(peaks)  # the peaks the run measured, not this moment's
     seq_len = int(config["seq_len"])
@@ -701,8 +699,6 @@ def against_run(run: str, runs_dir: str = "runs", *, mfu: float | None = None) -
 
 
 def format_against(report: dict) -> str:
-    from .ledger import format_quantity
-
     lines = [f"tunegap estimate --against {report['run']}: predicted (estimate) vs measured",
              f"  {'':<24}{'predicted':>34}{'measured':>34}{'pred/meas':>11}"]
     for r in report["comparison"]:

@@ -17,6 +17,8 @@ import time
 import zlib
 from pathlib import Path
 
+from ..io import atomic_write_bytes
+from ..models import DEFAULT_MODEL, TINY_PRESETS, ModelError, default_model_folder, tiny_tokenizer
 from .loaders import DataError, load_sft
 from .preference import load_preference_pairs
 
@@ -213,7 +215,6 @@ def length_chart(result: dict, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..io import atomic_write_bytes
 
     fig = Figure(figsize=(7, 4), dpi=110)
     FigureCanvasAgg(fig)
@@ -236,7 +237,6 @@ def load_tokenizer(name: str):
     """The tokenizer alone (the audit needs no weights): a tiny preset's, or a folder's / the default model's."""
     from transformers import AutoTokenizer
 
-    from ..models import DEFAULT_MODEL, TINY_PRESETS, ModelError, default_model_folder, tiny_tokenizer
 
     if name in TINY_PRESETS:
         return tiny_tokenizer()
@@ -259,8 +259,6 @@ def cmd_audit(args) -> int:
 
 def add_parser(data_sub) -> None:
     """`tunegap data audit FILE`, on the `data` command's subparsers (tunegap.cli makes them)."""
-    from ..models import DEFAULT_MODEL
-
     p = data_sub.add_parser("audit", help="examples, tokens vs context, duplicates, near duplicates, eval overlap, "
                                      "broken turns of an SFT or preference JSONL")
     p.add_argument("file", help="SFT ({messages} or {prompt, response}) or preference ({prompt, chosen, "

@@ -29,11 +29,27 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config import ConfigError, TrainConfig
+from ..costs.catalog import EstimateError, cpu_device, resolve_device, resolve_model
+from ..costs.flops import forward_flops, generation_flops
+from ..costs.hardware import measure_peaks
+from ..costs.memory import TrainSetup
+from ..costs.shape import ModelShape
+from ..data.render import tokenize_prompt
+from ..data.sources import prepare
 from ..data.tasks import TASKS
+from ..estimate import estimate_run
+from ..evaluate import few_shot, task_metrics
+from ..generation import common_prefix_length
 from ..io import atomic_write_json, atomic_write_text, read_jsonl
-from ..predict import generation_seconds, minutes
+from ..methods import Full
+from ..models import base_model, load_model
+from ..objectives import Context, heldout_loss
+from ..precision import autocast_factory
+from ..predict import Forecast, generation_seconds, heldout_seconds, minutes, probe_forward
 from ..stats import mean_interval
-from ..trainer import run_or_reuse
+from ..trainer import Trainer, run_or_reuse
+from .gap_experiment_report import verdicts, write_gap_report
 
 YEAR_S = 365.25 * 24 * 3600
 
@@ -91,8 +107,6 @@ class GapConfig:
         return [self.seed + i for i in range(self.seeds)]
 
     def check(self) -> "GapConfig":
-        from ..config import ConfigError
-
         if self.task not in TASKS:
             raise ConfigError(f"--task: one of {', '.join(TASKS)}, got {self.task!r}")
         if not isinstance(self.seeds, int) or self.seeds < 1:
@@ -116,7 +130,6 @@ def quick_pretrained_base(config: GapConfig) -> str:
     import importlib
     import inspect
 
-    from ..config import TrainConfig
 
     folder = config.folder() / "base"
     corpus = folder / "stdlib-docstrings.txt"
@@ -136,8 +149,6 @@ def quick_pretrained_base(config: GapConfig) -> str:
 
 
 def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
-    from ..config import TrainConfig
-
     values = dict(model=config.model, data=config.task, seq_len=config.sequence_length(),
                   batch_size=config.batch_size, val_examples=config.val_examples,
                   budget_tokens=config.budget_tokens, epochs=1.0, eval_examples=config.eval_examples,
@@ -171,12 +182,6 @@ def predict_arms(config: GapConfig, arms_dir: Path) -> dict:
     fp32 probe of the base model (its replies are decoded in fp32) with the shots as a shared prefix."""
     import contextlib
 
-    from ..data.render import tokenize_prompt
-    from ..evaluate import few_shot
-    from ..objectives import Context
-    from ..predict import Forecast, heldout_seconds, probe_forward
-    from ..generation import common_prefix_length
-    from ..trainer import Trainer
 
     predicted, full = {}, None
     seeds = config.seeds
@@ -254,16 +259,6 @@ def costs_over_seeds(costs: list[dict]) -> dict:
 
 def icl_arms(config: GapConfig, shape) -> dict:
     """The base model, frozen, with k solved tickets in the prompt: quality and per-query inference cost."""
-    from ..costs.flops import forward_flops, generation_flops
-    from ..costs.hardware import measure_peaks
-    from ..data.sources import prepare
-    from ..evaluate import task_metrics
-    from ..models import load_model
-    from ..methods import Full
-    from ..models import base_model
-    from ..objectives import Context, heldout_loss
-    from ..precision import autocast_factory
-
     model, tokenizer = load_model(config.model, seed=config.seed)
     precision = measure_peaks().best_precision
     autocast = autocast_factory(precision)
@@ -348,11 +343,6 @@ def measured_gap(pretrain: dict, ledger: dict) -> dict:
 
 def pretraining_estimate(config: GapConfig, shape, measured_flops_per_s: float) -> dict:
     """The base model's pretraining, priced by the estimator on this machine and on a named GPU."""
-    from ..costs.catalog import EstimateError, cpu_device, resolve_device, resolve_model
-    from ..costs.memory import TrainSetup
-    from ..estimate import estimate_run
-    from ..methods import Full
-
     tokens = config.pretrain_tokens
     source = "given (--pretrain-tokens)"
     preset = None
@@ -387,9 +377,6 @@ def break_even(train_flops: float, icl_extra_flops_per_query: float) -> float | 
 
 
 def run_gap_experiment(config: GapConfig) -> dict:
-    from ..costs.shape import ModelShape
-    from ..models import load_model
-
     config.check()
     if config.quick and config.model == "tiny":
         from dataclasses import replace
@@ -464,7 +451,6 @@ def run_gap_experiment(config: GapConfig) -> dict:
         "durations": {name: {"predicted_s": predicted[name]["seconds"], "predicted_parts_s": predicted[name]["parts"],
                              "measured_s": measured[name]} for name in measured},
     }
-    from .gap_experiment_report import verdicts, write_gap_report
 
     results["verdicts"] = verdicts(results)
     atomic_write_json(out / "results.json", results)

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..io import write_figure
 from ..ledger import format_flops
 from ..literature import anchor
+from ..report import Section, Verdict, write_report
 from ..stats import judge, mean_interval, paired_differences
 
 # The task metrics each shipped task's quality number is the mean of, and how the report's columns name them.
@@ -400,8 +401,6 @@ def _cached_clause(be: dict) -> str:
 
 def write_gap_report(folder: Path, results: dict) -> Path:
     """report.html (self-contained), report.md, PNGs and section.json in the experiment folder."""
-    from ..report import Section, Verdict, write_report
-
     images = charts(results, folder)
     section = Section(
         title="The pretraining/fine-tuning gap, measured",

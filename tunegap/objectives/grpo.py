@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
+from .. import compiling
 from ..costs.flops import forward_flops, generation_flops
 from ..costs.shape import ModelShape
 from ..data.loaders import DataError, load_sft
@@ -49,8 +50,11 @@ from ..evaluate import generate
 from ..generation import decode
 from ..ledger import q
 from ..losses import IGNORE_INDEX, linear_token_logprobs
+from ..outputs import MODEL_DIR, finished_run
+from ..safety import weights_format
 from .base import LossOutput, Objective, register
 from .next_token import step_flops as next_token_step_flops
+from .reward import SCORE
 
 if TYPE_CHECKING:  # for annotations only: torch is imported where a tensor is made
     import torch
@@ -164,8 +168,6 @@ def load_reward_model(run: str, runs_dir: str):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..outputs import MODEL_DIR, finished_run
-    from ..safety import weights_format
 
     folder, ledger = finished_run(run, runs_dir)
     objective = ledger.get("config", {}).get("objective")
@@ -183,7 +185,6 @@ def reward_model_scores(model, tokenizer, conversations: list, texts: list[str])
     reward model's pairs were (SFT's rendering), its scalar head read at the last token (`objectives.reward`)."""
     import torch
 
-    from .reward import SCORE
 
     ids = [tokenizer(render_conversation(tokenizer, [*conv, {"role": "assistant", "content": text}]),
                      add_special_tokens=False)["input_ids"] for conv, text in zip(conversations, texts)]
@@ -319,8 +320,6 @@ class GRPO(Objective):
         """G replies per prompt from the current policy (no gradients), prompt-major; generation FLOPs by
         formula for the useful work (each reply's prefill and decode; padded or finished rows of the batched
         decode are not counted, nor are LoRA's added matmuls)."""
-        from .. import compiling
-
         started, ctx = time.perf_counter(), self.ctx
         with compiling.eager():
             replies = decode(ctx.model, [p.input_ids for p in examples], max_new_tokens=self.max_new_tokens,
@@ -367,8 +366,6 @@ class GRPO(Objective):
     def heldout_reward(self, ctx) -> float | None:
         """Mean reward of greedy replies to the first `generate_examples` held-out tickets (what the policy
         would answer when deployed); None without held-out tickets."""
-        from .. import compiling
-
         records = self.eval_records[:self.generate_examples]
         if not records:
             return None

@@ -23,6 +23,7 @@ from ..costs.flops import Flops, train_step_flops
 from ..costs.shape import ModelShape
 from ..errors import ConfigError
 from ..io import atomic_dir
+from ..outputs import MODEL_DIR
 from ..precision import FP32_MATH_ATTENTION
 from .base import Context, LossOutput, register
 from .pairs import PairBatch, PairObjective, heldout_means, make_pair_batch, prepare_pairs, sharded
@@ -120,8 +121,6 @@ class RewardModel(PairObjective):
     def save_outputs(self, folder, model, base, tokenizer, method) -> bool:
         """model/ as a plain sequence classifier that `AutoModelForSequenceClassification.from_pretrained` loads;
         adapters are merged on a copy, so the trainer's model stays as it trained."""
-        from ..outputs import MODEL_DIR
-
         lm = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else base
         with atomic_dir(folder / MODEL_DIR) as staging:
             to_sequence_classifier(lm, tokenizer).save_pretrained(staging, safe_serialization=True)

@@ -45,7 +45,7 @@ from ..costs.flops import Flops
 from ..data.packing import to_device
 from ..ledger import peak_rss_bytes, q
 from ..methods import decoder_layers
-from ..objectives import heldout_sums
+from ..objectives import LossOutput, heldout_sums
 
 
 class DistributedError(RuntimeError):
@@ -309,8 +309,6 @@ class Torchrun:
 
     def loss(self, batch):
         """The objective's `LossOutput` for this rank's batch, through the DDP/FSDP module so its hooks run."""
-        from ..objectives import LossOutput
-
         total = self.module(self.to_device(batch))
         return LossOutput(total, self.loss_module.metrics)
 
