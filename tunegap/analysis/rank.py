@@ -299,7 +299,6 @@ def _grid_prediction(config, steps_list, lrs, seeds) -> float:
     per run by its steps, plus a measured-order allowance for the SVDs (not predicted)."""
     from dataclasses import replace
 
-
     parts = Trainer(replace(config, max_steps=max(steps_list), name="forecast")).predict()
     per_step = parts["training"] / max(steps_list)
     fixed = sum(v for k, v in parts.items() if k != "training")
@@ -316,7 +315,6 @@ def analyze_rank_grid(*, out: str | Path, model: str = "smollm2-135m", steps_lis
     12-24 steps, 2-core CPU): about 22 minutes (estimate: ~3 s per step, ~20 s of SVDs per run; the command
     prints its own prediction before the first run)."""
     from dataclasses import replace
-
 
     started = time.perf_counter()
     seeds = check_seeds(seeds)
@@ -445,7 +443,6 @@ def quick_seed_runs(runs_dir: str, steps: int = 6) -> tuple[Path, Path]:
     """--quick: two full fine-tunes of the tiny model, seeds 0 and 1, same settings otherwise (reused when present),
     so the seed-difference null runs on every test machine."""
     from dataclasses import replace
-
 
     config = base_train_config(model=QUICK_MODEL, steps=steps, runs_dir=runs_dir, quick=True)
     folders = [run_or_reuse(replace(config, method="full", lr=3e-3, seed=seed), "rank-full")[0] for seed in (0, 1)]

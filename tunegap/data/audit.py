@@ -215,7 +215,6 @@ def length_chart(result: dict, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-
     fig = Figure(figsize=(7, 4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -236,7 +235,6 @@ def length_chart(result: dict, path: str | Path) -> Path:
 def load_tokenizer(name: str):
     """The tokenizer alone (the audit needs no weights): a tiny preset's, or a folder's / the default model's."""
     from transformers import AutoTokenizer
-
 
     if name in TINY_PRESETS:
         return tiny_tokenizer()

@@ -130,7 +130,6 @@ def quick_pretrained_base(config: GapConfig) -> str:
     import importlib
     import inspect
 
-
     folder = config.folder() / "base"
     corpus = folder / "stdlib-docstrings.txt"
     if not corpus.is_file():
@@ -181,7 +180,6 @@ def predict_arms(config: GapConfig, arms_dir: Path) -> dict:
     setup (measured while predicting), training and evaluations; the ICL arm's generation at each k, from an
     fp32 probe of the base model (its replies are decoded in fp32) with the shots as a shared prefix."""
     import contextlib
-
 
     predicted, full = {}, None
     seeds = config.seeds

@@ -168,7 +168,6 @@ def load_reward_model(run: str, runs_dir: str):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-
     folder, ledger = finished_run(run, runs_dir)
     objective = ledger.get("config", {}).get("objective")
     if objective != "reward":
@@ -184,7 +183,6 @@ def reward_model_scores(model, tokenizer, conversations: list, texts: list[str])
     """r(x, y) of each reply and each sequence's length: prompt and reply rendered with the chat template as the
     reward model's pairs were (SFT's rendering), its scalar head read at the last token (`objectives.reward`)."""
     import torch
-
 
     ids = [tokenizer(render_conversation(tokenizer, [*conv, {"role": "assistant", "content": text}]),
                      add_special_tokens=False)["input_ids"] for conv, text in zip(conversations, texts)]
