@@ -7,6 +7,7 @@ longer prompt on every query instead of a one-time training run.
 from __future__ import annotations
 
 import contextlib
+import time
 
 from .data.render import tokenize_prompt, tokenize_sft
 from .generation import DEFAULT_BATCH, common_prefix_length, decode
@@ -55,8 +56,6 @@ def task_metrics(model, tokenizer, records: list[dict], score, *, shots: list[di
                  autocast=contextlib.nullcontext) -> dict:
     """Generate a reply to each held-out record and score them with `score(metas, texts)` (a shipped task's
     scorer), plus what generation took and what a prompt cache would share (all measured)."""
-    import time
-
     started = time.perf_counter()
     prompts = [tokenize_prompt(tokenizer, few_shot(r["messages"], list(shots))) for r in records]
     texts, new_lens = generate_from_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, autocast=autocast)

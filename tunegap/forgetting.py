@@ -15,6 +15,8 @@ to the task (the shipped general prompts and questions, `tunegap.data.support`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -176,9 +178,6 @@ REPLY_TOKENS = ANSWER_TOKENS = 24  # greedy tokens per base reply and per answer
 def _reference_path(model_name: str, precision: str, reply_tokens: int, answer_tokens: int) -> Path:
     """Where the base model's replies are kept: the key covers the weights files (path, size, mtime), the sets
     and the precision, so a changed model or set is measured afresh."""
-    import hashlib
-    import json
-
     folder = default_model_folder() if model_name == DEFAULT_MODEL else Path(model_name)
     weights = sorted((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
     key = hashlib.sha256(json.dumps([weights, general_prompts(), general_questions(), reply_tokens, answer_tokens,
@@ -191,8 +190,6 @@ def cached_base_reference(model_name: str, base, tokenizer, *, precision: str = 
     """`base_reference` for the shipped prompts and questions, kept on disk per base model: the base model's
     replies and answers do not change between fine-tunes of it, and generating them is two thirds of the
     measurement."""
-    import json
-
     prompts, questions = general_prompts(), general_questions()
     path = _reference_path(model_name, precision, reply_tokens, answer_tokens)
     if path.is_file():

@@ -19,6 +19,8 @@ generation, which may run without autocast.
 
 from __future__ import annotations
 
+import contextlib
+
 
 def frozen_linears_to(model, dtype, *, keep=()) -> int:
     """Store every frozen `nn.Linear` weight of `model` in `dtype` (not those in `keep`); returns bytes saved
@@ -116,8 +118,6 @@ def choose_precision(config, peaks) -> str:
 
 def autocast_factory(precision: str, device: str = "cpu"):
     """A context-manager factory: bf16 autocast on `device`, or nothing for fp32."""
-    import contextlib
-
     import torch
 
     if precision == "bf16":

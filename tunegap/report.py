@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,8 +207,6 @@ def render_html(sections: list[Section], title: str) -> str:
 
 def render_markdown(sections: list[Section], title: str, relative_to: str | Path | None = None) -> str:
     """Images are linked by file name, or relative to `relative_to` (a gathered report's folder) when given."""
-    import os
-
     def link(p) -> str:
         return Path(os.path.relpath(Path(p).resolve(), Path(relative_to).resolve())).as_posix() if relative_to \
             else Path(p).name

@@ -10,6 +10,7 @@ forgetting analysis's, say) reuses it instead of training it again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import asdict, replace
@@ -247,8 +248,6 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 def quick_aware(fn):
     """Run an analysis under `quick_threads(quick=...)`."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with quick_threads(bool(kwargs.get("quick", False))):

@@ -20,6 +20,7 @@ quality: each run's update is scaled, W_base + a * dW (weight-space interpolatio
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -141,8 +142,6 @@ def _base_and_reference(config, quick: bool) -> tuple:
 
 def _one_seed(runs: dict, config, base, tokenizer, examples, reference, kw) -> dict:
     """One seed's arms: each run's update scaled along W_base + a * dW, matched at the seed's worst final loss."""
-    import copy
-
     import torch
 
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}

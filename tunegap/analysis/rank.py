@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import ConfigError, TrainConfig
@@ -297,8 +298,6 @@ def rank_growth_verdict(shortest: list[float], longest: list[float]) -> dict:
 def _grid_prediction(config, steps_list, lrs, seeds) -> float:
     """Predicted seconds of the whole grid (estimate): one trainer's prediction at the longest step count, scaled
     per run by its steps, plus a measured-order allowance for the SVDs (not predicted)."""
-    from dataclasses import replace
-
     parts = Trainer(replace(config, max_steps=max(steps_list), name="forecast")).predict()
     per_step = parts["training"] / max(steps_list)
     fixed = sum(v for k, v in parts.items() if k != "training")
@@ -314,8 +313,6 @@ def analyze_rank_grid(*, out: str | Path, model: str = "smollm2-135m", steps_lis
     Predicted wall time of the defaults (smollm2-135m, 2 step counts x 2 learning rates x 3 seeds = 12 runs of
     12-24 steps, 2-core CPU): about 22 minutes (estimate: ~3 s per step, ~20 s of SVDs per run; the command
     prints its own prediction before the first run)."""
-    from dataclasses import replace
-
     started = time.perf_counter()
     seeds = check_seeds(seeds)
     if seeds < 2:
@@ -442,8 +439,6 @@ def rank_grid_section(results: dict, pooled: dict, growth: dict | None, images: 
 def quick_seed_runs(runs_dir: str, steps: int = 6) -> tuple[Path, Path]:
     """--quick: two full fine-tunes of the tiny model, seeds 0 and 1, same settings otherwise (reused when present),
     so the seed-difference null runs on every test machine."""
-    from dataclasses import replace
-
     config = base_train_config(model=QUICK_MODEL, steps=steps, runs_dir=runs_dir, quick=True)
     folders = [run_or_reuse(replace(config, method="full", lr=3e-3, seed=seed), "rank-full")[0] for seed in (0, 1)]
     return folders[0], folders[1]

@@ -13,7 +13,10 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 from .shape import ModelShape, validate_config
@@ -184,10 +187,6 @@ def measure_baseline_rss() -> int:
     A CPU run's peak memory includes this process baseline, so the estimator adds it for device "cpu".
     Measured once in a subprocess (a few seconds) and cached per interpreter and package versions.
     """
-    import subprocess
-    import sys
-    from importlib import metadata
-
     versions = []
     for name in BASELINE_IMPORTS:
         try:

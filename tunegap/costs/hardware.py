@@ -8,6 +8,7 @@ matmul, the faster one is chosen for autocast, and MFU is stated against the fas
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -95,8 +96,6 @@ def given_peaks(device: str = "cpu") -> Peaks | None:
     start dominates; the ledger says the figures were supplied, so an MFU computed from them is not
     mistaken for a measurement on this machine.
     """
-    import os
-
     raw = {k: os.environ.get(v) for k, v in PEAK_ENV.items()}
     if not any(raw.values()):
         return None

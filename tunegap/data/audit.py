@@ -11,6 +11,7 @@ but breaks the SFT or preference schema (an empty turn, a missing reply, a wrong
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import time
@@ -210,8 +211,6 @@ def format_table(result: dict) -> str:
 
 def length_chart(result: dict, path: str | Path) -> Path:
     """Histogram of tokens per example with the context limit marked; written atomically."""
-    import io
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

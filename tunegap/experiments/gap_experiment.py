@@ -23,6 +23,9 @@ takes longer, and the command prints its own per-arm prediction before the first
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
 import math
 import random
 import time
@@ -127,9 +130,6 @@ def quick_pretrained_base(config: GapConfig) -> str:
 
     A random tiny preset as the base would make the full and scratch arms the same run; with this base, the
     scratch arm (same architecture, fresh weights) has to learn the bytes of English from the task data alone."""
-    import importlib
-    import inspect
-
     folder = config.folder() / "base"
     corpus = folder / "stdlib-docstrings.txt"
     if not corpus.is_file():
@@ -179,8 +179,6 @@ def predict_arms(config: GapConfig, arms_dir: Path) -> dict:
     """Each arm's predicted seconds (estimates, `tunegap.predict`), before any arm starts: a training arm's
     setup (measured while predicting), training and evaluations; the ICL arm's generation at each k, from an
     fp32 probe of the base model (its replies are decoded in fp32) with the shots as a shared prefix."""
-    import contextlib
-
     predicted, full = {}, None
     seeds = config.seeds
     for name, train_configs in _arm_configs(config, arms_dir).items():
