@@ -8,7 +8,7 @@ import math
 import pytest
 
 from browser import needs_browser, open_report
-from tunegap.experiments.gap_experiment import GapConfig, break_even, run_gap_experiment
+from tunegap.experiments.gap_experiment import GapConfig, break_even, pick_rate, run_gap_experiment
 from tunegap.experiments.gap_experiment_report import close_to_full, pretraining_builds
 
 
@@ -176,3 +176,33 @@ def test_gap_on_the_docstrings_task_with_two_seeds(tmp_path):
     assert "summary_f1" in shot["metrics"] and shot["seeds"] == [0, 1]
     report = (tmp_path / "report.md").read_text()
     assert "docstring token F1" in report and "task **docstrings**" in report and "style |" not in report
+
+
+def test_the_rate_of_lowest_validation_loss_wins_and_a_diverged_one_never_does():
+    assert pick_rate([{"lr": 1e-3, "val_loss": 0.52}, {"lr": 3e-3, "val_loss": 0.48}, {"lr": 1e-2, "val_loss": 0.50}]) == 3e-3
+    assert pick_rate([{"lr": 1e-3, "val_loss": 0.47}, {"lr": 3e-3, "val_loss": 0.48}]) == 1e-3
+    assert pick_rate([{"lr": 1e-3, "val_loss": 0.9}, {"lr": 3e-3, "val_loss": float("nan")},
+                      {"lr": 1e-2, "val_loss": None}]) == 1e-3
+
+
+def test_lr_factors_choose_each_arms_rate_on_validation_and_reuse_the_winner_as_seed_0(tmp_path, capsys):
+    out = tmp_path / "gap"
+    results = run_gap_experiment(GapConfig.quick_config(out=str(out), lr_factors=(0.3, 1.0), seeds=2, k_shots=(0,)))
+    printed = capsys.readouterr().out
+    rates = results["learning_rates"]
+    assert "validation split" in rates["how"] and "test split never" in rates["how"]
+    for arm, choice in rates["by_arm"].items():
+        candidates = choice["candidates"]
+        assert [c["lr"] for c in candidates] == pytest.approx([0.3 * candidates[1]["lr"], candidates[1]["lr"]])
+        best = min(candidates, key=lambda c: c["val_loss"])
+        assert choice["lr"] == best["lr"]
+        # the candidates' val_loss is their run's own, and the winner is seed 0's run of the arm
+        for c in candidates:
+            ledger = json.loads((out / "arms" / f"{arm}-lr{c['lr']:g}-seed0" / "ledger.json").read_text())
+            assert ledger["metrics"]["val_loss"] == c["val_loss"] and ledger["config"]["lr"] == c["lr"]
+        assert f"reusing arm {arm}-lr{choice['lr']:g}-seed0" in printed
+        runs = results["trained"][arm]["runs"]
+        assert [json.loads(open(r["ledger_path"]).read())["config"]["lr"] for r in runs] == [choice["lr"]] * 2
+    assert rates["full"] == rates["by_arm"]["full"]["lr"]
+    assert "(chosen)" in (out / "report.md").read_text()
+

@@ -11,10 +11,11 @@ Arms, all on one shipped task (`--task support|docstrings`) and judged by that t
 Every arm that trains is an ordinary run of `tunegap.train`, kept under <out>/arms/<arm>-seed<k>, and reused
 when its config has not changed. Each training arm runs `--seeds N` seeds (seed, seed+1, ...): every number the
 report quotes is a mean over seeds with a 95% Student-t interval (`tunegap.stats`), and every verdict with a
-threshold is judged on that interval. The learning rates are the GapConfig defaults, chosen once (2026-11-26) by
-a sweep on the support task's held-out tickets, which are the test split the support report quotes: on support
-that choice has seen the test split, on docstrings it has not (the task came later). Each arm logs val_loss on
-the task's validation split, the split to choose them on (`tunegap sweep lr` does).
+threshold is judged on that interval. With `--lr-factors 0.3,1,3` each trained arm's learning rate is chosen
+on the task's validation split (seed 0 at each multiple of the default; the lowest val_loss wins and is seed 0's
+run), so the test split the report quotes never chose anything. Without it the rates are the GapConfig defaults,
+chosen once (2026-11-26) by a sweep on the support task's held-out tickets, which are the test split the support
+report quotes: on support that choice has seen the test split, on docstrings it has not.
 
 Wall time of the defaults on the default model, --seeds 3: 10.5 min (support) and 11.0 min (docstrings),
 measured 2026-12-02 on a 2-core host at fp32 362 / bf16 2,455 GFLOP/s (evidence/walltimes.tsv); a slower CPU
@@ -78,6 +79,10 @@ class GapConfig:
     # Chosen on the support task's held-out set, which is its test split (the sweep above predates the
     # validation split); the docstrings task never influenced them. val_loss is logged to choose them on.
     lr_scratch: float = 5e-3
+    # More than one factor: each trained arm's rate is chosen on the validation split. Its first seed trains at
+    # every factor x the rate above, the lowest val_loss wins, and all seeds run at that rate (the winning
+    # candidate is seed 0's run). The test split never takes part in the choice.
+    lr_factors: tuple = (1.0,)
     eval_examples: int = 64
     val_examples: int = 32  # validation examples each arm's val_loss is measured on
     generate_examples: int = 24
@@ -114,7 +119,17 @@ class GapConfig:
             raise ConfigError(f"--task: one of {', '.join(TASKS)}, got {self.task!r}")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ConfigError(f"--seeds: a positive integer, got {self.seeds!r}")
+        if not self.lr_factors or any(not f > 0 for f in self.lr_factors) or len(set(self.lr_factors)) < len(
+                self.lr_factors):
+            raise ConfigError(f"--lr-factors: distinct positive numbers, got {self.lr_factors!r}")
         return self
+
+    def chooses_rates(self) -> bool:
+        return len(self.lr_factors) > 1
+
+    def default_rates(self) -> dict:
+        """Each training arm's learning rate before any choice (the fields above), by arm name."""
+        return {**{f"lora-r{r}": self.lr_lora for r in self.ranks}, "full": self.lr_full, "scratch": self.lr_scratch}
 
 
 TASK_SEQ_LEN = {"support": 128, "docstrings": 256}  # a support ticket and reply fit in 128; a signature in 256
@@ -161,13 +176,57 @@ def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
     return TrainConfig(**values)
 
 
-def _arm_configs(config: GapConfig, arms_dir: Path) -> dict:
-    """The training arms' run settings, by arm name: one TrainConfig per seed, run `<arm>-seed<k>`."""
-    settings = {f"lora-r{r}": dict(method="lora", rank=r, alpha=2.0 * r, lr=config.lr_lora) for r in config.ranks}
-    settings["full"] = dict(method="full", lr=config.lr_full)
-    settings["scratch"] = dict(method="full", init="scratch", lr=config.lr_scratch)
-    return {arm: [_train_config(config, arms_dir, f"{arm}-seed{seed}", seed=seed, **values)
-                  for seed in config.seed_list()] for arm, values in settings.items()}
+def _arm_configs(config: GapConfig, arms_dir: Path, rates: dict | None = None, seeds: list | None = None) -> dict:
+    """The training arms' run settings, by arm name: one TrainConfig per seed at the arm's rate (`rates`, default
+    `default_rates`), run `<arm>-seed<k>`, or `<arm>-lr<rate>-seed<k>` when rates are chosen (so the chosen
+    candidate is its seed-0 run, reused)."""
+    rates = rates or config.default_rates()
+    settings = {f"lora-r{r}": dict(method="lora", rank=r, alpha=2.0 * r) for r in config.ranks}
+    settings["full"] = dict(method="full")
+    settings["scratch"] = dict(method="full", init="scratch")
+    return {arm: [_train_config(config, arms_dir, _run_name(config, arm, rates[arm], seed), seed=seed,
+                                lr=rates[arm], **values) for seed in (seeds or config.seed_list())]
+            for arm, values in settings.items()}
+
+
+def _run_name(config: GapConfig, arm: str, lr: float, seed: int) -> str:
+    return f"{arm}-lr{lr:g}-seed{seed}" if config.chooses_rates() else f"{arm}-seed{seed}"
+
+
+def choose_rate(config: GapConfig, arms_dir: Path, arm: str) -> dict:
+    """One training arm's rate, chosen on the validation split: its first seed at every `lr_factors` x its
+    default rate, the lowest val_loss wins (a run without one, diverged or unmeasured, ranks last). Without a
+    choice to make (one factor), the default rate as it is."""
+    defaults = config.default_rates()
+    if not config.chooses_rates():
+        return {"lr": defaults[arm], "candidates": []}
+    candidates = []
+    for i, factor in enumerate(config.lr_factors, start=1):
+        rate = defaults[arm] * factor
+        train_config = _arm_configs(config, arms_dir, {**defaults, arm: rate}, seeds=[config.seed])[arm][0]
+        print(f"tunegap: {arm}: choosing its learning rate on validation, lr {rate:g} ({i}/{len(config.lr_factors)})",
+              flush=True)
+        candidates.append({"lr": rate, "val_loss": run_arm(train_config)["metrics"].get("val_loss")})
+    return {"lr": pick_rate(candidates), "candidates": candidates}
+
+
+def rates_how(config: GapConfig) -> str:
+    """Where the learning rates came from, as results.json and the report say it."""
+    if config.chooses_rates():
+        return (f"each arm's rate chosen on the validation split ({config.val_examples} examples, seed "
+                f"{config.seed}) among {', '.join(f'{f:g}' for f in config.lr_factors)} x its default; the test "
+                "split never took part")
+    return ("GapConfig defaults, chosen once by a sweep on the support task's held-out tickets, its test split (so "
+            "on support the choice has seen the test split; on docstrings it has not); `--lr-factors 0.3,1,3` "
+            f"chooses them on the validation split ({config.val_examples} examples) instead")
+
+
+def pick_rate(candidates: list[dict]) -> float:
+    """The candidate rate of lowest validation loss; one with no finite val_loss never wins over one with."""
+    def key(c):
+        loss = c["val_loss"]
+        return (0, loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else (1, 0.0)
+    return min(candidates, key=key)["lr"]
 
 
 def icl_shots(train_records: list[dict], k: int, seed: int) -> list[dict]:
@@ -181,9 +240,10 @@ def predict_arms(config: GapConfig, arms_dir: Path) -> dict:
     fp32 probe of the base model (its replies are decoded in fp32) with the shots as a shared prefix."""
     predicted, full = {}, None
     seeds = config.seeds
+    runs = seeds + len(config.lr_factors) - 1  # the rate candidates other than the winner, which is seed 0's run
     for name, train_configs in _arm_configs(config, arms_dir).items():
-        trainer = Trainer(train_configs[0])  # one seed is predicted; the others cost the same (same settings)
-        parts = {part: seconds * seeds for part, seconds in trainer.predict().items()}
+        trainer = Trainer(train_configs[0])  # one run is predicted; the others cost the same (same steps)
+        parts = {part: seconds * runs for part, seconds in trainer.predict().items()}
         predicted[name] = {"seconds": sum(parts.values()), "parts": parts}
         full = trainer if name == "full" else full  # its plain model probes the ICL arm's fp32 decoding too
     fp32 = Context(full.ctx.model, full.ctx.base, full.method, full.ctx.pad_id, contextlib.nullcontext)
@@ -391,10 +451,13 @@ def run_gap_experiment(config: GapConfig) -> dict:
     arm_started = time.perf_counter()
     icl = icl_arms(config, shape)
     measured["icl"] = time.perf_counter() - arm_started
-    trained = {}
+    trained, rates, choice = {}, config.default_rates(), {}
     titles = {"full": "arm 3/5 full fine-tune", "scratch": "arm 4/5 same architecture from random weights (scratch)"}
-    for name, train_configs in _arm_configs(config, arms_dir).items():
+    for name in rates:
         arm_started = time.perf_counter()
+        choice[name] = choose_rate(config, arms_dir, name)
+        rates[name] = choice[name]["lr"]
+        train_configs = _arm_configs(config, arms_dir, rates)[name]
         trained[name] = []
         for i, train_config in enumerate(train_configs, start=1):
             print(f"tunegap: {titles.get(name, f'arm 2/5 LoRA rank {train_config.rank}')}, seed "
@@ -421,11 +484,8 @@ def run_gap_experiment(config: GapConfig) -> dict:
         "task": config.task,
         "quality_key": TASKS[config.task].quality,
         "seeds": config.seed_list(),
-        "learning_rates": {"lora": config.lr_lora, "full": config.lr_full, "scratch": config.lr_scratch,
-                           "how": "GapConfig defaults, chosen once by a sweep on the support task's held-out "
-                                  "tickets, its test split (so on support the choice has seen the test split; on "
-                                  f"docstrings it has not); each arm logs val_loss on {config.val_examples} "
-                                  "validation examples to choose them on"},
+        "learning_rates": {"lora": rates[lora_name], "full": rates["full"], "scratch": rates["scratch"],
+                           "how": rates_how(config), "by_arm": choice},
         "config": {**asdict(config), "folder": str(out)},
         "model": {"name": config.model, "shape": shape.to_dict()},
         "icl": icl,

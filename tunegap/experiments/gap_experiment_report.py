@@ -73,6 +73,24 @@ def _iv(entry, digits: int = 3) -> str:
     return f"{entry['value']:.{digits}g} [{entry['low']:.{digits}g}, {entry['high']:.{digits}g}]"
 
 
+def rate_choice_lines(by_arm: dict) -> list[str]:
+    """One line per arm whose rate was chosen: each candidate's validation loss, the winner marked and an edge
+    of the grid named (the best rate may then lie beyond it)."""
+    lines = []
+    for arm, choice in by_arm.items():
+        candidates = choice.get("candidates") or []
+        if not candidates:
+            continue
+        cells = [f"{c['lr']:g} -> {_iv(c['val_loss'], 4)}" + (" (chosen)" if c["lr"] == choice["lr"] else "")
+                 for c in candidates]
+        rates = sorted(c["lr"] for c in candidates)
+        edge = " (at the edge of the grid: a better rate may lie beyond)" if choice["lr"] in (rates[0], rates[-1]) \
+            else ""
+        lines.append(f"- {arm}: validation loss (nats/token, measured, seed 0) by learning rate: "
+                     f"{', '.join(cells)}{edge}")
+    return [*lines, ""] if lines else []
+
+
 def close_to_full(lora_loss: list, full_loss: list, lora_quality: list, full_quality: list) -> dict:
     """LoRA close to full fine-tuning, judged per seed: the relative held-out loss gap (lora - full) / full must
     sit below LOSS_TOLERANCE and the quality shortfall (full - lora) below QUALITY_TOLERANCE, each on its 95%
@@ -350,6 +368,7 @@ def body_markdown(results: dict) -> str:
         f"Learning rates (LoRA {lr.get('lora')}, full {lr.get('full')}, scratch {lr.get('scratch')}): "
         f"{lr.get('how', 'fixed in advance')}.",
         "",
+        *rate_choice_lines(lr.get("by_arm", {})),
         *rows,
         "",
         f"**Pretraining the base model** (estimate): {pre['tokens'] / 1e12:.3g} trillion tokens ({pre['source']}), "
