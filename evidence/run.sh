@@ -13,8 +13,8 @@ RUNS=${RUNS:-evidence/runs}
 SEEDS=${SEEDS:-3}
 
 declare -A COMMANDS=(
-  [gap-docstrings]="experiment gap --task docstrings --seeds $SEEDS --out evidence/gap-docstrings"
-  [gap-support]="experiment gap --task support --seeds $SEEDS --out evidence/gap-support"
+  [gap-docstrings]="experiment gap --task docstrings --seeds $SEEDS --lr-factors 0.3,1,3 --out evidence/gap-docstrings"
+  [gap-support]="experiment gap --task support --seeds $SEEDS --lr-factors 0.3,1,3 --out evidence/gap-support"
   [probe]="analyze probe --seeds $SEEDS --out evidence/probe"
   [sweep-lr-docstrings]="sweep lr --task docstrings --seeds $SEEDS --out evidence/sweep-lr-docstrings --runs-dir $RUNS"
   [convergence]="analyze convergence --seeds $SEEDS --out evidence/convergence --runs-dir $RUNS"
