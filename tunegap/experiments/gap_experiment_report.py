@@ -73,6 +73,10 @@ def _iv(entry, digits: int = 3) -> str:
     return f"{entry['value']:.{digits}g} [{entry['low']:.{digits}g}, {entry['high']:.{digits}g}]"
 
 
+def _rate(value) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "-"
+
+
 def rate_choice_lines(by_arm: dict) -> list[str]:
     """One line per arm whose rate was chosen: each candidate's validation loss, the winner marked and an edge
     of the grid named (the best rate may then lie beyond it)."""
@@ -81,7 +85,7 @@ def rate_choice_lines(by_arm: dict) -> list[str]:
         candidates = choice.get("candidates") or []
         if not candidates:
             continue
-        cells = [f"{c['lr']:g} -> {_iv(c['val_loss'], 4)}" + (" (chosen)" if c["lr"] == choice["lr"] else "")
+        cells = [f"{_rate(c['lr'])} -> {_iv(c['val_loss'], 4)}" + (" (chosen)" if c["lr"] == choice["lr"] else "")
                  for c in candidates]
         rates = sorted(c["lr"] for c in candidates)
         edge = " (at the edge of the grid: a better rate may lie beyond)" if choice["lr"] in (rates[0], rates[-1]) \
@@ -365,7 +369,8 @@ def body_markdown(results: dict) -> str:
         "held-out loss is on its test split and task metrics come from greedy generations on test examples "
         "(measured). Each cell is the mean over seeds with its 95% Student-t interval in brackets.",
         "",
-        f"Learning rates (LoRA {lr.get('lora')}, full {lr.get('full')}, scratch {lr.get('scratch')}): "
+        f"Learning rates (LoRA {_rate(lr.get('lora'))}, full {_rate(lr.get('full'))}, scratch "
+        f"{_rate(lr.get('scratch'))}): "
         f"{lr.get('how', 'fixed in advance')}.",
         "",
         *rate_choice_lines(lr.get("by_arm", {})),
