@@ -108,7 +108,8 @@ def test_verdicts_cover_the_essays_claims(quick_gap):
     assert total["supported"] == (ratio >= 1e4) and f"10^{math.log10(ratio):.1f}" in total["measured"]
     assert "formula" in total["note"]  # formula against formula: judged on the value, and it says so
     # where the learning rates were chosen is said, the support task's test split included
-    assert "held-out tickets, its test split" in report and "--lr-factors 0.3,1,3` chooses them on the validation" in report
+    assert "set in the experiment's config" in report  # --quick gives its own rates
+    assert "test split never took part" in report
 
 
 @needs_browser

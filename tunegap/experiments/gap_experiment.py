@@ -13,9 +13,8 @@ when its config has not changed. Each training arm runs `--seeds N` seeds (seed,
 report quotes is a mean over seeds with a 95% Student-t interval (`tunegap.stats`), and every verdict with a
 threshold is judged on that interval. With `--lr-factors 0.3,1,3` each trained arm's learning rate is chosen
 on the task's validation split (seed 0 at each multiple of the default; the lowest val_loss wins and is seed 0's
-run), so the test split the report quotes never chose anything. Without it the rates are the GapConfig defaults,
-chosen once (2026-11-26) by a sweep on the support task's held-out tickets, which are the test split the support
-report quotes: on support that choice has seen the test split, on docstrings it has not.
+run), so the test split the report quotes never chose anything. Without it each task's rates are TASK_RATES,
+which that choice made once (evidence/run.sh, 2026-12-02).
 
 Wall time of the defaults on the default model, --seeds 3: 10.5 min (support) and 11.0 min (docstrings),
 measured 2026-12-02 on a 2-core host at fp32 362 / bf16 2,455 GFLOP/s (evidence/walltimes.tsv); a slower CPU
@@ -69,16 +68,10 @@ class GapConfig:
     seeds: int = 3  # every training arm runs seeds seed, seed+1, ...; numbers are means with 95% intervals
     seq_len: int = 0  # 0: the task's own (TASK_SEQ_LEN)
     batch_size: int = 8
-    # Each arm gets its own best learning rate, so no arm loses by a bad guess. Held-out loss (nats/token)
-    # after the default 16k tokens on SmolLM2-135M, measured 2026-11-26 on this 2-core machine:
-    #   LoRA r=8:  2e-3 -> 0.203, 5e-3 -> 0.043, 1e-2 -> 0.065
-    #   full:      3e-5 -> 0.664, 1e-4 -> 0.079, 3e-4 -> 0.015, 1e-3 -> 0.027
-    #   scratch:   6e-4 -> 4.91,  2e-3 -> 4.42,  5e-3 -> 4.40
-    lr_lora: float = 5e-3
-    lr_full: float = 3e-4
-    # Chosen on the support task's held-out set, which is its test split (the sweep above predates the
-    # validation split); the docstrings task never influenced them. val_loss is logged to choose them on.
-    lr_scratch: float = 5e-3
+    # Each arm's learning rate; None: the task's own (TASK_RATES, chosen on its validation split).
+    lr_lora: float | None = None
+    lr_full: float | None = None
+    lr_scratch: float | None = None
     # More than one factor: each trained arm's rate is chosen on the validation split. Its first seed trains at
     # every factor x the rate above, the lowest val_loss wins, and all seeds run at that rate (the winning
     # candidate is seed 0's run). The test split never takes part in the choice.
@@ -129,10 +122,20 @@ class GapConfig:
 
     def default_rates(self) -> dict:
         """Each training arm's learning rate before any choice (the fields above), by arm name."""
-        return {**{f"lora-r{r}": self.lr_lora for r in self.ranks}, "full": self.lr_full, "scratch": self.lr_scratch}
+        own = TASK_RATES[self.task]
+        lora, full, scratch = (own[arm] if rate is None else rate for arm, rate in
+                               (("lora", self.lr_lora), ("full", self.lr_full), ("scratch", self.lr_scratch)))
+        return {**{f"lora-r{r}": lora for r in self.ranks}, "full": full, "scratch": scratch}
 
 
 TASK_SEQ_LEN = {"support": 128, "docstrings": 256}  # a support ticket and reply fit in 128; a signature in 256
+
+# Each task's rates, chosen on its validation split (32 examples, seed 0) by `experiment gap --lr-factors 0.3,1,3`
+# around the earlier defaults (LoRA 5e-3, full 3e-4, scratch 5e-3), 2026-12-02; every candidate's validation loss
+# is in evidence/gap-<task>/results.json. Several won at an edge of that grid (docstrings all three, support full
+# and scratch), so a wider grid may find better ones; the test split never took part.
+TASK_RATES = {"support": {"lora": 5e-3, "full": 9e-4, "scratch": 1.5e-3},
+              "docstrings": {"lora": 1.5e-3, "full": 9e-5, "scratch": 1.5e-3}}
 
 
 QUICK_CORPUS_MODULES = ("json", "collections", "textwrap", "argparse", "pathlib", "email", "csv", "string",
@@ -202,7 +205,7 @@ def choose_rate(config: GapConfig, arms_dir: Path, arm: str) -> dict:
         return {"lr": defaults[arm], "candidates": []}
     candidates = []
     for i, factor in enumerate(config.lr_factors, start=1):
-        rate = defaults[arm] * factor
+        rate = float(f"{defaults[arm] * factor:.3g}")  # 0.3 x 3e-4 is 9e-05, not 8.999999999999999e-05
         train_config = _arm_configs(config, arms_dir, {**defaults, arm: rate}, seeds=[config.seed])[arm][0]
         print(f"tunegap: {arm}: choosing its learning rate on validation, lr {rate:g} ({i}/{len(config.lr_factors)})",
               flush=True)
@@ -216,9 +219,11 @@ def rates_how(config: GapConfig) -> str:
         return (f"each arm's rate chosen on the validation split ({config.val_examples} examples, seed "
                 f"{config.seed}) among {', '.join(f'{f:g}' for f in config.lr_factors)} x its default; the test "
                 "split never took part")
-    return ("GapConfig defaults, chosen once by a sweep on the support task's held-out tickets, its test split (so "
-            "on support the choice has seen the test split; on docstrings it has not); `--lr-factors 0.3,1,3` "
-            f"chooses them on the validation split ({config.val_examples} examples) instead")
+    own = ("the task's own rates (TASK_RATES), chosen on its validation split by `--lr-factors 0.3,1,3` "
+           "(evidence/run.sh, 2026-12-02); the test split never took part")
+    if all(rate is None for rate in (config.lr_lora, config.lr_full, config.lr_scratch)):
+        return own
+    return f"set in the experiment's config where given; otherwise {own}"
 
 
 def pick_rate(candidates: list[dict]) -> float:
