@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -256,8 +256,6 @@ def resolve_device(name: str = "H100-SXM", *, catalog: str | Path | None = None,
     if price is not None:
         if price < 0:
             raise EstimateError(f"--price: must be >= 0, got {price}")
-        from dataclasses import replace
-
         device = replace(device, price_per_hour=float(price))
     return device
 

@@ -29,7 +29,7 @@ import inspect
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..config import ConfigError, TrainConfig
@@ -440,8 +440,6 @@ def break_even(train_flops: float, icl_extra_flops_per_query: float) -> float | 
 def run_gap_experiment(config: GapConfig) -> dict:
     config.check()
     if config.quick and config.model == "tiny":
-        from dataclasses import replace
-
         config = replace(config, model=quick_pretrained_base(config))
     out = config.folder()
     arms_dir = out / "arms"
