@@ -8,7 +8,8 @@ Arms, all on one shipped task (`--task support|docstrings`) and judged by that t
   scratch  the same architecture from random weights, same data and budget (what the data alone builds)
   pretrain the base model's pretraining: not run, estimated from its published token count with the
            same formulas, on this machine's measured throughput and on a named GPU.
-Every arm that trains is an ordinary run of `tunegap.train`, kept under <out>/arms/<arm>-seed<k>, and reused
+Every arm that trains is an ordinary run of `tunegap.train`, kept under <out>/arms/<arm>-seed<k> (with
+`--lr-factors`, <arm>-lr<rate>-seed<k>), and reused
 when its config has not changed. Each training arm runs `--seeds N` seeds (seed, seed+1, ...): every number the
 report quotes is a mean over seeds with a 95% Student-t interval (`tunegap.stats`), and every verdict with a
 threshold is judged on that interval. With `--lr-factors 0.3,1,3` each trained arm's learning rate is chosen
@@ -16,9 +17,10 @@ on the task's validation split (seed 0 at each multiple of the default; the lowe
 run), so the test split the report quotes never chose anything. Without it each task's rates are TASK_RATES,
 which that choice made once (evidence/run.sh, 2026-12-02).
 
-Wall time of the defaults on the default model, --seeds 3: 10.5 min (support) and 11.0 min (docstrings),
-measured 2026-12-02 on a 2-core host at fp32 362 / bf16 2,455 GFLOP/s (evidence/walltimes.tsv); a slower CPU
-takes longer, and the command prints its own per-arm prediction before the first arm.
+Wall time on the default model, --seeds 3 --lr-factors 0.3,1,3 (five runs per trained arm): 16.6 min (support)
+and 17.4 min (docstrings), measured 2026-12-02 on a 2-core host at fp32 336-362 / bf16 2,178-2,455 GFLOP/s
+(evidence/walltimes.tsv); without --lr-factors an arm trains three of those five runs. A slower CPU takes
+longer, and the command prints its own per-arm prediction before the first arm.
 """
 
 from __future__ import annotations
@@ -179,21 +181,22 @@ def _train_config(config: GapConfig, arms_dir: Path, name: str, **overrides):
     return TrainConfig(**values)
 
 
-def _arm_configs(config: GapConfig, arms_dir: Path, rates: dict | None = None, seeds: list | None = None) -> dict:
-    """The training arms' run settings, by arm name: one TrainConfig per seed at the arm's rate (`rates`, default
-    `default_rates`), run `<arm>-seed<k>`, or `<arm>-lr<rate>-seed<k>` when rates are chosen (so the chosen
-    candidate is its seed-0 run, reused)."""
-    rates = rates or config.default_rates()
+def _arm_config(config: GapConfig, arms_dir: Path, arm: str, lr: float, seed: int):
+    """One training arm's run at rate `lr` and seed `seed`: run `<arm>-seed<k>`, or `<arm>-lr<rate>-seed<k>` when
+    rates are chosen (so the chosen candidate is its seed-0 run, reused)."""
     settings = {f"lora-r{r}": dict(method="lora", rank=r, alpha=2.0 * r) for r in config.ranks}
     settings["full"] = dict(method="full")
     settings["scratch"] = dict(method="full", init="scratch")
-    return {arm: [_train_config(config, arms_dir, _run_name(config, arm, rates[arm], seed), seed=seed,
-                                lr=rates[arm], **values) for seed in (seeds or config.seed_list())]
-            for arm, values in settings.items()}
+    name = f"{arm}-lr{lr:g}-seed{seed}" if config.chooses_rates() else f"{arm}-seed{seed}"
+    return _train_config(config, arms_dir, name, seed=seed, lr=lr, **settings[arm])
 
 
-def _run_name(config: GapConfig, arm: str, lr: float, seed: int) -> str:
-    return f"{arm}-lr{lr:g}-seed{seed}" if config.chooses_rates() else f"{arm}-seed{seed}"
+def _arm_configs(config: GapConfig, arms_dir: Path, rates: dict | None = None) -> dict:
+    """The training arms' run settings, by arm name: one TrainConfig per seed at the arm's rate (`rates`, default
+    `default_rates`)."""
+    rates = rates or config.default_rates()
+    return {arm: [_arm_config(config, arms_dir, arm, lr, seed) for seed in config.seed_list()]
+            for arm, lr in rates.items()}
 
 
 def choose_rate(config: GapConfig, arms_dir: Path, arm: str) -> dict:
@@ -206,7 +209,7 @@ def choose_rate(config: GapConfig, arms_dir: Path, arm: str) -> dict:
     candidates = []
     for i, factor in enumerate(config.lr_factors, start=1):
         rate = float(f"{defaults[arm] * factor:.3g}")  # 0.3 x 3e-4 is 9e-05, not 8.999999999999999e-05
-        train_config = _arm_configs(config, arms_dir, {**defaults, arm: rate}, seeds=[config.seed])[arm][0]
+        train_config = _arm_config(config, arms_dir, arm, rate, config.seed)
         print(f"tunegap: {arm}: choosing its learning rate on validation, lr {rate:g} ({i}/{len(config.lr_factors)})",
               flush=True)
         candidates.append({"lr": rate, "val_loss": run_arm(train_config)["metrics"].get("val_loss")})
@@ -460,7 +463,7 @@ def run_gap_experiment(config: GapConfig) -> dict:
         arm_started = time.perf_counter()
         choice[name] = choose_rate(config, arms_dir, name)
         rates[name] = choice[name]["lr"]
-        train_configs = _arm_configs(config, arms_dir, rates)[name]
+        train_configs = [_arm_config(config, arms_dir, name, rates[name], seed) for seed in config.seed_list()]
         trained[name] = []
         for i, train_config in enumerate(train_configs, start=1):
             print(f"tunegap: {titles.get(name, f'arm 2/5 LoRA rank {train_config.rank}')}, seed "
