@@ -284,8 +284,9 @@ ANCHORS: dict[str, Anchor] = {
         BIDERMAN, "learning-forgetting trade-off figure (target-domain score against source-domain forgetting)",
         "LoRA and full fine-tuning lie on roughly the same learning-forgetting curve; LoRA sits at less learning "
         "and less forgetting, so it forgets less mainly because it learns less", False,
-        "tunegap agrees: at the same test loss LoRA did not forget less than full fine-tuning, as one shared "
-        "trade-off curve predicts.",
+        "tunegap agrees that at the same test loss LoRA did not forget less than full fine-tuning, as one shared "
+        "trade-off curve predicts; where LoRA forgot more (an interval above 0), the result goes past theirs, which "
+        "LoRA's larger learning rate over a few steps can cause.",
         "tunegap differs: at the same test loss LoRA forgot less, which a few-step run can cause when full "
         "fine-tuning's larger update moves directions the task does not need (its curve bends up early)."),
 }
