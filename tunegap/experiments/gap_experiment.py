@@ -123,7 +123,8 @@ class GapConfig:
         return len(self.lr_factors) > 1
 
     def default_rates(self) -> dict:
-        """Each training arm's learning rate before any choice (the fields above), by arm name."""
+        """Each training arm's learning rate before any choice (the fields above; TASK_RATES where unset), by
+        arm name."""
         own = TASK_RATES[self.task]
         lora, full, scratch = (own[arm] if rate is None else rate for arm, rate in
                                (("lora", self.lr_lora), ("full", self.lr_full), ("scratch", self.lr_scratch)))
@@ -191,12 +192,16 @@ def _arm_config(config: GapConfig, arms_dir: Path, arm: str, lr: float, seed: in
     return _train_config(config, arms_dir, name, seed=seed, lr=lr, **settings[arm])
 
 
+def _seed_configs(config: GapConfig, arms_dir: Path, arm: str, lr: float) -> list:
+    """One training arm's runs at rate `lr`, one per seed."""
+    return [_arm_config(config, arms_dir, arm, lr, seed) for seed in config.seed_list()]
+
+
 def _arm_configs(config: GapConfig, arms_dir: Path, rates: dict | None = None) -> dict:
     """The training arms' run settings, by arm name: one TrainConfig per seed at the arm's rate (`rates`, default
     `default_rates`)."""
     rates = rates or config.default_rates()
-    return {arm: [_arm_config(config, arms_dir, arm, lr, seed) for seed in config.seed_list()]
-            for arm, lr in rates.items()}
+    return {arm: _seed_configs(config, arms_dir, arm, lr) for arm, lr in rates.items()}
 
 
 def choose_rate(config: GapConfig, arms_dir: Path, arm: str) -> dict:
@@ -463,7 +468,7 @@ def run_gap_experiment(config: GapConfig) -> dict:
         arm_started = time.perf_counter()
         choice[name] = choose_rate(config, arms_dir, name)
         rates[name] = choice[name]["lr"]
-        train_configs = [_arm_config(config, arms_dir, name, rates[name], seed) for seed in config.seed_list()]
+        train_configs = _seed_configs(config, arms_dir, name, rates[name])
         trained[name] = []
         for i, train_config in enumerate(train_configs, start=1):
             print(f"tunegap: {titles.get(name, f'arm 2/5 LoRA rank {train_config.rank}')}, seed "
